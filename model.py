@@ -1,0 +1,489 @@
+"""The networks of MAE-CT and MIM-Refiner, and the checkpoint formats they come in.
+
+- `ViT`: a plain Vision Transformer in two flavours, pre-norm (MAE, timm) and post-norm
+  (data2vec 2.0), with fixed 2-D sine-cosine positions (SPEC §2).
+- `MAE`: the ViT plus the MAE decoder, for small-scale pre-training (He et al. 2022).
+- `ContrastiveHead`, `NNQueue`, `nna_loss`, `nnclr_loss`: the refinement machinery (SPEC §4-6).
+- `load_encoder`: reads every public checkpoint layout of SPEC §3 into a `ViT`, strictly.
+
+Importing this module has no side effects; it depends on torch alone.
+"""
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# name: (width, depth, heads, patch). `tiny` is ours, sized for a CPU (SPEC §2 lists the rest).
+SIZES = {
+    "tiny": (192, 12, 3, 16),
+    "small": (384, 12, 6, 16),
+    "base": (768, 12, 12, 16),
+    "large": (1024, 24, 16, 16),
+    "huge": (1280, 32, 16, 14),
+    "2b": (2560, 24, 32, 14),
+}
+KNOWN_HEADS = {768: 12, 1024: 16, 1280: 16, 2560: 32}  # head count cannot be read from weights
+
+
+class UserError(Exception):
+    """A problem with the user's input; scripts print it as a one-line `error: ...`."""
+
+
+def default_heads(dim: int) -> int:
+    return KNOWN_HEADS.get(dim, max(1, dim // 64))
+
+
+def sincos_pos_embed(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine positions (SPEC §2), (grid_h * grid_w, dim), tokens row-major.
+
+    The first dim/2 channels code the column, the last dim/2 the row; each half is
+    [sin(pos * w), cos(pos * w)] with w_i = 10000^(-i / (dim/4)). Computed in float64 so the
+    table matches checkpoints that were written from numpy.
+    """
+    assert dim % 4 == 0, "sin-cos positions need a width divisible by 4"
+    w = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                                torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+
+    def half(pos):  # (H*W,) -> (H*W, dim/2)
+        ang = pos.reshape(-1, 1) * w
+        return torch.cat([ang.sin(), ang.cos()], dim=1)
+
+    return torch.cat([half(cols), half(rows)], dim=1).float()
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads)  # (B, N, 3, h, C/h)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, N, C/h)
+        x = F.scaled_dot_product_attention(q, k, v)  # fused kernel where the device has one
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))  # (B, N, C)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as MAE and timm
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, post_norm: bool = False):
+        super().__init__()
+        self.post_norm = post_norm
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        if self.post_norm:  # data2vec 2.0 (SPEC §2)
+            x = x + self.attn(x)
+            r = self.norm1(x)
+            return self.norm2(r + self.mlp(r))
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """Encoder; the state dict uses MAE/timm key names so timm's VisionTransformer loads it."""
+
+    def __init__(self, dim=192, depth=12, heads=None, patch=16, img_size=224, in_chans=3,
+                 mlp_ratio=4.0, post_norm=False, grad_checkpointing=False):
+        super().__init__()
+        if img_size % patch:
+            raise UserError(f"image size {img_size} is not divisible by the patch size {patch}; "
+                            f"choose a multiple of {patch}")
+        self.dim, self.depth, self.patch, self.img_size = dim, depth, patch, img_size
+        self.heads = heads or default_heads(dim)
+        self.mlp_ratio, self.post_norm, self.in_chans = mlp_ratio, post_norm, in_chans
+        self.grad_checkpointing = grad_checkpointing
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(in_chans, dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        g = img_size // patch
+        # Fixed positions, row 0 (the CLS slot) zero; a buffer so it is saved but never trained.
+        pos = torch.cat([torch.zeros(1, dim), sincos_pos_embed(dim, g, g)])
+        self.register_buffer("pos_embed", pos.unsqueeze(0))  # (1, 1+N, D)
+        self.blocks = nn.ModuleList(Block(dim, self.heads, mlp_ratio, post_norm) for _ in range(depth))
+        # pre-norm: a final norm after the last block; post-norm: one norm before the first block
+        if post_norm:
+            self.embed_norm = nn.LayerNorm(dim, eps=1e-6)
+        else:
+            self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.apply(_init_weights)
+        nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(dim, -1))  # as MAE: a linear map
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def arch(self) -> dict:
+        """Constructor arguments, plain values only, stored in our checkpoints."""
+        return dict(dim=self.dim, depth=self.depth, heads=self.heads, patch=self.patch,
+                    img_size=self.img_size, in_chans=self.in_chans, mlp_ratio=self.mlp_ratio,
+                    post_norm=self.post_norm)
+
+    def patch_tokens(self, x):
+        """Images (B, C, H, W) -> patch tokens with positions added, (B, N, D)."""
+        B, _, H, W = x.shape
+        if H % self.patch or W % self.patch:
+            raise UserError(f"image size {H}x{W} is not divisible by the patch size {self.patch}")
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
+        return x + self.grid_pos(H // self.patch, W // self.patch)
+
+    def grid_pos(self, h: int, w: int):
+        """Patch positions for an h x w grid, (1, h*w, D): bicubic resize of the stored grid."""
+        pos = self.pos_embed[:, 1:]
+        g = int(math.isqrt(pos.shape[1]))
+        if (h, w) == (g, g):
+            return pos
+        pos = pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+        pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
+        return pos.permute(0, 2, 3, 1).reshape(1, h * w, -1)  # (1, h*w, D)
+
+    def set_img_size(self, img_size: int):
+        """Resize the stored position grid to a new native resolution (bicubic, CLS row kept)."""
+        if img_size % self.patch:
+            raise UserError(f"image size {img_size} is not divisible by the patch size {self.patch}")
+        g = img_size // self.patch
+        self.pos_embed = torch.cat([self.pos_embed[:, :1], self.grid_pos(g, g)], dim=1)
+        self.img_size = img_size
+
+    def prepend_cls(self, x):
+        """(B, N, D) -> (B, 1+N, D): the CLS token (position 0 is zero) in front."""
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        return self.embed_norm(x) if self.post_norm else x
+
+    def run_block(self, i: int, x):
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self.blocks[i], x, use_reentrant=False)
+        return self.blocks[i](x)
+
+    def final_norm(self, x):
+        """The final norm of a pre-norm model; a post-norm model has none (identity)."""
+        return x if self.post_norm else self.norm(x)
+
+    def forward_blocks(self, x, blocks):
+        """Raw residual stream (B, 1+N, D) after each requested block (1-indexed), in the order
+        asked; blocks past the last one requested are not run."""
+        blocks = list(blocks)
+        for b in blocks:
+            if not 1 <= b <= self.depth:
+                raise UserError(f"block {b} does not exist: this model has blocks 1..{self.depth}")
+        x = self.prepend_cls(self.patch_tokens(x))
+        out = {}
+        for i in range(max(blocks)):
+            x = self.run_block(i, x)
+            out[i + 1] = x
+        return [out[b] for b in blocks]
+
+    def forward(self, x):
+        """Final token sequence (B, 1+N, D), after the final norm on pre-norm models."""
+        return self.final_norm(self.forward_blocks(x, [self.depth])[0])
+
+
+def _init_weights(m):
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, (nn.LayerNorm, nn.BatchNorm1d)) and m.weight is not None:
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def patchify(imgs, p: int):
+    """(B, C, H, W) -> (B, h*w, p*p*C), patches row-major, pixels (row, col, channel)."""
+    B, C, H, W = imgs.shape
+    x = imgs.reshape(B, C, H // p, p, W // p, p)  # (B, C, h, p, w, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def random_masking(x, ratio: float):
+    """Keep a random (1 - ratio) of the tokens of each row (argsort of uniform noise, as MAE).
+    x (B, N, D) -> kept (B, K, D), mask (B, N) with 1 = hidden, ids_restore (B, N)."""
+    B, N, D = x.shape
+    keep = int(N * (1 - ratio))
+    ids_shuffle = torch.rand(B, N, device=x.device).argsort(dim=1)
+    ids_restore = ids_shuffle.argsort(dim=1)
+    kept = x.gather(1, ids_shuffle[:, :keep, None].expand(-1, -1, D))  # (B, K, D)
+    mask = torch.ones(B, N, device=x.device)
+    mask[:, :keep] = 0
+    return kept, mask.gather(1, ids_restore), ids_restore
+
+
+class MAE(ViT):
+    """ViT encoder plus the MAE decoder; the state dict has the MAE repo's `*_full` layout."""
+
+    def __init__(self, dec_dim=512, dec_depth=8, dec_heads=16, **vit_kwargs):
+        super().__init__(**vit_kwargs)
+        self.dec_arch = dict(dec_dim=dec_dim, dec_depth=dec_depth, dec_heads=dec_heads)
+        g = self.img_size // self.patch
+        self.decoder_embed = nn.Linear(self.dim, dec_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))
+        pos = torch.cat([torch.zeros(1, dec_dim), sincos_pos_embed(dec_dim, g, g)])
+        self.register_buffer("decoder_pos_embed", pos.unsqueeze(0))  # (1, 1+N, Dd)
+        self.decoder_blocks = nn.ModuleList(Block(dec_dim, dec_heads, self.mlp_ratio) for _ in range(dec_depth))
+        self.decoder_norm = nn.LayerNorm(dec_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(dec_dim, self.patch ** 2 * self.in_chans)
+        for m in [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
+            m.apply(_init_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward_loss(self, imgs, mask_ratio: float = 0.75):
+        """MAE objective: MSE to per-patch normalised pixels, averaged over hidden patches."""
+        kept, mask, ids_restore = random_masking(self.patch_tokens(imgs), mask_ratio)
+        x = self.prepend_cls(kept)
+        for i in range(self.depth):
+            x = self.run_block(i, x)
+        x = self.decoder_embed(self.final_norm(x))  # (B, 1+K, Dd)
+        B, N = ids_restore.shape
+        fill = self.mask_token.expand(B, N + 1 - x.shape[1], -1)
+        x_ = torch.cat([x[:, 1:], fill], dim=1)  # (B, N, Dd), shuffled order
+        x_ = x_.gather(1, ids_restore[..., None].expand(-1, -1, x.shape[2]))  # original order
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]  # (B, N, p*p*C)
+        target = patchify(imgs, self.patch)
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+        loss = ((pred - target) ** 2).mean(-1)  # (B, N)
+        return (loss * mask).sum() / mask.sum()
+
+
+class SyncBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics cover the whole global batch under DDP.
+
+    torch's SyncBatchNorm refuses CPU tensors, so gloo runs could not test the 2-process path;
+    this one all-reduces the moments (differentiably) on any backend."""
+
+    def forward(self, x):
+        dist = torch.distributed
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+        xf = x.float()
+        n = torch.tensor([x.shape[0]], dtype=xf.dtype, device=x.device)
+        moments = torch.cat([xf.sum(0), (xf * xf).sum(0), n])  # (2C + 1,)
+        moments = all_reduce(moments)  # sums over ranks; backward sums the gradients back
+        C = x.shape[1]
+        count = moments[-1]
+        mean = moments[:C] / count
+        var = moments[C:2 * C] / count - mean * mean  # biased, used to normalise
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * count / (count - 1), alpha=m)
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        return (y * self.weight + self.bias).to(x.dtype)
+
+
+def mlp(dims, act, last_bn: bool, bias_last: bool):
+    """Linear-BN-act stack; the last Linear optionally with bias and/or followed by BN."""
+    layers = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        last = i == len(dims) - 2
+        layers.append(nn.Linear(a, b, bias=last and bias_last))
+        if not last:
+            layers += [SyncBatchNorm1d(b), act()]
+        elif last_bn:
+            layers.append(SyncBatchNorm1d(b))
+    return nn.Sequential(*layers)
+
+
+class ContrastiveHead(nn.Module):
+    """Projector and predictor (SPEC §4). forward(x (B, D)) -> (projection z, prediction p)."""
+
+    def __init__(self, dim_in, proj_hidden=2048, proj_dim=256, pred_hidden=4096,
+                 act="gelu", predictor_bn=True):
+        super().__init__()
+        act_cls = {"gelu": nn.GELU, "relu": nn.ReLU}[act]
+        self.projector = mlp([dim_in, proj_hidden, proj_hidden, proj_dim], act_cls, True, False)
+        self.predictor = mlp([proj_dim, pred_hidden, proj_dim], act_cls, predictor_bn, True)
+        self.apply(_init_weights)
+
+    def forward(self, x):
+        z = self.projector(x)
+        return z, self.predictor(z)
+
+
+class NNQueue(nn.Module):
+    """FIFO of normalised projections with the dataset index of each (SPEC §5)."""
+
+    def __init__(self, size: int, dim: int = 256):
+        super().__init__()
+        self.register_buffer("z", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("idx", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, z, idx):
+        """Write z (n, d) and their dataset indices (n,) over the oldest entries."""
+        n, size = z.shape[0], self.z.shape[0]
+        pos = (self.ptr + torch.arange(n, device=z.device)) % size  # wraps around
+        self.z[pos] = F.normalize(z.float(), dim=1)
+        self.idx[pos] = idx
+        self.ptr.copy_((self.ptr + n) % size)
+
+    @torch.no_grad()
+    def lookup(self, z, idx, k: int = 1, generator=None):
+        """For each query z (B, d) a stored neighbour (B, d): one of the k most similar entries,
+        picked uniformly; entries holding the query's own image (same dataset index) excluded."""
+        sim = F.normalize(z.float(), dim=1) @ self.z.T  # (B, Q) cosine similarities
+        sim = sim.masked_fill(self.idx[None, :] == idx[:, None], -1.0)  # never oneself
+        top = sim.topk(k, dim=1).indices  # (B, k)
+        pick = torch.randint(k, (z.shape[0], 1), device=z.device, generator=generator)
+        return self.z[top.gather(1, pick).squeeze(1)]  # (B, d)
+
+
+def nna_loss(z, nn_z, p_all, tau: float, offset: int = 0):
+    """MIM-Refiner's nearest-neighbour alignment (SPEC §6).
+
+    z, nn_z: this rank's anchor projections and their queue neighbours (B, d); p_all: predictions
+    of all ranks (W*B, d), gathered with gradient; the positive of row j is column offset + j.
+    Anchors are compared with every prediction, but the positive pair uses the neighbour instead of
+    the anchor itself, so the positive is a different image while the negatives stay in-batch.
+    """
+    z, nn_z = F.normalize(z.detach().float(), dim=1), F.normalize(nn_z.detach().float(), dim=1)
+    p = F.normalize(p_all.float(), dim=1)
+    B = z.shape[0]
+    target = torch.arange(B, device=z.device) + offset
+    logits = z @ p.T / tau  # (B, W*B)
+    pos = (nn_z * p[target]).sum(1) / tau  # (B,) NN(z_j) . p_j
+    logits = logits.scatter(1, target[:, None], pos[:, None])  # swap in the positive only
+    return F.cross_entropy(logits, target)
+
+
+def nnclr_loss(nn_z, p_all, tau: float, offset: int = 0):
+    """NNCLR as MAE-CT uses it (SPEC §6): the whole row is the anchor's neighbour against every
+    prediction, logit[j, k] = NN(z_j) . p_k / tau; shapes as in `nna_loss`."""
+    nn_z = F.normalize(nn_z.detach().float(), dim=1)
+    p = F.normalize(p_all.float(), dim=1)
+    target = torch.arange(nn_z.shape[0], device=nn_z.device) + offset
+    return F.cross_entropy(nn_z @ p.T / tau, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints (SPEC §3)
+
+def _unwrap(obj, weights: str):
+    """Container -> (flat state dict, stored ViT arguments or None)."""
+    if not isinstance(obj, dict):
+        raise UserError("the file holds no state dict; give a checkpoint of a ViT encoder")
+    if "ema" in obj and "encoder" in obj:  # refine.py's own layout
+        if weights not in ("ema", "online"):
+            raise UserError(f"unknown --weights {weights!r}; use ema or online")
+        return obj["ema" if weights == "ema" else "encoder"], obj.get("arch")
+    for key in ("model", "state_dict"):  # MAE / pretrain.py / data2vec 2.0 ; MIM-Refiner, MAE-CT
+        if key in obj and isinstance(obj[key], dict):
+            return obj[key], obj.get("arch")
+    return obj, None
+
+
+def convert_state_dict(sd: dict) -> dict:
+    """Any layout of SPEC §3 -> our keys (MAE / timm names, pos_embed (1, 1+N, D))."""
+    d2v = "modality_encoders.IMAGE."
+    rename = {d2v + "local_encoder.proj.": "patch_embed.proj.", d2v + "extra_tokens": "cls_token",
+              d2v + "fixed_positional_encoder.positions": "pos_embed",
+              d2v + "context_encoder.norm.": "embed_norm.", "cls_tokens.tokens": "cls_token",
+              "pos_embed.embed": "pos_embed", "module.": ""}
+    out = {}
+    for k, v in sd.items():
+        if not torch.is_tensor(v) or "decoder" in k or "_ema" in k or k == "mask_token":
+            continue  # the MAE decoder, data2vec's EMA teacher: not part of the encoder
+        for old, new in rename.items():
+            if k.startswith(old):
+                k = new + k[len(old):]
+        out[k] = v
+    pos = out.get("pos_embed")
+    if pos is not None:
+        if pos.dim() == 4:  # MIM-Refiner (1, H, W, D) -> (1, H*W, D)
+            pos = pos.flatten(1, 2)
+        if math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:  # no CLS slot: add a zero row
+            pos = torch.cat([pos.new_zeros(1, 1, pos.shape[2]), pos], dim=1)
+        out["pos_embed"] = pos
+    if "cls_token" in out:
+        out["cls_token"] = out["cls_token"][:, :1].reshape(1, 1, -1)
+    return out
+
+
+def infer_arch(sd: dict, heads=None) -> dict:
+    """Width, depth, patch, image size and norm placement, from tensor shapes only."""
+    need = ["patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight"]
+    if any(k not in sd for k in need):
+        raise UserError(f"not a ViT encoder checkpoint: missing {[k for k in need if k not in sd]} "
+                        f"(found keys like {sorted(sd)[:5]}); give an MAE, timm, data2vec 2.0, "
+                        f"MIM-Refiner, MAE-CT or refine.py checkpoint")
+    w = sd["patch_embed.proj.weight"]  # (D, C, p, p)
+    dim, patch = w.shape[0], w.shape[-1]
+    grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    return dict(dim=dim, depth=depth, heads=heads or default_heads(dim), patch=patch,
+                img_size=grid * patch, in_chans=w.shape[1],
+                mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+                post_norm="embed_norm.weight" in sd)
+
+
+def load_state_dict_strict(module: nn.Module, sd: dict, what: str = "checkpoint"):
+    """load_state_dict(strict=True), with the mismatch reported as one readable line."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise UserError(f"{what} does not fit the model: missing keys {missing[:8]}, unexpected "
+                        f"keys {unexpected[:8]}, shape mismatches {shapes[:4]}")
+    module.load_state_dict(sd, strict=True)
+
+
+def read_checkpoint(path: str):
+    """torch.load with weights_only=True; a file that needs unpickling of code is refused."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path!r} does not exist; check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises several types for a bad file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path!r} is not a readable weights-only checkpoint ({first}); "
+                        f"give a torch checkpoint of plain tensors") from None
+
+
+def load_encoder(path: str, heads=None, weights: str = "ema", img_size=None, **overrides) -> ViT:
+    """Read any checkpoint of SPEC §3 into a ViT, strictly. `heads` overrides the head count
+    (it cannot be read from weights); `weights` picks ema/online in refine.py checkpoints;
+    `img_size` changes the native resolution (positions resized bicubically)."""
+    sd, arch = _unwrap(read_checkpoint(path), weights)
+    sd = convert_state_dict(sd)
+    arch = dict(arch) if arch else infer_arch(sd, heads)
+    if heads:
+        arch["heads"] = heads
+    arch.update(overrides)
+    vit = ViT(**arch)
+    load_state_dict_strict(vit, sd, f"checkpoint {path!r}")
+    if img_size and img_size != vit.img_size:
+        vit.set_img_size(img_size)
+    return vit
+
+
+def export_encoder(vit: ViT) -> dict:
+    """Bare encoder state dict in MAE / timm layout (what timm's VisionTransformer and the MAE
+    repo load with strict=True); clones so it can be saved while training goes on."""
+    keep = ViT.state_dict(vit)
+    if isinstance(vit, MAE):
+        keep = {k: v for k, v in keep.items() if "decoder" not in k and k != "mask_token"}
+    return {k: v.detach().clone().cpu() for k, v in keep.items()}
