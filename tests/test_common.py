@@ -1,0 +1,123 @@
+"""The shared helpers: settings to flags, the embedded data set (SPEC §9), files."""
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+import common
+import model
+
+
+@dataclass
+class Demo:
+    batch_size: int = common.opt(64, "images per process")
+    lr: float = common.opt(1e-3, "learning rate")
+    compile: bool = common.opt(False, "torch.compile the model")
+    ema: bool = common.opt(True, "keep an EMA copy")
+    out: Optional[str] = common.opt(None, "output folder")
+
+
+def test_settings_become_flags_with_help(capsys):
+    cfg = common.parse_settings(Demo, ["--batch-size", "8", "--compile", "--no-ema", "--out", "d"])
+    assert cfg == Demo(batch_size=8, lr=1e-3, compile=True, ema=False, out="d")
+    assert common.parse_settings(Demo, []) == Demo()
+    with pytest.raises(SystemExit):
+        common.parse_settings(Demo, ["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--batch-size", "--lr", "--compile, --no-compile", "--no-ema", "--out"):
+        assert flag in text
+    assert "images per process (default: 64)" in text
+
+
+def test_cli_turns_user_errors_into_one_line(capsys, monkeypatch):
+    def main(cfg):
+        raise model.UserError("the batch is larger than the data set; lower --batch-size")
+    monkeypatch.setattr("sys.argv", ["x"])
+    with pytest.raises(SystemExit) as e:
+        common.cli(main, Demo)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: the batch is larger than the data set; lower --batch-size\n"
+
+
+def test_parse_blocks():
+    assert common.parse_blocks("last", 24) == [24]
+    assert common.parse_blocks("all", 3) == [1, 2, 3]
+    assert common.parse_blocks("18,20,24", 24) == [18, 20, 24]
+    assert common.parse_blocks("17-19,2", 24) == [2, 17, 18, 19]
+    with pytest.raises(model.UserError, match="block 25 does not exist"):
+        common.parse_blocks("24-25", 24)
+    with pytest.raises(model.UserError, match="cannot read --blocks"):
+        common.parse_blocks("x", 24)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return common.ClutteredDigits("train", n=300), common.ClutteredDigits("val", n=200)
+
+
+def test_cluttered_digits_is_deterministic_and_splits_glyphs(digits):
+    train, val = digits
+    again = common.ClutteredDigits("train", n=300)
+    assert np.array_equal(train.images, again.images) and train.targets == again.targets
+    other = common.ClutteredDigits("train", n=300, seed=1)
+    assert not np.array_equal(train.images, other.images)
+    assert train.images.shape == (300, 32, 32, 3) and train.images.dtype == np.uint8
+    assert set(train.glyph_ids) <= set(range(1297)) and set(val.glyph_ids) <= set(range(1297, 1797))
+    assert sorted(set(train.targets)) == list(range(10))
+    img, label = train[5]
+    assert img.size == (32, 32) and label == train.targets[5]
+
+
+def knn_top1(train_x, train_y, test_x, test_y, k=10):
+    sim = torch.nn.functional.normalize(test_x, dim=1) @ torch.nn.functional.normalize(train_x, dim=1).T
+    votes = torch.zeros(len(test_x), 10).scatter_add_(1, train_y[sim.topk(k).indices], torch.ones(len(test_x), k))
+    return (votes.argmax(1) == test_y).float().mean().item()
+
+
+def test_background_dominates_the_pixels(digits):
+    """SPEC §9's premise: raw-pixel k-NN is far below k-NN on the glyphs alone (printed)."""
+    flat = lambda d: torch.tensor(d.images.reshape(len(d), -1), dtype=torch.float32)  # noqa: E731
+    labels = lambda d: torch.tensor(d.targets)  # noqa: E731
+    train, val = digits
+    glyph = lambda d: torch.tensor(load_digits().data[d.glyph_ids], dtype=torch.float32)  # noqa: E731
+    pixels = knn_top1(flat(train), labels(train), flat(val), labels(val))
+    glyphs = knn_top1(glyph(train), labels(train), glyph(val), labels(val))
+    print(f"\nk-NN (k=10) top-1 on the composites' pixels: {pixels:.3f}, on their 8x8 glyphs: {glyphs:.3f}")
+    assert glyphs > pixels + 0.3
+
+
+def test_save_atomic_never_leaves_a_torn_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    common.save_atomic({"step": 1}, str(path))
+
+    def broken_save(obj, f):
+        open(f, "wb").write(b"half")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        common.save_atomic({"step": 2}, str(path))
+    assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_rng_state_round_trip():
+    common.seed_everything(3)
+    state = common.rng_state()
+    a = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    common.seed_everything(99)
+    common.set_rng_state(state)
+    b = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_imagefolder_errors(tmp_path):
+    with pytest.raises(model.UserError, match="does not exist"):
+        common.build_dataset(str(tmp_path / "nope"), "train")
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(model.UserError, match="no val/ folder"):
+        common.build_dataset(str(tmp_path), "val")
+    with pytest.raises(model.UserError, match="at least one image"):
+        common.build_dataset(str(tmp_path), "train")
