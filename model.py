@@ -10,6 +10,7 @@ Importing this module has no side effects; it depends on torch alone.
 """
 import math
 import os
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -17,14 +18,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 # name: (width, depth, heads, patch). `tiny` is ours, sized for a CPU (SPEC §2 lists the rest).
-SIZES = {
-    "tiny": (192, 12, 3, 16),
-    "small": (384, 12, 6, 16),
-    "base": (768, 12, 12, 16),
-    "large": (1024, 24, 16, 16),
-    "huge": (1280, 32, 16, 14),
-    "2b": (2560, 24, 32, 14),
-}
+SIZES = {"tiny": (192, 12, 3, 16), "small": (384, 12, 6, 16), "base": (768, 12, 12, 16),
+         "large": (1024, 24, 16, 16), "huge": (1280, 32, 16, 14), "2b": (2560, 24, 32, 14)}
 KNOWN_HEADS = {768: 12, 1024: 16, 1280: 16, 2560: 32}  # head count cannot be read from weights
 
 
@@ -34,6 +29,12 @@ class UserError(Exception):
 
 def default_heads(dim: int) -> int:
     return KNOWN_HEADS.get(dim, max(1, dim // 64))
+
+
+def check_divisible(h: int, w: int, patch: int):
+    if h % patch or w % patch:
+        raise UserError(f"image size {h}x{w} is not divisible by the patch size {patch}; "
+                        f"use a multiple of {patch} (e.g. --img-size {max(patch, h // patch * patch)})")
 
 
 def sincos_pos_embed(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -59,8 +60,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x):
         B, N, C = x.shape
@@ -70,23 +70,17 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))  # (B, N, C)
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as MAE and timm
+def Mlp(dim: int, hidden: int):
+    """Keys mlp.fc1 / mlp.fc2 as in MAE and timm; exact (erf) GELU."""
+    return nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
 
 
 class Block(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, post_norm: bool = False):
         super().__init__()
         self.post_norm = post_norm
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x):
         if self.post_norm:  # data2vec 2.0 (SPEC §2)
@@ -103,9 +97,7 @@ class ViT(nn.Module):
     def __init__(self, dim=192, depth=12, heads=None, patch=16, img_size=224, in_chans=3,
                  mlp_ratio=4.0, post_norm=False, grad_checkpointing=False):
         super().__init__()
-        if img_size % patch:
-            raise UserError(f"image size {img_size} is not divisible by the patch size {patch}; "
-                            f"choose a multiple of {patch}")
+        check_divisible(img_size, img_size, patch)
         self.dim, self.depth, self.patch, self.img_size = dim, depth, patch, img_size
         self.heads = heads or default_heads(dim)
         self.mlp_ratio, self.post_norm, self.in_chans = mlp_ratio, post_norm, in_chans
@@ -119,10 +111,7 @@ class ViT(nn.Module):
         self.register_buffer("pos_embed", pos.unsqueeze(0))  # (1, 1+N, D)
         self.blocks = nn.ModuleList(Block(dim, self.heads, mlp_ratio, post_norm) for _ in range(depth))
         # pre-norm: a final norm after the last block; post-norm: one norm before the first block
-        if post_norm:
-            self.embed_norm = nn.LayerNorm(dim, eps=1e-6)
-        else:
-            self.norm = nn.LayerNorm(dim, eps=1e-6)
+        setattr(self, "embed_norm" if post_norm else "norm", nn.LayerNorm(dim, eps=1e-6))
         self.apply(_init_weights)
         nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(dim, -1))  # as MAE: a linear map
         nn.init.normal_(self.cls_token, std=0.02)
@@ -136,8 +125,7 @@ class ViT(nn.Module):
     def patch_tokens(self, x):
         """Images (B, C, H, W) -> patch tokens with positions added, (B, N, D)."""
         B, _, H, W = x.shape
-        if H % self.patch or W % self.patch:
-            raise UserError(f"image size {H}x{W} is not divisible by the patch size {self.patch}")
+        check_divisible(H, W, self.patch)
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
         return x + self.grid_pos(H // self.patch, W // self.patch)
 
@@ -153,8 +141,7 @@ class ViT(nn.Module):
 
     def set_img_size(self, img_size: int):
         """Resize the stored position grid to a new native resolution (bicubic, CLS row kept)."""
-        if img_size % self.patch:
-            raise UserError(f"image size {img_size} is not divisible by the patch size {self.patch}")
+        check_divisible(img_size, img_size, self.patch)
         g = img_size // self.patch
         self.pos_embed = torch.cat([self.pos_embed[:, :1], self.grid_pos(g, g)], dim=1)
         self.img_size = img_size
@@ -185,7 +172,8 @@ class ViT(nn.Module):
         out = {}
         for i in range(max(blocks)):
             x = self.run_block(i, x)
-            out[i + 1] = x
+            if i + 1 in blocks:
+                out[i + 1] = x
         return [out[b] for b in blocks]
 
     def forward(self, x):
@@ -213,8 +201,7 @@ def patchify(imgs, p: int):
 def random_masking(x, ratio: float):
     """Keep a random (1 - ratio) of the tokens of each row (argsort of uniform noise, as MAE).
     x (B, N, D) -> kept (B, K, D), mask (B, N) with 1 = hidden, ids_restore (B, N)."""
-    B, N, D = x.shape
-    keep = int(N * (1 - ratio))
+    (B, N, D), keep = x.shape, int(x.shape[1] * (1 - ratio))
     ids_shuffle = torch.rand(B, N, device=x.device).argsort(dim=1)
     ids_restore = ids_shuffle.argsort(dim=1)
     kept = x.gather(1, ids_shuffle[:, :keep, None].expand(-1, -1, D))  # (B, K, D)
@@ -279,15 +266,13 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
         n = torch.tensor([x.shape[0]], dtype=xf.dtype, device=x.device)
         moments = torch.cat([xf.sum(0), (xf * xf).sum(0), n])  # (2C + 1,)
         moments = all_reduce(moments)  # sums over ranks; backward sums the gradients back
-        C = x.shape[1]
-        count = moments[-1]
+        C, count = x.shape[1], moments[-1]
         mean = moments[:C] / count
-        var = moments[C:2 * C] / count - mean * mean  # biased, used to normalise
+        var = (moments[C:2 * C] / count - mean * mean).clamp_min(0)  # biased, to normalise
         with torch.no_grad():
             self.num_batches_tracked += 1
-            m = self.momentum
-            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-            self.running_var.mul_(1 - m).add_(var.detach() * count / (count - 1), alpha=m)
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * count / (count - 1), self.momentum)
         y = (xf - mean) * torch.rsqrt(var + self.eps)
         return (y * self.weight + self.bias).to(x.dtype)
 
@@ -421,7 +406,7 @@ def convert_state_dict(sd: dict) -> dict:
     return out
 
 
-def infer_arch(sd: dict, heads=None) -> dict:
+def infer_arch(sd: dict) -> dict:
     """Width, depth, patch, image size and norm placement, from tensor shapes only."""
     need = ["patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight"]
     if any(k not in sd for k in need):
@@ -432,7 +417,7 @@ def infer_arch(sd: dict, heads=None) -> dict:
     dim, patch = w.shape[0], w.shape[-1]
     grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    return dict(dim=dim, depth=depth, heads=heads or default_heads(dim), patch=patch,
+    return dict(dim=dim, depth=depth, heads=default_heads(dim), patch=patch,
                 img_size=grid * patch, in_chans=w.shape[1],
                 mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
                 post_norm="embed_norm.weight" in sd)
@@ -441,8 +426,7 @@ def infer_arch(sd: dict, heads=None) -> dict:
 def load_state_dict_strict(module: nn.Module, sd: dict, what: str = "checkpoint"):
     """load_state_dict(strict=True), with the mismatch reported as one readable line."""
     own = module.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
               for k in own if k in sd and sd[k].shape != own[k].shape]
     if missing or unexpected or shapes:
@@ -469,10 +453,7 @@ def load_encoder(path: str, heads=None, weights: str = "ema", img_size=None, **o
     `img_size` changes the native resolution (positions resized bicubically)."""
     sd, arch = _unwrap(read_checkpoint(path), weights)
     sd = convert_state_dict(sd)
-    arch = dict(arch) if arch else infer_arch(sd, heads)
-    if heads:
-        arch["heads"] = heads
-    arch.update(overrides)
+    arch = {**(arch or infer_arch(sd)), **({"heads": heads} if heads else {}), **overrides}
     vit = ViT(**arch)
     load_state_dict_strict(vit, sd, f"checkpoint {path!r}")
     if img_size and img_size != vit.img_size:
@@ -483,7 +464,5 @@ def load_encoder(path: str, heads=None, weights: str = "ema", img_size=None, **o
 def export_encoder(vit: ViT) -> dict:
     """Bare encoder state dict in MAE / timm layout (what timm's VisionTransformer and the MAE
     repo load with strict=True); clones so it can be saved while training goes on."""
-    keep = ViT.state_dict(vit)
-    if isinstance(vit, MAE):
-        keep = {k: v for k, v in keep.items() if "decoder" not in k and k != "mask_token"}
-    return {k: v.detach().clone().cpu() for k, v in keep.items()}
+    return {k: v.detach().clone().cpu() for k, v in vit.state_dict().items()
+            if "decoder" not in k and k != "mask_token"}  # an MAE's decoder is not the encoder
