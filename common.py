@@ -128,7 +128,7 @@ class ClutteredDigits(Dataset):
 
     N_TRAIN_GLYPHS = 1297
 
-    def __init__(self, split="train", n=None, seed=0, size=32, transform=None, glyphs_only=False):
+    def __init__(self, split="train", n=None, seed=0, size=32, transform=None):
         from sklearn.datasets import load_digits, load_sample_images
         digits = load_digits()
         lo, hi = (0, self.N_TRAIN_GLYPHS) if split == "train" else (self.N_TRAIN_GLYPHS, 1797)
@@ -145,11 +145,11 @@ class ClutteredDigits(Dataset):
             crop = int(rng.integers(size, min(photo.shape[:2]) // 2))  # random scale of background
             y, x = rng.integers(photo.shape[0] - crop), rng.integers(photo.shape[1] - crop)
             bg = Image.fromarray(photo[y:y + crop, x:x + crop]).resize((size, size), Image.BILINEAR)
-            bg = np.zeros((size, size, 3)) if glyphs_only else np.asarray(bg, dtype=np.float64)
+            bg = np.asarray(bg, dtype=np.float64)
             g = int(rng.integers(12, 21))  # glyph side in pixels
             alpha = Image.fromarray(glyphs[self.glyph_ids[i] - lo].astype(np.float32))
             alpha = np.clip(np.asarray(alpha.resize((g, g), Image.BILINEAR)), 0, 1)[..., None]
-            colour = 255.0 if glyphs_only else rng.integers(0, 256, 3).astype(np.float64)
+            colour = rng.integers(0, 256, 3).astype(np.float64)
             gy, gx = rng.integers(0, size - g + 1, 2)
             patch = bg[gy:gy + g, gx:gx + g]
             bg[gy:gy + g, gx:gx + g] = patch * (1 - alpha) + colour * alpha
