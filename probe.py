@@ -1,0 +1,250 @@
+"""Linear probing and low-shot classification of frozen ViT features (SPEC §8).
+
+Linear probe (MIM-Refiner, Alkin et al. 2024; MAE-CT, Lehner et al. 2023): non-affine BatchNorm1d,
+Linear (init std 0.01), SGD momentum 0.9, no weight decay, batch 1024, 10% warm-up then cosine,
+50 epochs, best top-1 over a 13-point lr grid (x batch/256), all grid points trained together as
+one stacked layer. Trains on features extracted once (fast), or with `--augment` re-embeds
+RandomResizedCrop + flip views every epoch (the paper protocol).
+Low-shot (`--shots 1,2,5`, `--percent 1` or `--split-file F`, instead of the linear probe): logistic
+regression (scikit-learn C = 4000, no intercept) on features centred with the mean of the labelled
+images and L2-normalised; `--splits` seeded draws, mean reported.
+
+CPU, the embedded data set (a few minutes with the tiny MAE of pretrain.py):
+    python probe.py --ckpt checkpoints/mae_tiny_digits.pth --data cluttered-digits
+    python probe.py --ckpt checkpoints/mae_tiny_digits.pth --shots 1,2,5
+Several GPUs, ImageNet, ViT-L/16 (MIM-Refiner reports 77.5% -> 82.8% linear, 14.3% -> 57.8% 1-shot):
+    torchrun --nproc_per_node=8 probe.py --ckpt refined/last.pt --data /imagenet --augment
+    torchrun --nproc_per_node=8 probe.py --ckpt refined/last.pt --data /imagenet --shots 1,2,5 --percent 1
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision import transforms
+
+from common import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, cli, extract_features, opt,
+                    parse_blocks, setup_distributed)
+from evalcommon_draft import FeatureSettings, get_features, load_model, parse_ints, report, select_blocks
+from model import UserError
+
+LR_GRID = "1e-4,2e-4,5e-4,1e-3,2e-3,5e-3,0.01,0.02,0.05,0.1,0.2,0.3,0.5"  # MIM-Refiner's grid
+
+
+@dataclass
+class Settings(FeatureSettings):
+    epochs: int = opt(50, "linear-probe epochs")
+    probe_batch_size: int = opt(1024, "linear-probe batch size; the lr grid is scaled by it / 256")
+    lrs: str = opt(LR_GRID, "linear-probe base learning rates, all trained together")
+    warmup: float = opt(0.1, "fraction of the probe steps with linear lr warm-up")
+    augment: bool = opt(False, "re-embed the train images every epoch with RandomResizedCrop + flip")
+    shots: str = opt("", "low-shot: images per class, e.g. 1,2,5 (replaces the linear probe)")
+    percent: float = opt(0.0, "low-shot: percent of the train images of every class, e.g. 1")
+    splits: int = opt(3, "low-shot: seeded random draws of the labelled images (seeds 0..splits-1)")
+    split_file: str = opt("", "low-shot: file of the labelled train images, one a line (MSN/SimCLRv2)")
+    seed: int = opt(0, "seed of the probe initialisation and the data order")
+
+
+class StackedProbe(nn.Module):
+    """G linear probes (one per lr) as one (G, D, C) weight behind one non-affine BatchNorm1d: it has
+    no parameters, so one shared copy acts exactly as G separate ones would."""
+
+    def __init__(self, dim: int, num_classes: int, grid: int, generator=None):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, affine=False)
+        self.weight = nn.Parameter(torch.randn(grid, dim, num_classes, generator=generator) * 0.01)
+        self.bias = nn.Parameter(torch.zeros(grid, 1, num_classes))
+
+    def forward(self, x):  # (B, D) -> logits (G, B, C)
+        return torch.einsum("bd,gdc->gbc", self.bn(x), self.weight) + self.bias
+
+
+def grid_loss(logits, y):
+    """Sum over the grid of each probe's mean cross-entropy: logits (G, B, C), y (B,)."""
+    per = F.cross_entropy(logits.permute(1, 2, 0), y[:, None].expand(-1, len(logits)), reduction="none")
+    return per.mean(0).sum()  # (B, G) -> mean over the batch, sum over the probes
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to zero, per step."""
+    cosine = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return (step + 1) / warmup if step < warmup else cosine
+
+
+@torch.no_grad()
+def sgd_step(probe: StackedProbe, momentum: torch.Tensor, lrs: torch.Tensor):
+    """torch.optim.SGD (momentum 0.9, no decay), lr lrs[g] for probe g: b = 0.9 b + grad; w -= lr b."""
+    for p, buf in zip((probe.weight, probe.bias), momentum):
+        buf.mul_(0.9).add_(p.grad)
+        p.sub_(lrs.view(-1, 1, 1) * buf)  # (G, 1, 1) broadcast over each probe's own weights
+        p.grad = None
+
+
+class GridTrainer:
+    """A StackedProbe with its SGD state and lr schedule, fed one epoch of features at a time."""
+
+    def __init__(self, dim, num_classes, lrs, batch, epochs, n_train, warmup, seed, device):
+        gen = torch.Generator().manual_seed(seed)
+        self.probe = StackedProbe(dim, num_classes, len(lrs), gen).to(device)
+        self.momentum = [torch.zeros_like(self.probe.weight), torch.zeros_like(self.probe.bias)]
+        self.lrs = torch.tensor(lrs, device=device) * batch / 256  # the linear scaling rule
+        self.batch, self.gen, self.step, self.total = batch, gen, 0, epochs * (n_train // batch)
+        self.warmup = round(warmup * self.total)
+
+    def train_epoch(self, x, y):
+        self.probe.train()
+        perm = torch.randperm(len(x), generator=self.gen).to(x.device)
+        for i in range(len(x) // self.batch):  # the last incomplete batch is dropped
+            idx = perm[i * self.batch:(i + 1) * self.batch]
+            grid_loss(self.probe(x[idx]), y[idx]).backward()
+            sgd_step(self.probe, self.momentum, self.lrs * lr_factor(self.step, self.total, self.warmup))
+            self.step += 1
+
+    @torch.no_grad()
+    def accuracy(self, x, y, chunk=4096) -> list:  # top-1 of each probe; BatchNorm: running stats
+        self.probe.eval()
+        correct = sum((self.probe(x[s:s + chunk]).argmax(-1) == y[s:s + chunk]).sum(1)
+                      for s in range(0, len(x), chunk))  # (G,)
+        return (correct.float() / len(x)).tolist()
+
+
+def linear_probe(x, y, val_x, val_y, lrs, epochs=50, batch=1024, warmup=0.1, seed=0) -> list:
+    """Top-1 on (val_x, val_y) of every lr's probe, the grid trained together on (x, y)."""
+    num_classes = int(max(y.max(), val_y.max())) + 1
+    trainer = GridTrainer(x.shape[1], num_classes, lrs, min(batch, len(x)), epochs, len(x), warmup,
+                          seed, x.device)
+    for _ in range(epochs):
+        trainer.train_epoch(x, y)
+    return trainer.accuracy(val_x, val_y)
+
+
+def train_transform(img_size: int):
+    """The probe's train augmentation (MAE, MIM-Refiner): RandomResizedCrop (bicubic) + flip."""
+    bicubic = transforms.InterpolationMode.BICUBIC
+    return transforms.Compose([transforms.RandomResizedCrop(img_size, interpolation=bicubic),
+                               transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def draw_split(labels, seed: int, shots: int = 0, percent: float = 0.0) -> np.ndarray:
+    """Sorted indices of a labelled subset: exactly `shots` images of every class, or `percent`%
+    of every class's images (at least one); the same draw for the same seed."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        n = shots or max(1, round(len(idx) * percent / 100))
+        if n > len(idx):
+            raise UserError(f"class {c} has only {len(idx)} train images, fewer than --shots {n}")
+        out.append(rng.choice(idx, n, replace=False))
+    return np.sort(np.concatenate(out))
+
+
+def read_split_file(path: str, n: int, samples=None, root: str = "") -> np.ndarray:
+    """Indices of the train images in an MSN/SimCLRv2 split file: one file name or path a line
+    (n01440764_10026.JPEG); a bare number is an index (for cluttered-digits)."""
+    if not os.path.isfile(path):
+        raise UserError(f"split file {path!r} does not exist; give a file with one image per line")
+    index = {}  # file name and path under train/ -> index
+    for i, (p, _) in enumerate(samples or []):
+        index[os.path.basename(p)] = index[os.path.relpath(p, root)] = i
+    out = []
+    with open(path) as f:
+        lines = [ln.strip() for ln in f if ln.strip()]
+    for line in lines:
+        i = index.get(line, index.get(os.path.basename(line), int(line) if line.isdigit() else -1))
+        if not 0 <= i < n:  # neither a train image nor an index
+            raise UserError(f"split file {path!r}: {line!r} is not a train image of --data; "
+                            f"give file names of its train/ folder (or indices)")
+        out.append(i)
+    return np.array(sorted(set(out)))
+
+
+def lowshot_accuracy(train_x, train_y, val_x, val_y) -> float:
+    """SPEC §8 low-shot classifier: logistic regression, L2 penalty lambda = 2.5e-4 / N (scikit-learn
+    C = 1 / (lambda N) = 4000), no intercept, on features centred with the train mean, L2-normalised."""
+    from sklearn.linear_model import LogisticRegression
+    mean = train_x.mean(0)
+    prep = lambda x: F.normalize(x.double() - mean.double(), dim=1).numpy()  # noqa: E731
+    clf = LogisticRegression(C=4000, fit_intercept=False, max_iter=1000)
+    clf.fit(prep(train_x), train_y.numpy())
+    return float((clf.predict(prep(val_x)) == val_y.numpy()).mean())
+
+
+def lowshot(cfg, feats) -> list:
+    y, records = feats["train_labels"], []
+    draws = [("shots", s, seed, draw_split(y, seed, shots=s))
+             for s in (parse_ints(cfg.shots, "--shots") if cfg.shots else []) for seed in range(cfg.splits)]
+    draws += [("percent", cfg.percent, seed, draw_split(y, seed, percent=cfg.percent))
+              for seed in range(cfg.splits) if cfg.percent > 0]
+    if cfg.split_file:  # the image paths of an ImageFolder (not of the feature file)
+        ds = None if cfg.data == "cluttered-digits" else build_dataset(cfg.data, "train")
+        draws.append(("split_file", cfg.split_file, 0, read_split_file(
+            cfg.split_file, len(y), getattr(ds, "samples", None), getattr(ds, "root", ""))))
+    for b in feats["blocks"]:
+        x, vx = feats["train_features"][b], feats["val_features"][b]
+        runs = {}
+        for kind, value, seed, idx in draws:  # a record names its setting: shots, percent or split_file
+            top1 = lowshot_accuracy(x[idx], y[idx], vx, feats["val_labels"])
+            setting = {"block": b, "feature": cfg.feature, "shots": None, "percent": None,
+                       "split_file": None, kind: value}
+            runs.setdefault(kind + str(value), (setting, []))[1].append(top1)
+            records.append({**setting, "split": seed, "images": len(idx), "top1": top1})
+        for setting, accs in runs.values():
+            if len(accs) > 1:  # the reported number: mean over the draws
+                records.append({**setting, "split": "mean", "top1": float(np.mean(accs)),
+                                "top1_std": float(np.std(accs))})
+    return records
+
+
+def linear(cfg, d, feats, vit=None, aug_ds=None) -> list:
+    lrs = [float(v) for v in cfg.lrs.split(",")]
+    y, vy = feats["train_labels"].to(d.device), feats["val_labels"].to(d.device)
+    num_classes = int(max(y.max(), vy.max())) + 1
+    n, batch, blocks = len(y), min(cfg.probe_batch_size, len(y)), feats["blocks"]  # batch <= n
+    trainers = {b: GridTrainer(feats["val_features"][b].shape[1], num_classes, lrs, batch, cfg.epochs,
+                               n, cfg.warmup, cfg.seed, d.device) for b in blocks}
+    ints = parse_blocks(cfg.blocks, vit.depth) if aug_ds is not None else None
+    for epoch in range(cfg.epochs):
+        train = feats.get("train_features")
+        if aug_ds is not None:  # the frozen encoder embeds a new random crop of every image
+            f, _ = extract_features(vit, aug_ds, ints, cfg.feature, cfg.batch_size, d.device,
+                                    cfg.workers, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+            train = select_blocks(f, ints, cfg.concat)
+        for b in blocks:
+            trainers[b].train_epoch(train[b].to(d.device), y)
+    records = []
+    for b in blocks:  # one record per lr; `best` marks the best of the grid, the reported number
+        accs = trainers[b].accuracy(feats["val_features"][b].to(d.device), vy)
+        best = int(np.argmax(accs))
+        records += [{"block": b, "feature": cfg.feature, "lr": lr, "top1": a, "best": i == best}
+                    for i, (lr, a) in enumerate(zip(lrs, accs))]
+    return records
+
+
+def main(cfg: Settings) -> dict:
+    if cfg.epochs < 1 or cfg.probe_batch_size < 1 or cfg.splits < 1:
+        raise UserError("--epochs, --probe-batch-size and --splits must be positive")
+    low = bool(cfg.shots or cfg.percent > 0 or cfg.split_file)
+    if cfg.augment and (low or cfg.load_features):
+        raise UserError("--augment re-embeds images every epoch: it needs --ckpt, not --load-features, "
+                        "and the linear probe, not --shots/--percent/--split-file")
+    d = setup_distributed(cfg.device)
+    vit = aug_ds = None
+    if cfg.augment:  # train features come from a new augmented pass every epoch
+        vit = load_model(cfg)
+        aug_ds = build_dataset(cfg.data, "train", train_transform(vit.img_size))
+    feats = get_features(cfg, d, ("val",) if cfg.augment else ("train", "val"), vit=vit)
+    feats.setdefault("train_labels", torch.as_tensor(getattr(aug_ds, "targets", [])))  # (N,) --augment
+    if low:  # rank 0 alone fits the classifiers
+        return report(cfg, d, lowshot(cfg, feats) if d.main else [], "low-shot logistic regression top-1")
+    # every rank trains the same probes on the same features (cheap); rank 0 reports
+    return report(cfg, d, linear(cfg, d, feats, vit, aug_ds), f"linear probe top-1, {cfg.epochs} epochs")
+
+
+if __name__ == "__main__":
+    cli(main, Settings)

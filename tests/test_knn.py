@@ -1,0 +1,204 @@
+"""knn.py: the weighted vote against a naive loop, chunking, the feature file, checkpoint layouts,
+and 2-process extraction against 1 process. Also holds the tiny fixtures the evaluation tests share."""
+import json
+import os
+import socket
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+import common
+import knn
+import model
+from model import UserError
+
+
+# --- tiny fixtures shared with test_probe.py and test_cluster.py -------------------------------
+
+def make_image_folder(root, classes=("a", "b", "c"), per_class=(3, 2), size=32, seed=0):
+    """root/train and root/val with `per_class` PNGs per class; each class has its own colour
+    under the noise, so even a random encoder separates them."""
+    rng = np.random.default_rng(seed)
+    for split, n in zip(("train", "val"), per_class):
+        for c, name in enumerate(classes):
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            colour = np.array([(c * 97) % 256, (c * 53 + 80) % 256, (c * 191 + 40) % 256])
+            for i in range(n):
+                img = 0.6 * colour + rng.integers(0, 100, (size, size, 3))
+                path = os.path.join(root, split, name, f"{name}_{i}.png")
+                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path)
+    return str(root)
+
+
+def make_checkpoint(path, seed=0, depth=4):
+    """A random tiny encoder in the MAE layout {'model': sd}; returns the ViT."""
+    torch.manual_seed(seed)
+    vit = model.ViT(dim=32, depth=depth, patch=4, img_size=32)
+    torch.save({"model": model.export_encoder(vit)}, path)
+    return vit
+
+
+def settings(cls, **kw):
+    return cls(**{"workers": 0, "device": "cpu", "batch_size": 4, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("knn")
+    data = make_image_folder(root / "data")
+    make_checkpoint(root / "enc.pth")
+    return root, data, str(root / "enc.pth")
+
+
+# --- knn_predict ------------------------------------------------------------------------------
+
+def naive_knn(train, labels, test, k, temperature, num_classes):
+    """One test image at a time, in numpy: cosine, sort, exp(sim / T) summed per class, argmax."""
+    train = train / np.linalg.norm(train, axis=1, keepdims=True)
+    test = test / np.linalg.norm(test, axis=1, keepdims=True)
+    out = []
+    for q in test:
+        sims = train @ q
+        nearest = np.argsort(-sims)[:k]
+        votes = np.zeros(num_classes)
+        for j in nearest:
+            votes[labels[j]] += np.exp(sims[j] / temperature)
+        out.append(int(np.argmax(votes)))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.5])
+def test_knn_predict_matches_naive_loop(temperature):
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(80, 12, generator=g), torch.randn(25, 12, generator=g)
+    labels = torch.randint(0, 5, (80,), generator=g)
+    preds = knn.knn_predict(train, labels, test, [1, 5, 20], temperature, num_classes=5)
+    for k in (1, 5, 20):
+        want = naive_knn(train.double().numpy(), labels.numpy(), test.double().numpy(), k, temperature, 5)
+        assert np.array_equal(preds[k].numpy(), want), k
+
+
+def test_knn_chunking_does_not_change_predictions():
+    g = torch.Generator().manual_seed(1)
+    train, test = torch.randn(300, 16, generator=g), torch.randn(37, 16, generator=g)
+    labels = torch.randint(0, 7, (300,), generator=g)
+    full = knn.knn_predict(train, labels, test, [10, 20])
+    for chunk in (1, 5, 36, 1000):
+        part = knn.knn_predict(train, labels, test, [10, 20], chunk=chunk)
+        assert all(torch.equal(full[k], part[k]) for k in (10, 20))
+    single = knn.knn_predict(train, labels, test[:1], 10)  # an int k gives one tensor
+    assert single.shape == (1,) and single[0] == full[10][0]
+
+
+def test_standardize_uses_train_statistics():
+    g = torch.Generator().manual_seed(2)
+    train, test = torch.randn(50, 4, generator=g) * 3 + 1, torch.randn(9, 4, generator=g)
+    a, b = knn.standardize(train, test)
+    mean, std = train.numpy().mean(0), train.numpy().std(0, ddof=1)
+    np.testing.assert_allclose(a.numpy(), (train.numpy() - mean) / (std + 1e-6), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b.numpy(), (test.numpy() - mean) / (std + 1e-6), rtol=1e-5, atol=1e-5)
+
+
+def test_knn_bad_k():
+    x, y = torch.randn(5, 3), torch.arange(5)
+    for k in (0, 6):
+        with pytest.raises(UserError):
+            knn.knn_predict(x, y, x, k)
+    with pytest.raises(UserError, match="--k"):
+        knn.main(settings(knn.Settings, k="0"))
+
+
+# --- the script end to end --------------------------------------------------------------------
+
+def test_main_imagefolder_feature_file_roundtrip(tiny):
+    root, data, ckpt = tiny
+    feats, out = str(root / "f.pt"), str(root / "r.json")
+    res = knn.main(settings(knn.Settings, ckpt=ckpt, data=data, blocks="all", k="1,3",
+                            save_features=feats, out=out))
+    assert [(r["block"], r["k"]) for r in res["results"]] == [(b, k) for b in (1, 2, 3, 4) for k in (1, 3)]
+    assert all(0 <= r["top1"] <= 1 for r in res["results"])
+    assert json.load(open(out))["results"] == res["results"]
+    f = torch.load(feats, weights_only=True)
+    assert set(f["train_features"]) == {1, 2, 3, 4} and f["train_features"][4].shape == (9, 32)
+    assert f["train_labels"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # ImageFolder's sorted order
+    assert f["val_labels"].dtype == torch.int64 and f["val_features"][1].shape == (6, 32)
+    again = knn.main(settings(knn.Settings, load_features=feats, blocks="all", k="1,3"))
+    assert again["results"] == res["results"]
+    sub = knn.main(settings(knn.Settings, load_features=feats, blocks="2-3", k="1", concat=True))
+    assert [r["block"] for r in sub["results"]] == ["2+3"]
+    with pytest.raises(UserError, match="block 5"):
+        knn.main(settings(knn.Settings, load_features=feats, blocks="5"))
+
+
+def test_feature_file_single_block_and_bad_files(tiny, tmp_path):
+    root, data, ckpt = tiny
+    path = str(tmp_path / "one.pt")
+    knn.main(settings(knn.Settings, ckpt=ckpt, data=data, k="1", save_features=path))
+    f = torch.load(path, weights_only=True)
+    assert torch.is_tensor(f["train_features"]) and f["train_features"].shape == (9, 32)
+    assert knn.main(settings(knn.Settings, load_features=path, k="1"))["results"][0]["block"] == 4
+    torch.save({"train_features": torch.zeros(3, 2)}, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match="lacks"):
+        knn.main(settings(knn.Settings, load_features=str(tmp_path / "bad.pt")))
+    with pytest.raises(UserError, match="does not exist"):
+        knn.main(settings(knn.Settings, load_features=str(tmp_path / "missing.pt")))
+
+
+def test_checkpoint_layouts_refine_and_mae(tiny, tmp_path):
+    """refine.py's last.pt: EMA by default, --weights online for the other; MAE with decoder."""
+    root, data, _ = tiny
+    torch.manual_seed(3)
+    ema, online = (model.ViT(dim=32, depth=2, patch=4, img_size=32) for _ in range(2))
+    torch.save({"encoder": model.export_encoder(online), "ema": model.export_encoder(ema), "arch": ema.arch(),
+                "step": 7}, tmp_path / "last.pt")
+    mae = model.MAE(dec_dim=16, dec_depth=1, dec_heads=2, dim=32, depth=2, patch=4, img_size=32)
+    torch.save({"model": mae.state_dict(), "arch": mae.arch()}, tmp_path / "mae.pth")
+    ds = common.build_dataset(data, "val", common.eval_transform(32))
+    for path, weights, vit in [("last.pt", "ema", ema), ("last.pt", "online", online),
+                               ("mae.pth", "ema", mae)]:
+        out = str(tmp_path / f"{path}.{weights}.pt")
+        knn.main(settings(knn.Settings, ckpt=str(tmp_path / path), weights=weights, data=data, k="1",
+                          feature="cls-norm", save_features=out))
+        want, _ = common.extract_features(vit, ds, [2], "cls-norm", batch_size=6)
+        torch.testing.assert_close(torch.load(out)["val_features"], want[2])
+
+
+def test_plot_needs_matplotlib(tiny, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(UserError, match="matplotlib"):
+        knn.main(settings(knn.Settings, plot="curve.png"))
+
+
+# --- 2 processes (gloo) == 1 process ----------------------------------------------------------
+
+def _worker(rank, port, cfg):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        knn.main(cfg)
+    finally:
+        common.teardown_distributed()
+
+
+def test_two_process_extraction_equals_one_process(tiny, tmp_path):
+    root, data, ckpt = tiny
+    one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
+    kw = dict(ckpt=ckpt, data=data, blocks="2,4", k="1", batch_size=2)
+    res1 = knn.main(settings(knn.Settings, save_features=one, **kw))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = settings(knn.Settings, save_features=two, out=str(tmp_path / "two.json"), **kw)
+    # fork: the children inherit the imported modules (spawn would re-import torch in each)
+    mp.start_processes(_worker, args=(port, cfg), nprocs=2, start_method="fork")
+    a, b = torch.load(one), torch.load(two)
+    for split in ("train", "val"):  # 9 train images: rank 1's shard is padded, the pad dropped
+        assert torch.equal(a[f"{split}_labels"], b[f"{split}_labels"])
+        for blk in (2, 4):
+            torch.testing.assert_close(a[f"{split}_features"][blk], b[f"{split}_features"][blk])
+    assert json.load(open(tmp_path / "two.json"))["results"] == res1["results"]

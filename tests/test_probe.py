@@ -1,0 +1,126 @@
+"""probe.py: the stacked lr grid against torch.optim.SGD one lr at a time, a separable problem,
+low-shot draws and split files, the logistic regression, and the script end to end."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import probe
+from model import UserError
+from test_knn import make_checkpoint, make_image_folder, settings
+
+
+def blobs(n, dim=16, classes=4, seed=0, spread=0.3, noise_seed=0):
+    """Classes around random centres (radius 3) drawn from `seed`, noise from `noise_seed`."""
+    centres = F.normalize(torch.randn(classes, dim, generator=torch.Generator().manual_seed(seed)), dim=1) * 3
+    y = torch.arange(n) % classes
+    return centres[y] + spread * torch.randn(n, dim, generator=torch.Generator().manual_seed(noise_seed)), y
+
+
+def test_linear_probe_separable_features():
+    x, y = blobs(400)
+    vx, vy = blobs(200, noise_seed=1)
+    accs = probe.linear_probe(x, y, vx, vy, lrs=[1e-3, 0.1], epochs=6, batch=100)
+    assert accs[1] >= 0.98
+
+
+def test_stacked_grid_equals_torch_sgd_per_lr():
+    """Each lr of the grid trains exactly as a separate BatchNorm + Linear under torch.optim.SGD."""
+    x, y = blobs(100, dim=8, classes=3, spread=1.0)
+    lrs, epochs, batch = [0.01, 0.3], 3, 32
+    trainer = probe.GridTrainer(8, 3, lrs, batch, epochs, len(x), 0.1, seed=5, device="cpu")
+    init_w = trainer.probe.weight.detach().clone()
+    for _ in range(epochs):
+        trainer.train_epoch(x, y)
+    gen = torch.Generator().manual_seed(5)
+    torch.randn(2, 8, 3, generator=gen)  # the grid's initial weights, drawn first
+    perms = [torch.randperm(len(x), generator=gen) for _ in range(epochs)]
+    total, warmup = epochs * (len(x) // batch), round(0.1 * epochs * (len(x) // batch))
+    for g, lr in enumerate(lrs):
+        ref = nn.Sequential(nn.BatchNorm1d(8, affine=False), nn.Linear(8, 3))
+        with torch.no_grad():
+            ref[1].weight.copy_(init_w[g].T)
+            ref[1].bias.zero_()
+        opt = torch.optim.SGD(ref.parameters(), lr=lr * batch / 256, momentum=0.9)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: probe.lr_factor(s, total, warmup))
+        for perm in perms:
+            for i in range(len(x) // batch):
+                idx = perm[i * batch:(i + 1) * batch]
+                opt.zero_grad()
+                F.cross_entropy(ref(x[idx]), y[idx]).backward()
+                opt.step()
+                sched.step()
+        close = dict(atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(trainer.probe.weight[g].detach().T, ref[1].weight.detach(), **close)
+        torch.testing.assert_close(trainer.probe.bias[g, 0].detach(), ref[1].bias.detach(), **close)
+        ref.eval()
+        want = (ref(x).argmax(1) == y).float().mean().item()
+        assert trainer.accuracy(x, y)[g] == pytest.approx(want)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert probe.lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert probe.lr_factor(9, 100, 10) == pytest.approx(1.0)
+    assert probe.lr_factor(10, 100, 10) == pytest.approx(1.0)
+    assert probe.lr_factor(55, 100, 10) == pytest.approx(0.5)
+    assert probe.lr_factor(100, 100, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_draw_split_exact_shots_and_deterministic():
+    labels = np.repeat(np.arange(5), [7, 3, 9, 4, 5])
+    for shots in (1, 2, 3):
+        idx = probe.draw_split(labels, seed=0, shots=shots)
+        assert np.all(np.bincount(labels[idx], minlength=5) == shots) and len(set(idx)) == len(idx)
+        assert np.array_equal(idx, probe.draw_split(labels, seed=0, shots=shots))
+    assert not np.array_equal(probe.draw_split(labels, 0, shots=2), probe.draw_split(labels, 1, shots=2))
+    pct = probe.draw_split(labels, seed=0, percent=50)  # half of every class, at least one
+    assert np.bincount(labels[pct]).tolist() == [4, 2, 4, 2, 2]
+    with pytest.raises(UserError, match="fewer"):
+        probe.draw_split(labels, 0, shots=4)
+
+
+def test_read_split_file(tmp_path):
+    data = make_image_folder(tmp_path / "d")
+    from torchvision import datasets
+    ds = datasets.ImageFolder(f"{data}/train")
+    (tmp_path / "s.txt").write_text("a_0.png\nb/b_1.png\n\n/some/where/c/c_2.png\n")
+    idx = probe.read_split_file(str(tmp_path / "s.txt"), len(ds), ds.samples, ds.root)
+    assert [ds.samples[i][0].split("/")[-1] for i in idx] == ["a_0.png", "b_1.png", "c_2.png"]
+    (tmp_path / "n.txt").write_text("0\n4\n")  # indices, for data sets without files
+    assert probe.read_split_file(str(tmp_path / "n.txt"), 9).tolist() == [0, 4]
+    (tmp_path / "bad.txt").write_text("zzz.png\n")
+    with pytest.raises(UserError, match="zzz.png"):
+        probe.read_split_file(str(tmp_path / "bad.txt"), len(ds), ds.samples, ds.root)
+
+
+def test_lowshot_accuracy_preprocessing_and_reference():
+    from sklearn.linear_model import LogisticRegression
+    x, y = blobs(40, dim=8, classes=4, spread=2.0, seed=3)
+    vx, vy = blobs(60, dim=8, classes=4, spread=2.0, seed=3, noise_seed=4)
+    xn, vn = x.double().numpy(), vx.double().numpy()
+    mean = xn.mean(0)
+    prep = lambda a: (a - mean) / np.linalg.norm(a - mean, axis=1, keepdims=True)  # noqa: E731
+    clf = LogisticRegression(C=4000, fit_intercept=False, max_iter=1000).fit(prep(xn), y.numpy())
+    want = (clf.predict(prep(vn)) == vy.numpy()).mean()
+    assert probe.lowshot_accuracy(x, y, vx, vy) == pytest.approx(want)
+
+
+def test_main_linear_lowshot_augment(tmp_path):
+    data = make_image_folder(tmp_path / "d", per_class=(4, 2))
+    ckpt = str(tmp_path / "e.pth")
+    make_checkpoint(ckpt, depth=2)
+    res = probe.main(settings(probe.Settings, ckpt=ckpt, data=data, epochs=3, lrs="0.01,0.1",
+                              save_features=str(tmp_path / "f.pt")))["results"]
+    assert [r["lr"] for r in res] == [0.01, 0.1] and sum(r["best"] for r in res) == 1
+    feats = str(tmp_path / "f.pt")
+    again = probe.main(settings(probe.Settings, load_features=feats, epochs=3, lrs="0.01,0.1"))
+    assert again["results"] == res
+    low = probe.main(settings(probe.Settings, load_features=feats, shots="1,2", splits=2))["results"]
+    assert [(r["shots"], r["split"]) for r in low] == [(1, 0), (1, 1), (2, 0), (2, 1), (1, "mean"),
+                                                       (2, "mean")]
+    assert low[4]["top1"] == pytest.approx((low[0]["top1"] + low[1]["top1"]) / 2)
+    aug = probe.main(settings(probe.Settings, ckpt=ckpt, data=data, epochs=2, lrs="0.1", augment=True))
+    assert len(aug["results"]) == 1 and 0 <= aug["results"][0]["top1"] <= 1
+    with pytest.raises(UserError, match="--augment"):
+        probe.main(settings(probe.Settings, load_features=feats, augment=True))
