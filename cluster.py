@@ -7,7 +7,7 @@ and best over `--seeds` runs. k-means runs in torch (CPU or GPU): greedy k-means
 iterations with distances from matrix products, computed in chunks (50k x 1000 fits anywhere).
 `--subset dogs15` restricts an ImageNet folder to the 15 classes of ImageNet-Dogs-15.
 
-CPU, the embedded data set (about 30 seconds with the tiny MAE of pretrain.py):
+CPU, the embedded data set (about 30 seconds on 2 cores; random weights: ACC ~14%, NMI ~0.02):
     python cluster.py --ckpt checkpoints/mae_tiny_digits.pth --data cluttered-digits
 Several GPUs (each extracts a shard; k-means runs on rank 0), ImageNet, ViT-H/14:
     torchrun --nproc_per_node=8 cluster.py --ckpt refined/last.pt --data /imagenet
@@ -31,7 +31,7 @@ DOGS15 = ("n02085936 n02086646 n02088238 n02091467 n02097130 n02099601 n02101388
 
 @dataclass
 class Settings(FeatureSettings):
-    k: Optional[int] = opt(None, "number of clusters (default: the number of classes)")
+    k: Optional[int] = opt(None, "number of clusters; None = the number of classes")
     seeds: int = opt(5, "k-means runs, seeds 0..seeds-1; mean, std and best are reported")
     iters: int = opt(300, "at most this many Lloyd iterations per run")
     subset: Optional[str] = opt(None, "dogs15: only the 15 ImageNet-Dogs classes of an ImageNet folder")

@@ -20,7 +20,7 @@ class FeatureSettings:
     ckpt: str = opt("checkpoints/mae_tiny_digits.pth", "encoder checkpoint, any layout of SPEC §3")
     weights: str = opt("ema", "which encoder of a refine.py checkpoint: ema or online")
     data: str = opt("cluttered-digits", "cluttered-digits, or a folder with train/ and val/ (ImageFolder)")
-    img_size: Optional[int] = opt(None, "input resolution (default: the checkpoint's)")
+    img_size: Optional[int] = opt(None, "input resolution in pixels; None = the checkpoint's")
     blocks: str = opt("last", "blocks to evaluate: last, all, a list 18,20,24 or a range 17-24")
     concat: bool = opt(False, "evaluate the chosen blocks concatenated into one feature")
     feature: str = opt("cls", "cls (block output, no final norm), cls-norm (after the final norm) "

@@ -173,6 +173,13 @@ def test_plot_needs_matplotlib(tiny, monkeypatch):
         knn.main(settings(knn.Settings, plot="curve.png"))
 
 
+def test_plot_curve_when_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib")  # an optional extra: skipped where it is missing
+    records = [dict(block=b, k=k, top1=0.1 * b) for b in (1, 2, 3) for k in (10, 20)]
+    knn.plot_curve(records, str(tmp_path / "curve.png"))
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # --- 2 processes (gloo) == 1 process ----------------------------------------------------------
 
 def _worker(rank, port, cfg):
