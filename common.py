@@ -1,5 +1,6 @@
 """What every stage script shares: settings from the command line, distributed set-up, the data
-sets behind `--data`, feature extraction, and checkpoint files. Importing it has no side effects."""
+sets behind `--data`, checkpoint files, and the feature extraction of the evaluation stages.
+Importing it has no side effects."""
 import argparse
 import dataclasses
 import json
@@ -8,22 +9,21 @@ import random
 import sys
 import typing
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision import datasets, transforms
 from tqdm import tqdm
 
-from model import UserError
+from model import UserError, load_encoder
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-# ---------------------------------------------------------------------------------------------
-# Settings: a typed dataclass is the single source of flags, defaults and help.
+# --- Settings: one typed dataclass per script is the single source of flags, defaults, help ---
 
 def opt(default, help: str):
     """A settings field with its --help text."""
@@ -56,24 +56,19 @@ def cli(main, cls):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit("interrupted")
     finally:
         teardown_distributed()
 
 
-# ---------------------------------------------------------------------------------------------
-# Distributed: a process group only under torchrun / srun (RANK and WORLD_SIZE set).
+# --- Distributed: a process group only under torchrun / srun (RANK and WORLD_SIZE set) ---
 
 @dataclass
 class Dist:
     rank: int
     world: int
     device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+    main = property(lambda self: self.rank == 0)  # rank 0 alone prints and writes files
 
 
 def setup_distributed(device: str = "auto") -> Dist:
@@ -89,8 +84,7 @@ def setup_distributed(device: str = "auto") -> Dist:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(),
-                torch.device("cuda", local) if cuda else torch.device("cpu"))
+    return Dist(dist.get_rank(), dist.get_world_size(), torch.device("cuda", local) if cuda else torch.device("cpu"))
 
 
 def teardown_distributed():
@@ -115,46 +109,38 @@ def all_gather(x: torch.Tensor, grad: bool = False) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: `--data cluttered-digits` (SPEC §9) or a folder with train/ and val/ in ImageFolder layout.
+# --- Data: `--data cluttered-digits` (SPEC §9) or a folder with train/ and val/ (ImageFolder) ---
 
 class ClutteredDigits(Dataset):
     """Digit glyphs (sklearn's 8x8 digits) pasted on crops of sklearn's two sample photos.
 
-    Glyphs 0-1296 make the train split, 1297-1796 the val split, so no glyph is in both. Every
+    Glyphs 0-1296 make the train split, 1297-1796 the val split, so no glyph is in both. Each
     composite is drawn from a generator seeded by (seed, split, index): the set is a pure function
-    of its arguments. Images are 32x32 RGB; the label is the digit.
-    """
-
-    N_TRAIN_GLYPHS = 1297
+    of its arguments. Images are 32x32 RGB; the label is the digit."""
 
     def __init__(self, split="train", n=None, seed=0, size=32, transform=None):
         from sklearn.datasets import load_digits, load_sample_images
-        digits = load_digits()
-        lo, hi = (0, self.N_TRAIN_GLYPHS) if split == "train" else (self.N_TRAIN_GLYPHS, 1797)
-        glyphs, labels = digits.images[lo:hi] / 16.0, digits.target[lo:hi]
-        photos = load_sample_images().images
-        n = n or (4 if split == "train" else 2) * len(glyphs)
+        digits, photos = load_digits(), load_sample_images().images
+        lo, hi = (0, 1297) if split == "train" else (1297, 1797)
+        n = n or (4 if split == "train" else 2) * (hi - lo)
         self.transform, self.classes = transform, [str(d) for d in range(10)]
-        self.glyph_ids = np.arange(n) % len(glyphs) + lo  # each glyph used equally often
-        self.targets = [int(labels[g - lo]) for g in self.glyph_ids]
-        imgs = np.empty((n, size, size, 3), dtype=np.uint8)
-        for i in range(n):
+        self.glyph_ids = np.arange(n) % (hi - lo) + lo  # each glyph used equally often
+        self.targets = [int(digits.target[g]) for g in self.glyph_ids]
+        self.images = np.empty((n, size, size, 3), dtype=np.uint8)
+        for i, glyph in enumerate(self.glyph_ids):
             rng = np.random.default_rng([seed, int(split == "train"), i])
             photo = photos[rng.integers(len(photos))]
             crop = int(rng.integers(size, min(photo.shape[:2]) // 2))  # random scale of background
             y, x = rng.integers(photo.shape[0] - crop), rng.integers(photo.shape[1] - crop)
             bg = Image.fromarray(photo[y:y + crop, x:x + crop]).resize((size, size), Image.BILINEAR)
-            bg = np.asarray(bg, dtype=np.float64)
+            bg = np.asarray(bg, dtype=np.float64).copy()
             g = int(rng.integers(12, 21))  # glyph side in pixels
-            alpha = Image.fromarray(glyphs[self.glyph_ids[i] - lo].astype(np.float32))
-            alpha = np.clip(np.asarray(alpha.resize((g, g), Image.BILINEAR)), 0, 1)[..., None]
+            alpha = Image.fromarray((digits.images[glyph] / 16).astype(np.float32)).resize((g, g), Image.BILINEAR)
+            alpha = np.clip(np.asarray(alpha), 0, 1)[..., None]
             colour = rng.integers(0, 256, 3).astype(np.float64)
             gy, gx = rng.integers(0, size - g + 1, 2)
-            patch = bg[gy:gy + g, gx:gx + g]
-            bg[gy:gy + g, gx:gx + g] = patch * (1 - alpha) + colour * alpha
-            imgs[i] = np.round(bg).astype(np.uint8)
-        self.images = imgs
+            bg[gy:gy + g, gx:gx + g] = bg[gy:gy + g, gx:gx + g] * (1 - alpha) + colour * alpha
+            self.images[i] = np.round(bg).astype(np.uint8)
 
     def __len__(self):
         return len(self.images)
@@ -168,6 +154,7 @@ def build_dataset(data: str, split: str, transform=None) -> Dataset:
     """The `split` ('train' or 'val') of `--data`; the result has `.targets` and `.classes`."""
     if data == "cluttered-digits":
         return ClutteredDigits(split, transform=transform)
+    from torchvision import datasets  # here: torchvision's import costs seconds
     root = os.path.join(data, split)
     if not os.path.isdir(data):
         raise UserError(f"data folder {data!r} does not exist; give --data cluttered-digits "
@@ -184,84 +171,16 @@ def build_dataset(data: str, split: str, transform=None) -> Dataset:
 
 def eval_transform(img_size: int):
     """Resize the shorter side to img_size*256/224 (bicubic), centre crop, ImageNet mean/std."""
-    return transforms.Compose([
-        transforms.Resize(int(img_size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(img_size), transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    from torchvision import transforms as T
+    return T.Compose([T.Resize(int(img_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(img_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def loader_kwargs(device: torch.device, workers: int) -> dict:
-    return dict(num_workers=workers, pin_memory=device.type == "cuda",
-                persistent_workers=workers > 0)
+    return dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 
 
-# ---------------------------------------------------------------------------------------------
-# Features for the evaluation scripts.
-
-def pool(vit, tokens, feature: str):
-    """One block's tokens (B, 1+N, D) -> (B, D): cls, cls-norm (after the final norm) or mean."""
-    if feature == "cls":
-        return tokens[:, 0]
-    if feature == "cls-norm":
-        return vit.final_norm(tokens)[:, 0]
-    if feature == "mean":
-        return tokens[:, 1:].mean(1)
-    raise UserError(f"unknown --feature {feature!r}; use cls, cls-norm or mean")
-
-
-@torch.inference_mode()
-def extract_features(vit, dataset, blocks, feature="cls", batch_size=256, device="cpu",
-                     workers=0, desc="features"):
-    """{block: (N, D) float32 CPU} and labels (N,), rows in dataset order. Under torchrun each
-    rank embeds every world-th image (the list padded to a multiple of the world size) and the
-    shards are gathered back and interleaved."""
-    device = torch.device(device)
-    rank, world = (dist.get_rank(), world_size()) if world_size() > 1 else (0, 1)
-    n = len(dataset)
-    order = list(range(n)) + list(range(n))[: (-n) % world]  # pad so every rank has as many
-    shard = Subset(dataset, order[rank::world])
-    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, **loader_kwargs(device, workers))
-    vit = vit.to(device).eval()
-    feats = {b: [] for b in blocks}
-    labels = []
-    for x, y in tqdm(loader, desc=desc, disable=rank != 0, leave=False):
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            outs = vit.forward_blocks(x.to(device, non_blocking=True), blocks)
-        for b, t in zip(blocks, outs):
-            feats[b].append(pool(vit, t, feature).float())
-        labels.append(y.to(device))
-
-    def gather(parts):  # (n_shard, ...) per rank -> (n, ...) in dataset order
-        local = torch.cat(parts)
-        full = all_gather(local)  # (world * n_shard, ...), rank-major
-        full = full.reshape(world, -1, *local.shape[1:]).transpose(0, 1)  # (n_shard, world, ...)
-        return full.reshape(-1, *local.shape[1:])[:n].cpu()
-
-    return {b: gather(f) for b, f in feats.items()}, gather(labels)
-
-
-def parse_blocks(spec: str, depth: int) -> list:
-    """'last' | 'all' | '18,20,24' | '17-24' -> sorted block numbers within 1..depth."""
-    if spec == "last":
-        return [depth]
-    if spec == "all":
-        return list(range(1, depth + 1))
-    try:
-        out = set()
-        for part in spec.split(","):
-            lo, _, hi = part.partition("-")
-            out.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise UserError(f"cannot read --blocks {spec!r}; use last, all, a list 18,20,24 "
-                        f"or a range 17-24") from None
-    bad = [b for b in sorted(out) if not 1 <= b <= depth]
-    if bad:
-        raise UserError(f"--blocks {spec}: block {bad[0]} does not exist (the model has blocks 1..{depth})")
-    return sorted(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# Files.
+# --- Files ---
 
 def save_atomic(obj, path: str):
     """torch.save to a temporary file, then rename: a kill never leaves a torn checkpoint."""
@@ -280,18 +199,20 @@ def write_json(path: str, obj):
 
 
 def rng_state() -> dict:
-    """Every random generator a run draws from, as tensors and plain values."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
-             "numpy_pos": int(np.random.get_state()[2]), "python": list(random.getstate()[1])}
+    """Every random generator a run draws from, as tensors and plain values (weights_only-safe)."""
+    _, keys, pos, gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": (torch.from_numpy(keys.astype(np.int64)), pos, gauss, cached),
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict):
+    keys, pos, gauss, cached = state["numpy"]
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, gauss, cached))
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -300,3 +221,184 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# --- Evaluation stages: shared flags, features from a checkpoint or a feature file, the report ---
+
+@dataclass
+class FeatureSettings:
+    """The flags of every evaluation stage; each stage's Settings adds its own."""
+    ckpt: str = opt("checkpoints/mae_tiny_digits.pth", "encoder checkpoint, any layout of SPEC §3")
+    weights: str = opt("ema", "which encoder of a refine.py checkpoint: ema or online")
+    data: str = opt("cluttered-digits", "cluttered-digits, or a folder with train/ and val/ (ImageFolder)")
+    img_size: Optional[int] = opt(None, "input resolution (default: the checkpoint's)")
+    blocks: str = opt("last", "blocks to evaluate: last, all, a list 18,20,24 or a range 17-24")
+    concat: bool = opt(False, "evaluate the chosen blocks concatenated into one feature")
+    feature: str = opt("cls", "cls (block output, no final norm), cls-norm (after the final norm) "
+                              "or mean (of the patch tokens)")
+    batch_size: int = opt(256, "images per extraction batch, per process")
+    workers: int = opt(4, "data-loading processes per process")
+    device: str = opt("auto", "auto, cpu or cuda")
+    out: Optional[str] = opt(None, "also write the results as JSON to this file")
+    save_features: Optional[str] = opt(None, "save the extracted features to this file")
+    load_features: Optional[str] = opt(None, "read the features from this file (the model is not run)")
+
+
+def parse_ints(spec: str, flag: str) -> list:
+    """'10,20' -> [10, 20]; every value must be a positive integer."""
+    try:
+        vals = [int(v) for v in str(spec).split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if not vals or min(vals) < 1:
+        raise UserError(f"cannot use {flag} {spec!r}; give positive integers such as 10,20")
+    return vals
+
+
+def parse_blocks(spec: str, depth: int) -> list:
+    """'last' | 'all' | '18,20,24' | '17-24' -> sorted block numbers within 1..depth."""
+    if spec in ("last", "all"):
+        return [depth] if spec == "last" else list(range(1, depth + 1))
+    try:
+        out = sorted({b for part in spec.split(",") for lo, _, hi in [part.partition("-")]
+                      for b in range(int(lo), int(hi or lo) + 1)})
+    except ValueError:
+        raise UserError(f"cannot read --blocks {spec!r}; use last, all, a list 18,20,24 or a range 17-24") from None
+    bad = [b for b in out if not 1 <= b <= depth] or ([] if out else ["none"])
+    if bad:
+        raise UserError(f"--blocks {spec}: block {bad[0]} does not exist (the model has blocks 1..{depth})")
+    return out
+
+
+def load_model(cfg):
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch-size {cfg.batch_size}: give a positive number")
+    return load_encoder(cfg.ckpt, weights=cfg.weights, img_size=cfg.img_size)
+
+
+def pool(vit, tokens, feature: str):
+    """One block's tokens (B, 1+N, D) -> (B, D): cls, cls-norm (after the final norm) or mean."""
+    if feature == "mean":
+        return tokens[:, 1:].mean(1)
+    if feature not in ("cls", "cls-norm"):
+        raise UserError(f"unknown --feature {feature!r}; use cls, cls-norm or mean")
+    return (vit.final_norm(tokens) if feature == "cls-norm" else tokens)[:, 0]
+
+
+@torch.inference_mode()
+def extract_features(vit, dataset, blocks, feature="cls", batch_size=256, device="cpu",
+                     workers=0, desc="features"):
+    """{block: (N, D) float32 CPU} and labels (N,), rows in dataset order. Under torchrun each
+    rank embeds every world-th image (the list padded to a multiple of the world size) and the
+    shards are gathered back and interleaved."""
+    device, world = torch.device(device), world_size()
+    rank, n = (dist.get_rank() if world > 1 else 0), len(dataset)
+    order = list(range(n)) + list(range(n))[: (-n) % world]  # pad so every rank has as many
+    loader = DataLoader(Subset(dataset, order[rank::world]), batch_size=batch_size,
+                        **loader_kwargs(device, workers))
+    vit = vit.to(device).eval()
+    feats, labels = {b: [] for b in blocks}, []
+    for x, y in tqdm(loader, desc=desc, disable=rank != 0, leave=False):
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            outs = vit.forward_blocks(x.to(device, non_blocking=True), blocks)
+        for b, t in zip(blocks, outs):
+            feats[b].append(pool(vit, t, feature).float())
+        labels.append(y.to(device))
+
+    def gather(parts):  # (n_shard, ...) per rank -> (n, ...) in dataset order
+        local = torch.cat(parts)
+        full = all_gather(local).reshape(world, -1, *local.shape[1:])  # (world, n_shard, ...)
+        return full.transpose(0, 1).reshape(-1, *local.shape[1:])[:n].cpu()  # interleave ranks
+
+    return {b: gather(f) for b, f in feats.items()}, gather(labels).long()
+
+
+def get_features(cfg, d, splits=("train", "val"), keep_classes=None, vit=None) -> dict:
+    """The feature-file dict of `splits`, read from --load-features or extracted from --ckpt (and
+    then written to --save-features), with each `{split}_features` as {block: (N, D) float32}
+    for the --blocks asked (one concatenated entry under --concat); `blocks` lists the keys.
+    keep_classes: class names whose rows are kept (ImageNet subsets)."""
+    if cfg.load_features and cfg.save_features:
+        raise UserError("give either --load-features or --save-features, not both")
+    if cfg.load_features:
+        feats = read_feature_file(cfg.load_features, splits)
+        avail = list(feats[f"{splits[0]}_features"])
+        blocks = avail if cfg.blocks == "all" or len(avail) == 1 else parse_blocks(cfg.blocks, max(avail))
+        if any(b not in avail for b in blocks):
+            raise UserError(f"--blocks {cfg.blocks}: the feature file holds blocks {avail}; "
+                            f"extract the others again with --save-features")
+    else:
+        vit = vit or load_model(cfg)
+        blocks = parse_blocks(cfg.blocks, vit.depth)
+        feats = {"blocks": blocks, "feature": cfg.feature}
+        for split in splits:
+            ds = build_dataset(cfg.data, split, eval_transform(vit.img_size))
+            feats["classes"] = list(ds.classes)
+            if keep_classes:  # embed only the rows of the subset
+                ds = Subset(ds, [i for i, t in enumerate(ds.targets) if ds.classes[t] in keep_classes])
+            f, y = extract_features(vit, ds, blocks, cfg.feature, cfg.batch_size, d.device,
+                                    cfg.workers, desc=f"{split} features")
+            feats[f"{split}_features"], feats[f"{split}_labels"] = f, y
+        if cfg.save_features and d.main:
+            one = len(blocks) == 1  # one block: plain (N, D) tensors, as SPEC's file format
+            save_atomic({k: (v[blocks[0]] if one and k.endswith("_features") else v)
+                         for k, v in feats.items()}, cfg.save_features)
+    if keep_classes:
+        missing = [c for c in keep_classes if c not in feats.get("classes", [])]
+        if missing:
+            raise UserError(f"the data lacks the classes {missing[:5]} ({len(missing)} of {len(keep_classes)}); "
+                            f"the subset needs a folder (or a feature file) with all of them")
+        keep = torch.tensor([c in keep_classes for c in feats["classes"]])
+        for s in splits:  # rows of other classes (from a loaded file) dropped
+            rows = keep[feats[f"{s}_labels"]]
+            feats[f"{s}_features"] = {b: t[rows] for b, t in feats[f"{s}_features"].items()}
+            feats[f"{s}_labels"] = feats[f"{s}_labels"][rows]
+    for s in splits:
+        feats[f"{s}_features"] = select_blocks(feats[f"{s}_features"], blocks, cfg.concat)
+    feats["blocks"] = list(feats[f"{splits[0]}_features"])
+    return feats
+
+
+def select_blocks(f: dict, blocks: list, concat: bool) -> dict:
+    """{block: (N, D)} -> the chosen blocks as float32, or under --concat one entry
+    {'b1+b2+...': (N, D1 + D2 + ...)}."""
+    f = {b: f[b].float() for b in blocks}
+    if concat and len(blocks) > 1:
+        f = {"+".join(map(str, blocks)): torch.cat(list(f.values()), dim=1)}
+    return f
+
+
+def read_feature_file(path: str, splits) -> dict:
+    """A --save-features file -> the same dict with `{split}_features` always {block: tensor}."""
+    if not os.path.isfile(path):
+        raise UserError(f"feature file {path!r} does not exist; write one with --save-features")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises several types for a bad file
+        raise UserError(f"{path!r} is not a readable feature file ({type(e).__name__}); "
+                        f"write one with --save-features") from None
+    need = [f"{s}_{w}" for s in splits for w in ("features", "labels")]
+    if not isinstance(obj, dict) or any(k not in obj for k in need):
+        raise UserError(f"feature file {path!r} lacks some of {need}; write it with --save-features")
+    for s in splits:
+        f, y = obj[f"{s}_features"], obj[f"{s}_labels"]
+        f = {(obj.get("blocks") or ["file"])[0]: f} if torch.is_tensor(f) else f  # one block
+        if any(not torch.is_tensor(t) or t.dim() != 2 or len(t) != len(y) for t in f.values()):
+            raise UserError(f"feature file {path!r}: {s}_features must be (N, D) tensors with one "
+                            f"row per label; write it with --save-features")
+        obj[f"{s}_features"], obj[f"{s}_labels"] = f, y.long()
+    return obj
+
+
+def report(cfg, d, records: list, title: str) -> dict:
+    """Print the records as an aligned table and write --out (rank 0); returns the JSON dict."""
+    result = {"results": records, "settings": dataclasses.asdict(cfg)}
+    if d.main:
+        cols = list(dict.fromkeys(k for r in records for k in r))
+        cell = lambda v: "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+        rows = [cols] + [[cell(r.get(c)) for c in cols] for r in records]
+        width = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+        print(title, *("  ".join(v.rjust(w) for v, w in zip(row, width)) for row in rows), sep="\n")
+        if cfg.out:
+            write_json(cfg.out, result)
+    return result

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from common import cli, opt, setup_distributed
-from evalcommon_draft import FeatureSettings, get_features, parse_ints, report
+from common import FeatureSettings, get_features, parse_ints, report
 from model import UserError
 
 

@@ -28,7 +28,7 @@ from torchvision import transforms
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, cli, extract_features, opt,
                     parse_blocks, setup_distributed)
-from evalcommon_draft import FeatureSettings, get_features, load_model, parse_ints, report, select_blocks
+from common import FeatureSettings, get_features, load_model, parse_ints, report, select_blocks
 from model import UserError
 
 LR_GRID = "1e-4,2e-4,5e-4,1e-3,2e-3,5e-3,0.01,0.02,0.05,0.1,0.2,0.3,0.5"  # MIM-Refiner's grid
