@@ -52,8 +52,8 @@ def cli(main, cls):
     """Run main(settings) from the command line; user errors become one line on stderr, exit 2."""
     try:
         main(parse_settings(cls))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:  # from a data-loader worker the message comes wrapped: keep its last line
+        print("error:", str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1], file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit("interrupted")
@@ -159,14 +159,23 @@ def build_dataset(data: str, split: str, transform=None) -> Dataset:
     if not os.path.isdir(data):
         raise UserError(f"data folder {data!r} does not exist; give --data cluttered-digits "
                         f"or a folder with train/ and val/ in ImageFolder layout")
-    if not os.path.isdir(root):
-        raise UserError(f"{data!r} has no {split}/ folder; an ImageFolder data set needs "
-                        f"train/ and val/, each with one folder per class")
+    for s in ("train", "val"):  # both checked up front: fail before minutes of work, not after
+        if not os.path.isdir(os.path.join(data, s)):
+            raise UserError(f"{data!r} has no {s}/ folder; an ImageFolder data set needs "
+                            f"train/ and val/, each with one folder per class")
     try:
-        return datasets.ImageFolder(root, transform=transform)
+        return datasets.ImageFolder(root, transform=transform, loader=read_image)
     except (FileNotFoundError, RuntimeError) as e:  # e.g. an empty class folder
         raise UserError(f"cannot use {root!r}: {str(e).splitlines()[0]}; every class folder "
                         f"needs at least one image") from None
+
+
+def read_image(path: str) -> Image.Image:
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read image {path!r} ({type(e).__name__}); remove or replace the file") from None
 
 
 def eval_transform(img_size: int):

@@ -1,0 +1,72 @@
+"""Bad input: one line `error: ...` naming the problem and the fix, exit code 2, no traceback."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cluster
+import common
+import knn
+import model
+import probe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    vit = model.ViT(dim=32, depth=2, patch=4, img_size=32)
+    torch.save({"model": model.export_encoder(vit)}, d / "mae.pth")
+    torch.save({**model.export_encoder(vit), "fc.weight": torch.zeros(3)}, d / "other.pth")
+    (d / "notes.txt").write_text("not a checkpoint")
+    torch.save({"train_features": torch.zeros(2, 3)}, d / "feats.pt")
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (d / "ok" / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(d / "ok" / split / c / f"{i}.png")
+    (d / "noval" / "train" / "a").mkdir(parents=True)
+    (d / "empty" / "train" / "a").mkdir(parents=True)
+    (d / "empty" / "val" / "a").mkdir(parents=True)
+    (d / "ok" / "train" / "a" / "broken.png").write_bytes(b"\x89PNG not really")
+    return d
+
+
+CASES = [  # (script, flags, what the one line must say)
+    (knn, "--ckpt {d}/missing.pth", "does not exist"),
+    (knn, "--ckpt {d}/notes.txt", "not a readable weights-only checkpoint"),
+    (knn, "--ckpt {d}/other.pth", "unexpected keys ['fc.weight']"),
+    (knn, "--ckpt {d}/mae.pth --data {d}/nowhere", "data folder"),
+    (knn, "--ckpt {d}/mae.pth --data {d}/noval", "has no val/ folder"),
+    (probe, "--ckpt {d}/mae.pth --data {d}/empty", "needs at least one image"),
+    (knn, "--ckpt {d}/mae.pth --data {d}/ok --workers 0", "cannot read image"),
+    (knn, "--ckpt {d}/mae.pth --data {d}/ok --workers 1", "broken.png"),
+    (cluster, "--ckpt {d}/mae.pth --img-size 30", "not divisible by the patch size 4"),
+    (knn, "--ckpt {d}/mae.pth --blocks 3", "block 3 does not exist"),
+    (knn, "--ckpt {d}/mae.pth --k 0", "--k"),
+    (cluster, "--ckpt {d}/mae.pth --batch-size 0", "--batch-size 0"),
+    (probe, "--ckpt {d}/mae.pth --batch-size -4", "--batch-size -4"),
+    (knn, "--load-features {d}/feats.pt", "lacks"),
+]
+
+
+@pytest.mark.parametrize("script,flags,says", CASES)
+def test_bad_input_gives_one_line(script, flags, says, files, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [script.__name__] + flags.format(d=files).split())
+    with pytest.raises(SystemExit) as e:
+        common.cli(script.main, script.Settings)
+    err = capsys.readouterr().err.split("\r")[-1]  # after any progress bar
+    assert e.value.code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and says in err, err
+
+
+def test_real_command_line_has_no_traceback(files):
+    out = subprocess.run([sys.executable, "knn.py", "--ckpt", str(files / "other.pth")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: checkpoint") and "fc.weight" in out.stderr
