@@ -1,0 +1,450 @@
+"""Contrastive refinement of a masked-image-modeling ViT: MIM-Refiner and MAE-CT (SPEC §4-7).
+
+MIM-Refiner (Alkin et al. 2024, arXiv 2402.10093): a contrastive head on every block of the last
+third, nearest-neighbour alignment (NNA) over 2 global + local multi-crop views, whole encoder tuned.
+MAE-CT (Lehner et al. 2023, arXiv 2304.10520): one NNCLR head on the last block, crop & flip views,
+lower half of the encoder frozen, neighbours looked up with an EMA copy of the projector.
+One command runs both phases (SPEC §7): the heads warm up on the frozen encoder (top-1 neighbour),
+then encoder and heads train together (top-k); the queue carries over. The same command with the
+same --out resumes from OUT/last.pt. OUT/encoder.pth is the EMA encoder in MAE/timm layout (for
+knn.py, probe.py, cluster.py, timm). Settings left at 0, -1 or '' are set by the encoder's size:
+the papers' recipe for base/large/huge/2b, a small one (ours) otherwise; all printed at start.
+
+CPU, the embedded default (a few minutes on 2 cores; the loss falls, k-NN accuracy rises):
+    python refine.py --out runs/mim-refiner
+    torchrun --standalone --nproc_per_node=2 refine.py --method mae-ct --device cpu --out runs/mae-ct
+ImageNet on 8 GPUs (MAE ViT-L/16: k-NN 60.6 -> 81.5 with MIM-Refiner, -> 78.0 with MAE-CT):
+    torchrun --nproc_per_node=8 refine.py --ckpt mae_pretrain_vit_large.pth --data /imagenet --out runs/l16
+"""
+import copy
+import dataclasses
+import gc
+import itertools
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+
+from PIL import ImageFilter
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision import transforms as T
+from tqdm import tqdm
+
+import common
+import model
+from common import opt
+from model import UserError
+
+
+@dataclass
+class Settings:
+    ckpt: str = opt("checkpoints/mae_tiny_digits.pth", "pre-trained encoder, any layout load_encoder reads")
+    data: str = opt("cluttered-digits", "cluttered-digits or an ImageFolder root with train/")
+    out: str = opt("runs/refine", "output folder: last.pt (resumable), encoder.pth, log.jsonl")
+    method: str = opt("mim-refiner", "mim-refiner or mae-ct")
+    views: str = opt("", "multicrop (2 global + local crops, BYOL) or crop-flip; '' = by method")
+    local_crops: int = opt(-1, "local crops of multicrop; -1 = by scale (10, small 2)")
+    global_size: int = opt(0, "global crop side in px; 0 = the encoder's native image size")
+    local_size: int = opt(0, "local crop side; 0 = 96/224 of the global side, a multiple of the patch")
+    heads: str = opt("", "blocks with a head, e.g. 17-24 or 18,20,24; '' = by depth (SPEC §7)")
+    feature: str = opt("cls", "what the heads read: cls (CLS token) or mean (of the patch tokens)")
+    freeze_blocks: int = opt(-1, "lower blocks (+ stem) frozen in phase 2; -1 = by method (MAE-CT half)")
+    head_epochs: int = opt(-1, "phase 1: heads on the frozen encoder; 0 skips; -1 = by scale (20, small 1)")
+    epochs: int = opt(-1, "phase 2: encoder and heads; -1 = by scale (30/30/20 L/H/2b; MAE-CT 20/30 L/H)")
+    batch_size: int = opt(0, "images per process; 0 = the recipe's global batch (1024, huge 512) / world")
+    lr: float = opt(0.0, "phase 2 lr per 256 images (MAE-CT: 128); 0 = by method (4e-4, MAE-CT 1e-4)")
+    head_lr: float = opt(0.0, "phase 1 lr per 256 images (MAE-CT: 128); 0 = by method (2e-4, MAE-CT 1e-4)")
+    min_lr: float = opt(1e-6, "end of the cosine schedule")
+    warmup: float = opt(-1.0, "warm-up per phase: >= 1 epochs, < 1 a fraction; -1 = by scale (4, MAE-CT 0.2)")
+    weight_decay: float = opt(0.05, "AdamW weight decay of the encoder")
+    head_weight_decay: float = opt(1e-5, "AdamW weight decay of the heads")
+    layer_decay: float = opt(0.65, "layer-wise lr decay: block j of the encoder gets decay^(depth+1-j)")
+    temperature: float = opt(0.0, "phase 2 tau; 0 = by scale (.2/.3/.35 L/H/2b, MAE-CT .15/.2/.3 B/L/H)")
+    head_temperature: float = opt(0.0, "phase 1 tau; 0 = by method (MAE-CT 0.15, else the phase 2 tau)")
+    topk: int = opt(20, "phase 2 picks the neighbour uniformly among the top-k (phase 1: top-1)")
+    queue_size: int = opt(0, "queue entries; 0 = by scale (65536, small 1024; at most half the train set)")
+    proj_hidden: int = opt(0, "projector hidden width; 0 = by scale (2048, small 512)")
+    proj_dim: int = opt(0, "projection width; 0 = by scale (256, small 128)")
+    pred_hidden: int = opt(0, "predictor hidden width; 0 = by scale (4096, small 1024)")
+    ema_momentum: float = opt(-1.0, "EMA encoder momentum per step; -1 = by scale (0.9999, small 0.99)")
+    target_momentum: float = opt(-1.0, "MAE-CT's EMA projector momentum; -1 = by scale (0.99, huge 0.995)")
+    workers: int = opt(-1, "data loader processes per rank; -1 = 10 on CUDA, 0 on CPU")
+    max_steps: int = opt(0, "stop after N optimizer steps in all (saves as at the end); 0 = run all")
+    limit_train: int = opt(0, "use only the first N training images (smoke runs, tests); 0 = all")
+    save_every: int = opt(500, "write OUT/last.pt every N steps (and at the end)")
+    log_every: int = opt(10, "append a line to OUT/log.jsonl every N steps")
+    seed: int = opt(0, "seed of initialisation, data order, augmentation and neighbour picks")
+    device: str = opt("auto", "auto, cpu or cuda")
+    compile: bool = opt(False, "torch.compile the model")
+    grad_checkpointing: bool = opt(False, "recompute block activations in the backward pass (less memory)")
+
+
+# SPEC §6-7 by (encoder size, method): global batch, phase 2 epochs, temperature. The size is read
+# from the encoder's width and depth; every other encoder gets the "small" recipe (ours, for CPUs).
+RECIPES = {
+    ("base", "mim-refiner"): (1024, 30, 0.2),  # no ViT-B in the paper: the large recipe (our choice)
+    ("large", "mim-refiner"): (1024, 30, 0.2), ("huge", "mim-refiner"): (512, 30, 0.3),
+    ("2b", "mim-refiner"): (512, 20, 0.35), ("small", "mim-refiner"): (128, 4, 0.2),
+    ("base", "mae-ct"): (1024, 20, 0.15), ("large", "mae-ct"): (1024, 20, 0.2),
+    ("huge", "mae-ct"): (512, 30, 0.3), ("small", "mae-ct"): (128, 4, 0.15),
+    ("2b", "mae-ct"): (512, 30, 0.35),  # no 2b in MAE-CT: huge's epochs, MIM-Refiner's tau (ours)
+}
+# Settings a resumed run may change without changing the result.
+FREE_ON_RESUME = {"ckpt", "out", "max_steps", "save_every", "log_every", "device", "workers",
+                  "compile", "grad_checkpointing"}
+
+
+def scale_of(vit) -> str:
+    sizes = {model.SIZES[n][:2]: n for n in ("base", "large", "huge", "2b")}
+    return sizes.get((vit.dim, vit.depth), "small")
+
+
+def head_blocks(method: str, dim: int, depth: int) -> list:
+    """SPEC §7: MAE-CT one head on the last block; MIM-Refiner one per block of the last third
+    (ViT-H/14: 21-32, twelve heads as in the paper; otherwise the last ceil(depth / 3))."""
+    if method == "mae-ct":
+        return [depth]
+    first = 21 if (dim, depth) == model.SIZES["huge"][:2] else depth - math.ceil(depth / 3) + 1
+    return list(range(first, depth + 1))
+
+
+def recipe(cfg: Settings, vit, world: int, n_train: int) -> dict:
+    """The 'by scale' value of every setting that has one (SPEC §6-7; ours for small encoders)."""
+    scale, mim = scale_of(vit), cfg.method == "mim-refiner"
+    big = scale != "small"
+    batch, epochs, tau = RECIPES[scale, cfg.method]
+    gb = (cfg.batch_size or max(1, batch // world)) * world
+    g = cfg.global_size or vit.img_size
+    return dict(
+        views="multicrop" if mim else "crop-flip", local_crops=10 if big else 2, global_size=g,
+        local_size=vit.patch * math.ceil(g * 96 / 224 / vit.patch),  # 96 px at 224, 98 for patch 14
+        heads=",".join(map(str, head_blocks(cfg.method, vit.dim, vit.depth))),
+        freeze_blocks=vit.depth // 2 if not mim else 6 if scale == "2b" else 0,
+        head_epochs=20 if big else 1, epochs=20 if mim and big and vit.post_norm else epochs,  # data2vec 2
+        batch_size=gb // world, lr=4e-4 if mim else 1e-4, head_lr=2e-4 if mim else 1e-4,
+        warmup=4.0 if mim and big else 0.2, temperature=tau, head_temperature=tau if mim else 0.15,
+        # whole global batches, at least top-k entries, at most half the train set
+        queue_size=min(65536 if big else 1024, max(gb * math.ceil(cfg.topk / gb), n_train // 2 // gb * gb)),
+        proj_hidden=2048 if big else 512, proj_dim=256 if big else 128, pred_hidden=4096 if big else 1024,
+        ema_momentum=0.9999 if big else 0.99, target_momentum=0.995 if scale == "huge" else 0.99,
+        workers=10 if cfg.device != "cpu" and torch.cuda.is_available() else 0)
+
+
+def resolve(cfg: Settings, vit, world: int, n_train: int) -> Settings:
+    """Settings left at their 'by scale' default take the recipe's value; then checks."""
+    for name, allowed in (("method", ("mim-refiner", "mae-ct")), ("views", ("", "multicrop", "crop-flip")),
+                          ("feature", ("cls", "mean"))):
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"unknown --{name} {getattr(cfg, name)!r}; use one of {allowed[-2:]}")
+    default = {f.name: f.default for f in dataclasses.fields(Settings)}
+    r = dataclasses.replace(cfg, **{k: v for k, v in recipe(cfg, vit, world, n_train).items()
+                                    if getattr(cfg, k) == default[k]})
+    r.local_crops = r.local_crops if r.views == "multicrop" else 0
+    r.heads = ",".join(map(str, common.parse_blocks(r.heads, vit.depth)))
+    if r.method == "mae-ct" and r.local_crops:
+        raise UserError("MAE-CT's loss pairs exactly two views; use --views crop-flip or --local-crops 0")
+    if n_train < (gb := r.batch_size * world):
+        raise UserError(f"the global batch ({gb}) is larger than the data set ({n_train} images); "
+                        f"lower --batch-size or raise --limit-train")
+    if not 1 <= r.topk <= r.queue_size < n_train:
+        raise UserError(f"need 1 <= --topk ({r.topk}) <= --queue-size ({r.queue_size}) < the train set "
+                        f"({n_train} images); lower --queue-size or --topk")
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: the views of image i in epoch e are a pure function of (seed, e, i).
+
+def blur(img, lo: float, hi: float):
+    """Gaussian blur, sigma uniform in (lo, hi); PIL's, as torchvision's takes ~50 ms per 32 px image."""
+    return img.filter(ImageFilter.GaussianBlur(float(torch.empty(1).uniform_(lo, hi))))
+
+
+def make_views(cfg) -> list:
+    """Transforms, global views first (SPEC §7): crop-flip (MAE-CT) or BYOL multicrop (MIM-Refiner:
+    blur p 1.0 / 0.1 / 0.5 on global 1 / global 2 / local, solarize on global 2)."""
+    bicubic, norm = T.InterpolationMode.BICUBIC, T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)
+    if cfg.views == "crop-flip":
+        v = T.Compose([T.RandomResizedCrop(cfg.global_size, (0.08, 1.0), interpolation=bicubic),
+                       T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        return [v, v]
+
+    def byol(size, scale, blur_p, solarize_p):
+        s = size / 224  # blur sigma 0.1-2.0 at 224 px, scaled with the side
+        return T.Compose([
+            T.RandomResizedCrop(size, scale, interpolation=bicubic), T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2),
+            T.RandomApply([T.Lambda(partial(blur, lo=0.1 * s, hi=2.0 * s))], p=blur_p),
+            T.RandomSolarize(128, p=solarize_p), T.ToTensor(), norm])
+
+    g, loc = (0.25, 1.0), (0.05, 0.25)  # crop scales of the global and the local views
+    return ([byol(cfg.global_size, g, 1.0, 0.0), byol(cfg.global_size, g, 0.1, 0.2)]
+            + [byol(cfg.local_size, loc, 0.5, 0.0)] * cfg.local_crops)
+
+
+class Views(Dataset):
+    """(list of views, dataset index). The augmentations draw from torch's CPU generator seeded by
+    (seed, epoch, index), so the data do not depend on workers, world size or resuming."""
+
+    def __init__(self, data, views, seed: int):
+        self.data, self.views, self.seed, self.epoch = data, views, seed, 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        img = self.data[i][0].convert("RGB")
+        with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
+            torch.default_generator.manual_seed((self.seed * 100_000 + self.epoch) * 10**8 + i)
+            return [t(img) for t in self.views], i
+
+
+def train_set(cfg):
+    if cfg.data == "cluttered-digits" and cfg.limit_train:  # drawn per index: the same first N, faster
+        return common.ClutteredDigits("train", n=cfg.limit_train)
+    ds = common.build_dataset(cfg.data, "train")
+    return Subset(ds, range(min(cfg.limit_train, len(ds)))) if cfg.limit_train else ds
+
+
+def epoch_loader(data: Views, cfg, d, epoch: int, skip: int):
+    """This rank's batches of one epoch, in an order set by (seed, epoch); a resumed run leaves out
+    the `skip` batches it already trained on, without loading them."""
+    sampler = DistributedSampler(data, d.world, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    order = list(sampler)[skip * cfg.batch_size:]  # this rank's indices, (N // W - skip * B,)
+    data.epoch = epoch  # the workers start afresh every epoch and see it
+    kw = {**common.loader_kwargs(d.device, cfg.workers), "persistent_workers": False}
+    return DataLoader(data, cfg.batch_size, sampler=order, drop_last=True, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, optimiser, objectives.
+
+class Refiner(nn.Module):
+    """What trains, one module for DDP: the encoder and one contrastive head per chosen block."""
+
+    def __init__(self, vit, blocks, feature: str, **head_kwargs):
+        super().__init__()
+        self.vit, self.blocks, self.feature = vit, blocks, feature
+        self.heads = nn.ModuleDict({str(b): model.ContrastiveHead(vit.dim, **head_kwargs) for b in blocks})
+
+    def forward(self, views):
+        """Views [(B, C, H, W)], global first -> features {block: (V*B, D)}, {block: (z, p)} each
+        (V*B, d), views in order. Views of one resolution run together (local: interpolated positions)."""
+        h = {b: [] for b in self.blocks}
+        for _, same in itertools.groupby(views, key=lambda v: v.shape):
+            x = torch.cat(list(same))  # (n*B, C, H, W)
+            for b, t in zip(self.blocks, self.vit.forward_blocks(x, self.blocks)):  # t (n*B, 1+N, D)
+                if b == self.vit.depth:  # the last block's head reads the final-normed output
+                    t = self.vit.final_norm(t)
+                h[b].append(t[:, 0] if self.feature == "cls" else t[:, 1:].mean(1))  # (n*B, D)
+        h = {b: torch.cat(f) for b, f in h.items()}
+        return h, {b: self.heads[str(b)](h[b]) for b in self.blocks}
+
+
+def set_trainable(refiner: Refiner, phase: int, freeze_blocks: int):
+    """Phase 0 (warm-up): heads only. Phase 1: the encoder too, but not the frozen lower blocks
+    (nor the stem if any), nor what no head reads (blocks past the last head, the final norm unless
+    the last block has a head): DDP without find_unused_parameters needs a gradient for each."""
+    vit, last = refiner.vit, max(refiner.blocks)
+    for name, p in vit.named_parameters():
+        if name.startswith("blocks."):
+            train = freeze_blocks < int(name.split(".")[1]) + 1 <= last
+        elif name.startswith("norm."):
+            train = last == vit.depth
+        else:  # the stem: patch embedding, CLS token, post-norm embedding norm
+            train = freeze_blocks == 0
+        p.requires_grad_(phase == 1 and train)
+
+
+def lr_scale(name: str, depth: int, decay: float) -> float:
+    """Layer-wise lr decay (SPEC §7): block j (1..depth) decay^(depth+1-j), the stem (patch
+    embedding, CLS, embedding norm) decay^(depth+1), final norm and heads 1. Names as in Refiner."""
+    if name.startswith("vit.blocks."):
+        return decay ** (depth - int(name.split(".")[2]))  # the stored index is j - 1
+    if name.startswith(("vit.patch_embed.", "vit.cls_token", "vit.embed_norm.")):
+        return decay ** (depth + 1)
+    return 1.0
+
+
+def param_groups(refiner: Refiner, cfg) -> list:
+    """AdamW groups by (lr scale, weight decay) of what trains now; no decay on biases, norms,
+    other 1-D parameters and the CLS token."""
+    groups = {}
+    for name, p in refiner.named_parameters():
+        if p.requires_grad:
+            wd = cfg.head_weight_decay if name.startswith("heads.") else cfg.weight_decay
+            wd = 0.0 if p.ndim <= 1 or name.endswith("cls_token") else wd
+            scale = lr_scale(name, refiner.vit.depth, cfg.layer_decay)
+            group = groups.setdefault((scale, wd), dict(params=[], lr_scale=scale, weight_decay=wd))
+            group["params"].append(p)
+    return list(groups.values())
+
+
+def lr_at(step: int, steps: int, warmup: int, peak: float, floor: float) -> float:
+    """Linear warm-up to `peak`, then half a cosine down to `floor`, per step (SPEC §7)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def mim_refiner_loss(z, nns, p_all, tau: float, offset: int):
+    """MIM-Refiner objective (SPEC §6): NNA for every pair (anchor = global view i, prediction =
+    view v), v != i, over all 2 + V views; the mean of the 2 * (1 + V) terms. z, nns: this rank's
+    projections and neighbours per view [(B, d)]; p_all: each view's predictions of all ranks [(W*B, d)]."""
+    terms = [model.nna_loss(z[i], nns[i], p_all[v], tau, offset)
+             for i in range(2) for v in range(len(p_all)) if v != i]
+    return sum(terms) / len(terms)
+
+
+def mae_ct_loss(nns, p_all, tau: float, offset: int):
+    """MAE-CT objective (SPEC §6): NNCLR of the two views, in both directions, averaged."""
+    return sum(model.nnclr_loss(nns[i], p_all[1 - i], tau, offset) for i in range(2)) / 2
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, online: nn.Module, momentum: float):
+    for e, o in zip(ema.parameters(), online.parameters()):
+        e.lerp_(o.detach(), 1 - momentum)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(cfg: Settings) -> dict:
+    d = common.setup_distributed(cfg.device)
+    common.seed_everything(cfg.seed)  # the same heads and queues on every rank
+    last = os.path.join(cfg.out, "last.pt")
+    ck = model.read_checkpoint(last) if os.path.isfile(last) else None
+    vit = (model.ViT(**ck["arch"], grad_checkpointing=cfg.grad_checkpointing) if ck
+           else model.load_encoder(cfg.ckpt, grad_checkpointing=cfg.grad_checkpointing))
+    data = train_set(cfg)
+    cfg = resolve(cfg, vit, d.world, len(data))
+    gb, mim = cfg.batch_size * d.world, cfg.method == "mim-refiner"
+    blocks = [int(b) for b in cfg.heads.split(",")]
+    if ck:
+        old = dict(ck["settings"], batch_size=ck["global_batch"] // d.world)
+        diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+                if k not in FREE_ON_RESUME and old.get(k) != v]
+        if diff:
+            raise UserError(f"{last} was written with other settings ({'; '.join(diff[:3])}); "
+                            f"rerun with the same flags or give a new --out")
+    data = Views(data, make_views(cfg), cfg.seed)
+    refiner = Refiner(vit, blocks, cfg.feature, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
+                      pred_hidden=cfg.pred_hidden, act="gelu" if mim else "relu", predictor_bn=mim)
+    queues = nn.ModuleDict({str(b): model.NNQueue(cfg.queue_size, cfg.proj_dim) for b in blocks})
+    # MAE-CT looks up and enqueues with an EMA copy of the projector in phase 2 (SPEC §5)
+    targets = nn.ModuleDict({} if mim else {b: copy.deepcopy(h.projector) for b, h in refiner.heads.items()})
+    ema = copy.deepcopy(vit).requires_grad_(False)
+    parts = dict(encoder=vit, ema=ema, heads=refiner.heads, queues=queues, targets=targets)  # in last.pt
+    for key, part in parts.items():
+        if ck:
+            model.load_state_dict_strict(part, ck[key], f"{last} ({key})")
+        part.to(d.device)
+    step = ck["step"] if ck else 0
+    if ck:  # (the run draws on its own generators; restored for whatever else may draw)
+        common.set_rng_state(ck["rng"])
+
+    spe = len(DistributedSampler(data, d.world, d.rank, drop_last=True)) // cfg.batch_size  # steps/epoch
+    mult = gb / 256 * (1 if mim else 2)  # the lr scales with the batch; MAE-CT counts both views
+    p1, total = cfg.head_epochs * spe, (cfg.head_epochs + cfg.epochs) * spe
+    # per phase: first step, steps, peak lr, temperature, top-k, epochs
+    phases = [(0, p1, cfg.head_lr * mult, cfg.head_temperature, 1, cfg.head_epochs),
+              (p1, total - p1, cfg.lr * mult, cfg.temperature, cfg.topk, cfg.epochs)]
+    stop = min(total, cfg.max_steps or total)
+    if d.main:
+        print(f"refine.py: {cfg.method} on {cfg.data} ({len(data)} images), {scale_of(vit)} encoder "
+              f"{vit.arch()}, world {d.world} x {d.device}, torch {torch.__version__}\n"
+              f"heads on blocks {blocks}; views 2x{cfg.global_size} + {cfg.local_crops}x{cfg.local_size} px; "
+              f"global batch {gb}; lr {phases[0][2]:.3g} / {phases[1][2]:.3g} for {cfg.head_epochs} + "
+              f"{cfg.epochs} epochs of {spe} steps" + (f"; resuming at step {step}" if ck else "")
+              + "\nsettings: " + json.dumps(dataclasses.asdict(cfg)))
+        os.makedirs(cfg.out, exist_ok=True)
+
+    def save(phase, optim):
+        common.save_atomic({**{k: m.state_dict() for k, m in parts.items()}, "arch": vit.arch(),
+                            "optimizer": optim.state_dict(), "phase": phase, "step": step,
+                            "global_batch": gb, "settings": dataclasses.asdict(cfg),
+                            "rng": common.rng_state()}, last)
+
+    gen = torch.Generator(device=d.device)  # neighbour picks, reseeded from (seed, step, rank)
+    autocast = torch.autocast(d.device.type, torch.bfloat16, enabled=d.device.type == "cuda")
+    bar = tqdm(total=stop, initial=step, disable=not d.main, desc=cfg.method, dynamic_ncols=True)
+    phase, net, loss_value, t0, step0 = None, None, float("nan"), time.perf_counter(), step
+    while step < stop:
+        epoch = step // spe
+        if phase != int(epoch >= cfg.head_epochs):  # a phase starts (or resumes)
+            phase = int(epoch >= cfg.head_epochs)
+            first, steps, peak, tau, k, ep = phases[phase]
+            warm = min(steps, round((cfg.warmup if cfg.warmup >= 1 else cfg.warmup * ep) * spe))
+            set_trainable(refiner, phase, cfg.freeze_blocks)
+            net = None
+            gc.collect()  # the last phase's DDP wrapper drops its gradient hooks
+            net = refiner if d.world == 1 else DDP(  # rebuilt per phase: what trains changes
+                refiner, [d.device] if d.device.type == "cuda" else None)
+            net = torch.compile(net) if cfg.compile else net
+            optim = torch.optim.AdamW(param_groups(refiner, cfg), lr=peak, betas=(0.9, 0.95))
+            if ck and ck["phase"] == phase:  # resuming inside this phase
+                optim.load_state_dict(ck["optimizer"])
+            ck = None
+        for views, idx in epoch_loader(data, cfg, d, epoch, step - epoch * spe):
+            lr = lr_at(step - first, steps, warm, peak, cfg.min_lr)
+            for g in optim.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            views, idx = [v.to(d.device, non_blocking=True) for v in views], idx.to(d.device)
+            gen.manual_seed((cfg.seed * 10**9 + step) * 10**4 + d.rank)
+            loss, offset, first_view = 0.0, d.rank * cfg.batch_size, {}  # row j's positive: offset + j
+            with autocast:
+                h, zp = net(views)  # h {block: (V*B, D)}, zp {block: (z, p)} each (V*B, d)
+                for b in blocks:
+                    z, p = zp[b]
+                    if not mim and phase == 1:  # MAE-CT's refinement: the EMA projector's projections
+                        with torch.no_grad():
+                            z = targets[str(b)](h[b].detach())
+                    z = z.detach().float().chunk(len(views))  # per view (B, d)
+                    p_all = [common.all_gather(pv, grad=True) for pv in p.chunk(len(views))]  # [(W*B, d)]
+                    nns = [queues[str(b)].lookup(z[i], idx, k, gen) for i in range(2)]  # (B, d) each
+                    loss = loss + (mim_refiner_loss(z, nns, p_all, tau, offset) if mim
+                                   else mae_ct_loss(nns, p_all, tau, offset))  # heads summed
+                    first_view[b] = z[0]  # what the queue gets
+            loss_value = common.all_gather(loss.detach()[None]).mean().item()  # the same on every rank
+            if not math.isfinite(loss_value):
+                raise UserError(f"the loss became non-finite at step {step + 1}; {last} keeps the last "
+                                f"good checkpoint; lower --lr or raise --temperature")
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            for b in blocks:  # every rank's first global view, (W*B, d), and its indices, (W*B,)
+                queues[str(b)].enqueue(common.all_gather(first_view[b]), common.all_gather(idx))
+            if phase == 1:  # the warm-up leaves the encoder untouched, so its EMA stays equal
+                ema_update(ema, vit, cfg.ema_momentum)
+            for b in targets:
+                ema_update(targets[b], refiner.heads[b].projector, cfg.target_momentum)
+            step += 1
+            ips = gb * (step - step0) / (time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+            if d.main and (step % cfg.log_every == 0 or step == stop):
+                with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(dict(step=step, loss=loss_value, lr=lr, images_per_s=ips,
+                                            phase=phase + 1, epoch=epoch)) + "\n")
+            if d.main and (step % cfg.save_every == 0 or step == stop):
+                save(phase, optim)
+            if step >= stop:
+                break
+    bar.close()
+    out = os.path.join(cfg.out, "encoder.pth")
+    if d.main:
+        common.save_atomic(model.export_encoder(ema), out)
+        print(f"step {step}/{total}: loss {loss_value:.4f}; EMA encoder -> {out}")
+    return dict(step=step, loss=loss_value, encoder=out, global_batch=gb, settings=dataclasses.asdict(cfg))
+
+
+if __name__ == "__main__":
+    common.cli(main, Settings)

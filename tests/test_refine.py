@@ -1,0 +1,231 @@
+"""refine.py: recipe resolution, lr multipliers, views, losses, both phases, resume, DDP (SPEC §4-7, 10-11)."""
+import json
+import os
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import model
+import refine
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP threads that wait
+    # for each other make every step many times slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """An MAE-layout checkpoint of a tiny encoder (what pretrain.py writes, decoder left out)."""
+    torch.manual_seed(0)
+    vit = model.ViT(dim=32, depth=4, patch=4, img_size=32)
+    path = str(tmp_path_factory.mktemp("ckpt") / "tiny.pth")
+    torch.save({"model": model.export_encoder(vit)}, path)
+    return path
+
+
+def settings(ckpt, out, **kw):
+    base = dict(ckpt=ckpt, out=str(out), limit_train=32, batch_size=8, proj_hidden=32, proj_dim=16,
+                pred_hidden=32, local_crops=1, log_every=1, device="cpu", workers=0)
+    return refine.Settings(**{**base, **kw})
+
+
+def losses(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def load(out):
+    return torch.load(os.path.join(out, "last.pt"), weights_only=True)
+
+
+def test_head_placement_by_depth():
+    span = lambda a, b: list(range(a, b + 1))  # noqa: E731
+    assert refine.head_blocks("mim-refiner", 1024, 24) == span(17, 24)  # ViT-L/16
+    assert refine.head_blocks("mim-refiner", 1280, 32) == span(21, 32)  # ViT-H/14: 12 heads
+    assert refine.head_blocks("mim-refiner", 2560, 24) == span(17, 24)  # 2B
+    assert refine.head_blocks("mim-refiner", 32, 4) == [3, 4]
+    assert refine.head_blocks("mim-refiner", 192, 12) == span(9, 12)
+    assert refine.head_blocks("mae-ct", 1024, 24) == [24]
+    vit = model.ViT(dim=32, depth=4, patch=4, img_size=32)
+    cfg = refine.resolve(refine.Settings(heads="2-3", batch_size=4), vit, 1, 100)
+    assert cfg.heads == "2,3"
+
+
+def test_recipe_by_scale():
+    large = SimpleNamespace(dim=1024, depth=24, patch=16, img_size=224, post_norm=False)  # ViT-L/16
+    cfg = refine.resolve(refine.Settings(), large, 8, 1_281_167)
+    assert (cfg.batch_size * 8, cfg.epochs, cfg.head_epochs, cfg.temperature) == (1024, 30, 20, 0.2)
+    assert (cfg.local_crops, cfg.global_size, cfg.local_size, cfg.queue_size) == (10, 224, 96, 65536)
+    assert (cfg.heads, cfg.ema_momentum, cfg.warmup) == (",".join(map(str, range(17, 25))), 0.9999, 4.0)
+    cfg = refine.resolve(refine.Settings(method="mae-ct"), large, 8, 1_281_167)
+    assert (cfg.views, cfg.local_crops, cfg.freeze_blocks, cfg.heads, cfg.epochs) == ("crop-flip", 0, 12, "24", 20)
+    assert (cfg.temperature, cfg.head_temperature, cfg.warmup) == (0.2, 0.15, 0.2)
+
+
+def test_lr_multipliers_and_weight_decay_follow_spec():
+    for post_norm in (False, True):
+        vit = model.ViT(dim=32, depth=4, patch=4, img_size=32, post_norm=post_norm)
+        net = refine.Refiner(vit, [3, 4], "cls", proj_hidden=16, proj_dim=8, pred_hidden=16)
+        cfg = refine.Settings()
+        name_of = {id(p): n for n, p in net.named_parameters()}
+        seen = {name_of[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in refine.param_groups(net, cfg)
+                for p in g["params"]}
+        assert len(seen) == sum(len(g["params"]) for g in refine.param_groups(net, cfg)) == len(name_of)
+        for name, p in net.named_parameters():
+            m = re.match(r"vit\.blocks\.(\d+)\.", name)
+            if m:
+                want = 0.65 ** (4 + 1 - (int(m.group(1)) + 1))  # block j gets 0.65^(depth+1-j)
+            elif name.split(".")[1] in ("patch_embed", "cls_token", "embed_norm"):
+                want = 0.65 ** (4 + 1)
+            else:
+                assert name.startswith(("heads.", "vit.norm.")), name
+                want = 1.0
+            wd = 0.0 if p.ndim == 1 or "cls_token" in name else 1e-5 if name.startswith("heads.") else 0.05
+            assert seen[name] == (pytest.approx(want), wd), name
+
+
+def test_lr_schedule_warms_up_then_cosine():
+    lrs = [refine.lr_at(s, 10, 2, 1.0, 0.0) for s in range(10)]
+    assert lrs[:3] == [0.5, 1.0, 1.0]
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] == pytest.approx(0.0381, abs=1e-3)
+
+
+def test_views_are_a_function_of_seed_epoch_index():
+    cfg = refine.resolve(refine.Settings(batch_size=4), model.ViT(dim=32, depth=4, patch=4, img_size=32), 1, 100)
+    data = refine.Views(refine.train_set(refine.Settings(limit_train=8)), refine.make_views(cfg), 0)
+    views, i = data[3]
+    assert i == 3 and [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
+    torch.manual_seed(123)
+    again = data[3][0]
+    assert all(torch.equal(a, b) for a, b in zip(views, again))
+    data.epoch = 1
+    assert not torch.equal(views[0], data[3][0][0])
+
+
+def test_mim_refiner_pairs_every_global_anchor_with_every_other_view(monkeypatch):
+    pairs = []
+    monkeypatch.setattr(model, "nna_loss", lambda z, nn_z, p, tau, offset: pairs.append((z, p)) or torch.tensor(1.0))
+    z, p = [torch.randn(2, 4) for _ in range(2)], [torch.randn(2, 4) for _ in range(5)]
+    refine.mim_refiner_loss(z, z, p, 0.2, 0)
+    got = sorted((next(i for i in range(2) if a is z[i]), next(v for v in range(5) if b is p[v])) for a, b in pairs)
+    assert got == [(i, v) for i in range(2) for v in range(5) if v != i]  # 2 * (1 + 3) terms
+
+
+def test_mae_ct_phases_freezing_and_resume(tiny_ckpt, tmp_path):
+    original = torch.load(tiny_ckpt, weights_only=True)["model"]
+    kw = dict(method="mae-ct", head_epochs=1, epochs=1, head_lr=0.05, lr=0.05, save_every=100)
+    a, b = tmp_path / "a", tmp_path / "b"
+    refine.main(settings(tiny_ckpt, a, max_steps=4, **kw))  # the whole head warm-up (4 steps/epoch)
+    ck = load(a)
+    for key in ("encoder", "ema"):  # the encoder is frozen while the heads warm up
+        assert all(torch.equal(v, original[k]) for k, v in ck[key].items())
+    assert ck["step"] == 4 and ck["phase"] == 0
+    refine.main(settings(tiny_ckpt, a, max_steps=6, **kw))  # stops inside an epoch
+    refine.main(settings(tiny_ckpt, a, max_steps=8, **kw))  # resumes inside it
+    refine.main(settings(tiny_ckpt, b, max_steps=8, **kw))  # uninterrupted
+    ca, cb = load(a), load(b)
+    assert ca["step"] == cb["step"] == 8 and losses(a) == losses(b)
+    assert "4.predictor.4.weight" not in ca["heads"] and "4.0.weight" in ca["targets"]  # no final BN; EMA projector
+    for key in ("encoder", "ema", "heads", "queues", "targets"):
+        assert all(torch.equal(v, cb[key][k]) for k, v in ca[key].items()), key
+    for s, t in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
+        assert torch.equal(s["exp_avg"], t["exp_avg"])
+    enc = ca["encoder"]  # MAE-CT: lower half, patch embedding and CLS never change
+    for k, v in enc.items():
+        frozen = k.startswith(("blocks.0.", "blocks.1.", "patch_embed.", "cls_token", "pos_embed"))
+        assert torch.equal(v, original[k]) == frozen, k
+    # the exported EMA encoder loads strictly into timm's VisionTransformer with the same features
+    timm = pytest.importorskip("timm")
+    ref = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=1, num_classes=0, global_pool="token")
+    ref.load_state_dict(torch.load(a / "encoder.pth", weights_only=True), strict=True)
+    ours = model.load_encoder(str(a / "last.pt"))  # picks the EMA weights
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ref.eval().forward_features(x), ours.eval()(x), atol=1e-5, rtol=1e-5)
+    assert not torch.equal(ours.blocks[3].mlp.fc1.weight, original["blocks.3.mlp.fc1.weight"])
+
+
+def test_two_processes_equal_one(tiny_ckpt, tmp_path):
+    """Same global batch of 8: 2 x 4 under torchrun (gloo) vs 1 x 8, across both phases, with
+    top-1 neighbours (the pick is then deterministic)."""
+    kw = dict(head_epochs=1, epochs=1, max_steps=6, topk=1, warmup=0.0, head_lr=0.05, lr=0.05)
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "refine.py",
+           f"--ckpt={tiny_ckpt}", f"--out={tmp_path / 'two'}", "--limit-train=32", "--batch-size=4",
+           "--proj-hidden=32", "--proj-dim=16", "--pred-hidden=32", "--local-crops=1", "--log-every=1",
+           "--device=cpu", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    refine.main(settings(tiny_ckpt, tmp_path / "one", **kw))
+    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert list(two) == list(range(1, 7))
+    assert [two[s] for s in two] == pytest.approx([one[s] for s in two], rel=1e-4)
+    c2, c1 = load(tmp_path / "two"), load(tmp_path / "one")
+    # Adam turns directions whose gradient is zero up to float noise (key biases, a bias in front of
+    # a BatchNorm) into +-lr steps, so after a few steps the runs agree to ~1e-3, not to float
+    # precision (after one step the gradients agree to 1e-6). Adam's first moments are running means
+    # of the gradients: a missing average over ranks or an unsynchronised rank would differ by O(1).
+    m2, m1 = (torch.cat([s["exp_avg"].flatten() for s in c["optimizer"]["state"].values()]) for c in (c2, c1))
+    assert (m2 - m1).norm() < 1e-2 * m1.norm()
+    w0 = torch.load(tiny_ckpt, weights_only=True)["model"]
+    for k, v in c1["encoder"].items():
+        if v.ndim >= 2 and k != "pos_embed":
+            assert (c2["encoder"][k] - v).norm() < 0.1 * (v - w0[k]).norm(), k
+    for k, v in c1["heads"].items():
+        if v.ndim >= 2:
+            assert (c2["heads"][k] - v).norm() < 1e-3 * v.norm(), k
+    for q in ("3", "4"):  # the same entries, enqueued in another order within each step
+        i2, i1 = c2["queues"][q + ".idx"].argsort(), c1["queues"][q + ".idx"].argsort()
+        assert torch.equal(c2["queues"][q + ".idx"][i2], c1["queues"][q + ".idx"][i1])
+        torch.testing.assert_close(c2["queues"][q + ".z"][i2], c1["queues"][q + ".z"][i1], atol=1e-2, rtol=0)
+
+
+def test_loss_falls_on_cluttered_digits(tiny_ckpt, tmp_path):
+    cfg = settings(tiny_ckpt, tmp_path, limit_train=256, batch_size=32, head_epochs=1, epochs=3,
+                   local_crops=0, head_lr=0.01, lr=0.01)
+    res = refine.main(cfg)
+    curve = list(losses(tmp_path).values())
+    assert res["step"] == len(curve) == 32
+    assert sum(curve[-4:]) / 4 < sum(curve[:4]) / 4 - 0.1, curve
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_ckpt, tmp_path, monkeypatch):
+    calls, real = [], model.nna_loss
+
+    def flaky(*args):
+        calls.append(1)
+        out = real(*args)
+        return out * float("nan") if len(calls) > 2 * 2 * 4 else out  # 2 heads x 4 pairs per step
+
+    monkeypatch.setattr(model, "nna_loss", flaky)
+    with pytest.raises(model.UserError, match="non-finite at step 3"):
+        refine.main(settings(tiny_ckpt, tmp_path, head_epochs=0, epochs=1, save_every=1))
+    assert load(tmp_path)["step"] == 2
+
+
+def test_user_errors(tiny_ckpt, tmp_path):
+    with pytest.raises(model.UserError, match="larger than the data set"):
+        refine.main(settings(tiny_ckpt, tmp_path, batch_size=64))
+    with pytest.raises(model.UserError, match="two views"):
+        refine.main(settings(tiny_ckpt, tmp_path, method="mae-ct", views="multicrop"))
+    with pytest.raises(model.UserError, match="unknown --method"):
+        refine.main(settings(tiny_ckpt, tmp_path, method="simclr"))
+    with pytest.raises(model.UserError, match="does not exist"):
+        refine.main(settings(str(tmp_path / "missing.pth"), tmp_path))
+    refine.main(settings(tiny_ckpt, tmp_path, head_epochs=0, epochs=1, max_steps=1))
+    with pytest.raises(model.UserError, match="other settings"):
+        refine.main(settings(tiny_ckpt, tmp_path, head_epochs=0, epochs=1, max_steps=2, temperature=0.5))
