@@ -1,0 +1,300 @@
+"""MAE pre-training (He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners"): the
+masked-image-modeling encoder that MAE-CT and MIM-Refiner start from.
+
+The encoder sees a random 25% of the patches; a light decoder predicts the pixels of the hidden 75%;
+the loss is the MSE to per-patch normalised pixels on hidden patches (`model.MAE.forward_loss`).
+AdamW (0.9, 0.95), lr = base 1.5e-4 x global batch / 256, weight decay 0.05 on weight matrices
+only, per-step linear warm-up then cosine; augmentation RandomResizedCrop + flip, nothing else.
+Small images: MAE crops down to 20% of the area at 224 px; at 32 px that is a ~14 px crop blown up
+2.3x, so the 4 px patches turn into blur that neighbours predict trivially and the 12-20 px digit
+of cluttered-digits is often cut away, while evaluation sees ~80% of the image (resize 36, centre
+crop 32). Hence `--crop-min 0.35` by default.
+
+CPU, the committed checkpoints/mae_tiny_digits.pth (ViT 128 wide, 6 deep, 2 heads, patch 4 on 32 px;
+decoder 64 x 2; 1200 steps, 33 min on one thread, final loss 0.321; base lr 10x the paper's, as
+the run is 1200 steps, not MAE's ~250k, and a pilot at 1.5e-4 lagged far behind):
+    OMP_NUM_THREADS=1 python pretrain.py --out runs/mae_tiny_digits --base-lr 1.5e-3 --epochs 60 \
+        --save-every 100 --export checkpoints/mae_tiny_digits.pth
+GPU nodes, the paper's ViT-L/16 recipe (global batch 4096) on an ImageNet folder with train/:
+    torchrun --nproc_per_node=8 pretrain.py --data /data/imagenet --img-size 224 --patch 16 \
+        --dim 1024 --depth 24 --dec-dim 512 --dec-depth 8 --dec-heads 16 --batch-size 512 \
+        --epochs 800 --warmup-epochs 40 --crop-min 0.2 --workers 10 --compile --out runs/mae_l16
+
+Files in --out (rank 0 writes): last.pt = {'model': MAE state dict (encoder keys in the MAE/timm
+layout, decoder_* and mask_token), 'arch', 'decoder', 'optimizer', 'step', 'loss', 'settings',
+'rng'}, atomically every --save-every steps and at the end (rerun to resume, bit-identical on CPU);
+encoder.pth, the bare encoder that timm loads; log.jsonl, one JSON line per logged step.
+"""
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+from torchvision import transforms
+from torchvision.transforms import functional as TF
+from tqdm import tqdm
+
+import common
+from common import cli, opt
+from model import MAE, UserError, export_encoder, read_checkpoint
+
+
+@dataclass
+class Settings:
+    data: str = opt("cluttered-digits", "'cluttered-digits' or a folder with train/ in ImageFolder layout")
+    out: str = opt("runs/pretrain", "output folder (last.pt, encoder.pth, log.jsonl); resumed if it holds last.pt")
+    export: str = opt("", "also write a slim checkpoint here: MAE weights and arch, no optimizer or RNG state")
+    img_size: int = opt(32, "training resolution in pixels")
+    patch: int = opt(4, "patch size in pixels")
+    dim: int = opt(128, "encoder width")
+    depth: int = opt(6, "encoder blocks")
+    heads: int = opt(0, "encoder attention heads; 0 = width // 64 (what a bare encoder file is read back with)")
+    dec_dim: int = opt(64, "decoder width")
+    dec_depth: int = opt(2, "decoder blocks")
+    dec_heads: int = opt(2, "decoder attention heads")
+    mask_ratio: float = opt(0.75, "fraction of the patches hidden from the encoder")
+    epochs: int = opt(100, "length of the learning-rate schedule in epochs")
+    warmup_epochs: float = opt(5.0, "epochs of linear warm-up before the cosine decay")
+    max_steps: int = opt(0, "stop after this many optimizer steps (the schedule still spans --epochs); 0 = no limit")
+    batch_size: int = opt(256, "images per process per step")
+    base_lr: float = opt(1.5e-4, "learning rate per 256 images of global batch")
+    min_lr: float = opt(0.0, "learning rate at the end of the cosine")
+    weight_decay: float = opt(0.05, "AdamW weight decay of weight matrices (none on biases, norms, tokens)")
+    crop_min: float = opt(0.35, "smallest crop area fraction of RandomResizedCrop (MAE at 224 px: 0.2)")
+    seed: int = opt(0, "seed of the initial weights, data order, crops and masks")
+    save_every: int = opt(500, "write last.pt every this many steps (and at the end)")
+    log_every: int = opt(10, "append the mean loss of the last steps to log.jsonl every this many steps")
+    workers: int = opt(0, "data loader processes per rank")
+    device: str = opt("auto", "auto, cpu or cuda")
+    compile: bool = opt(False, "torch.compile the training computation")
+    resume: bool = opt(True, "continue from --out/last.pt when it exists (--no-resume starts afresh)")
+
+
+def random_resized_crop(img, size: int, scale: tuple, rng: np.random.Generator):
+    """torchvision's RandomResizedCrop + RandomHorizontalFlip (MAE's augmentation), drawing from
+    `rng`: area fraction uniform in `scale`, aspect ratio log-uniform in (3/4, 4/3), 10 tries,
+    then the whole image; bicubic resize to size x size; flip with probability 1/2."""
+    W, H = img.size
+    h, w, top, left = H, W, 0, 0
+    for _ in range(10):
+        area = H * W * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < cw <= W and 0 < ch <= H:
+            h, w = ch, cw
+            top, left = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+            break
+    img = TF.resized_crop(img, top, left, h, w, [size, size], TF.InterpolationMode.BICUBIC)
+    return TF.hflip(img) if rng.random() < 0.5 else img
+
+
+class Augmented(Dataset):
+    """Indexed by (epoch, i) keys: the crop and flip of image i in an epoch come from a generator
+    seeded by (seed, epoch, i), so the images of a step depend on the step alone, whatever the
+    number of loader workers, and a resumed run draws exactly the same ones."""
+
+    def __init__(self, base, size: int, crop_min: float, seed: int):
+        self.base, self.size, self.scale, self.seed = base, size, (crop_min, 1.0), seed
+        self.to_tensor = transforms.Compose([
+            transforms.ToTensor(), transforms.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        img = self.base[i][0].convert("RGB")  # labels are not used
+        rng = np.random.default_rng([self.seed, epoch, i])
+        return self.to_tensor(random_resized_crop(img, self.size, self.scale, rng))
+
+
+def epoch_keys(sampler: DistributedSampler, epoch: int, skip: int) -> list:
+    """This rank's (epoch, i) keys, in an order fixed by (seed, epoch), less the first `skip`."""
+    sampler.set_epoch(epoch)
+    return [(epoch, i) for i in list(sampler)[skip:]]
+
+
+class Objective(torch.nn.Module):
+    """imgs -> MAE loss, one module so that DDP and torch.compile wrap all of the training step."""
+
+    def __init__(self, mae: MAE, mask_ratio: float):
+        super().__init__()
+        self.mae, self.mask_ratio = mae, mask_ratio
+
+    def forward(self, imgs):
+        return self.mae.forward_loss(imgs, self.mask_ratio)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
+    """AdamW groups: decay on weight matrices only; none on biases, norm gains (all 1-D) and the
+    CLS / mask tokens, which are embeddings rather than weights."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        skip = p.ndim <= 1 or name.endswith(".bias") or name in ("cls_token", "mask_token")
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def learning_rate(step: int, peak: float, warmup: int, total: int, floor: float) -> float:
+    """Per-step schedule: linear warm-up to `peak` over `warmup` steps, then half a cosine down
+    to `floor` at step `total` (step counts from 0; step 0 already trains)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def global_mean(x: torch.Tensor) -> float:
+    """Mean of a scalar over all ranks, so every rank takes the same decisions from it."""
+    return float(common.all_gather(x.detach().float().reshape(1)).mean())
+
+
+def all_rng_states(world: int) -> list:
+    """Every rank's generator states, in rank order (each rank draws its own masks)."""
+    state = common.rng_state()
+    if world == 1:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def make_checkpoint(mae: MAE, step: int, loss: float, cfg: Settings, optimizer=None, rngs=None) -> dict:
+    """Our MAE layout; without optimizer and RNG states it is the slim export."""
+    ck = {"model": mae.state_dict(), "arch": mae.arch(), "decoder": dict(mae.dec_arch),
+          "step": step, "loss": loss, "settings": asdict(cfg)}
+    if optimizer is not None:
+        ck.update(optimizer=optimizer.state_dict(), rng=rngs)
+    return ck
+
+
+def resume(path: str, mae: MAE, optimizer, cfg: Settings, d: common.Dist):
+    """Load last.pt into the model, optimizer and this rank's generators; (step, loss)."""
+    ck = read_checkpoint(path)
+    if not isinstance(ck, dict) or "optimizer" not in ck or "rng" not in ck:
+        raise UserError(f"{path} is not a pretrain.py run checkpoint; use another --out or --no-resume")
+    if ck["arch"] != mae.arch() or ck["decoder"] != mae.dec_arch:
+        raise UserError(f"{path} holds another model ({ck['arch']}, decoder {ck['decoder']}); "
+                        f"give the same model settings, another --out, or --no-resume")
+    if ck["settings"]["batch_size"] * len(ck["rng"]) != cfg.batch_size * d.world:
+        raise UserError(f"{path} was trained with {len(ck['rng'])} process(es) x batch "
+                        f"{ck['settings']['batch_size']}; resume with the same, or use --no-resume")
+    mae.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    common.set_rng_state(ck["rng"][d.rank])
+    return ck["step"], ck["loss"]
+
+
+def trim_log(path: str, step: int):
+    """Keep the log lines up to `step`: a killed run may have logged past its last checkpoint;
+    a fresh run (step 0) keeps none."""
+    def before(line):
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError):  # a line torn by the kill
+            return False
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if before(line)]
+        with open(path, "w") as f:
+            f.writelines(keep)
+
+
+def main(cfg: Settings) -> dict:
+    if not 0.0 < cfg.mask_ratio < 1.0:
+        raise UserError(f"--mask-ratio {cfg.mask_ratio} must lie strictly between 0 and 1 (MAE: 0.75)")
+    if not 0.0 < cfg.crop_min <= 1.0:
+        raise UserError(f"--crop-min {cfg.crop_min} must be in (0, 1]")
+    d = common.setup_distributed(cfg.device)
+    common.seed_everything(cfg.seed)  # the same initial weights on every rank
+    mae = MAE(cfg.dec_dim, cfg.dec_depth, cfg.dec_heads, dim=cfg.dim, depth=cfg.depth,
+              heads=cfg.heads or None, patch=cfg.patch, img_size=cfg.img_size).to(d.device)
+    data = Augmented(common.build_dataset(cfg.data, "train"), cfg.img_size, cfg.crop_min, cfg.seed)
+    sampler = DistributedSampler(data, d.world, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch-size {cfg.batch_size} x {d.world} process(es) is larger than the "
+                        f"{len(data)} training images; use a smaller --batch-size")
+    total = cfg.epochs * steps_per_epoch
+    end = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    peak = cfg.base_lr * cfg.batch_size * d.world / 256  # the linear scaling rule
+    optimizer = torch.optim.AdamW(param_groups(mae, cfg.weight_decay), lr=peak, betas=(0.9, 0.95))
+
+    common.seed_everything(cfg.seed + 1000 * (d.rank + 1))  # every rank masks differently
+    last, log_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "log.jsonl")
+    step, loss_logged = 0, float("nan")
+    if cfg.resume and os.path.exists(last):
+        step, loss_logged = resume(last, mae, optimizer, cfg, d)
+    if d.main:
+        os.makedirs(cfg.out, exist_ok=True)
+        trim_log(log_path, step)
+        print(f"MAE: encoder {mae.arch()}, decoder {mae.dec_arch}; {len(data)} images, "
+              f"{steps_per_epoch} steps/epoch, global batch {cfg.batch_size * d.world}, lr {peak:.3g}; "
+              f"steps {step} -> {end} of {total}")
+
+    net = Objective(mae, cfg.mask_ratio)
+    if d.world > 1:  # positions are fixed buffers: nothing to broadcast
+        net = DistributedDataParallel(net, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                                      broadcast_buffers=False)
+    if cfg.compile:
+        net = torch.compile(net)
+    bar = tqdm(total=end, initial=step, desc="pretrain", disable=not d.main, dynamic_ncols=True)
+    window, start = [], time.time()
+    while step < end:
+        epoch, done = divmod(step, steps_per_epoch)
+        keys = epoch_keys(sampler, epoch, done * cfg.batch_size)
+        # its own generator: making an iterator must not draw from the global one (the masks)
+        loader = DataLoader(data, batch_size=cfg.batch_size, sampler=keys, drop_last=True,
+                            generator=torch.Generator().manual_seed(epoch),
+                            **common.loader_kwargs(d.device, cfg.workers))
+        for imgs in loader:
+            lr = learning_rate(step, peak, warmup, total, cfg.min_lr)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            with torch.autocast(d.device.type, torch.bfloat16, enabled=d.device.type == "cuda"):
+                loss = net(imgs.to(d.device, non_blocking=True))
+            loss_value = global_mean(loss)
+            if not math.isfinite(loss_value):  # stop before the update: the weights stay good
+                kept = f"{last} (step {step}) is kept" if os.path.exists(last) else "no checkpoint was written yet"
+                raise UserError(f"the loss is not finite at step {step + 1}; {kept}; lower --base-lr "
+                                f"or lengthen --warmup-epochs")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            window.append(loss_value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", epoch=epoch)
+            if step % cfg.log_every == 0 or step == end:
+                loss_logged = sum(window) / len(window)  # mean since the previous line
+                window = []
+                if d.main:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "loss": loss_logged,
+                                            "lr": lr, "time": round(time.time() - start, 2)}) + "\n")
+            if step % cfg.save_every == 0 or step == end:
+                rngs = all_rng_states(d.world)  # a collective: every rank takes part
+                if d.main:
+                    common.save_atomic(make_checkpoint(mae, step, loss_logged, cfg, optimizer, rngs), last)
+            if step == end:
+                break
+    bar.close()
+    if d.main:
+        common.save_atomic(export_encoder(mae), os.path.join(cfg.out, "encoder.pth"))
+        if cfg.export:
+            common.save_atomic(make_checkpoint(mae, step, loss_logged, cfg), cfg.export)
+        print(f"step {step}: loss {loss_logged:.4f}; wrote {last}, {os.path.join(cfg.out, 'encoder.pth')}"
+              + (f", {cfg.export}" if cfg.export else ""))
+    return {"step": step, "loss": loss_logged, "out": cfg.out, "seconds": time.time() - start}
+
+
+if __name__ == "__main__":
+    cli(main, Settings)

@@ -1,0 +1,230 @@
+"""pretrain.py: the MAE objective pinned by hand, training, resume, checkpoint formats, DDP."""
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+import model
+import pretrain
+from model import MAE, UserError, load_encoder, patchify, random_masking
+
+TINY = dict(dim=32, depth=2, heads=2, dec_dim=32, dec_depth=1, dec_heads=2, img_size=16, patch=4)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: one thread is faster than two and does not spin on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+_DIGITS = {}
+
+
+@pytest.fixture
+def small_digits(monkeypatch):
+    """64 cluttered digits instead of 5188 (built once per session), so a run takes a second."""
+    def build(data, split, transform=None):
+        if split not in _DIGITS:
+            _DIGITS[split] = common.ClutteredDigits(split, n=64)
+        return _DIGITS[split]
+    monkeypatch.setattr(common, "build_dataset", build)
+
+
+def settings(out, **kw):
+    base = dict(out=str(out), batch_size=16, epochs=3, warmup_epochs=1, base_lr=0.01,
+                log_every=1, save_every=100, device="cpu", **TINY)
+    base.update(kw)
+    return pretrain.Settings(**base)
+
+
+def tiny_mae(seed=0):
+    torch.manual_seed(seed)
+    return MAE(TINY["dec_dim"], TINY["dec_depth"], TINY["dec_heads"],
+               **{k: TINY[k] for k in ("dim", "depth", "heads", "img_size", "patch")})
+
+
+@pytest.mark.parametrize("n, ratio", [(16, 0.75), (64, 0.75), (16, 0.5)])
+def test_masking_keeps_fraction_and_restores(n, ratio):
+    torch.manual_seed(1)
+    x = torch.randn(3, n, 5)
+    kept, mask, ids_restore = random_masking(x, ratio)
+    keep = int(n * (1 - ratio))
+    assert kept.shape == (3, keep, 5)
+    assert (mask.sum(1) == n - keep).all() and set(mask.unique().tolist()) <= {0.0, 1.0}
+    ids_shuffle = ids_restore.argsort(1)  # inverse permutation: the first `keep` are visible
+    for b in range(3):
+        visible = sorted(ids_shuffle[b, :keep].tolist())
+        assert visible == [i for i in range(n) if mask[b, i] == 0]
+        for j, i in enumerate(ids_shuffle[b, :keep].tolist()):
+            assert torch.equal(kept[b, j], x[b, i])
+    # un-shuffling [kept, zeros] with ids_restore puts every kept token back in its place
+    full = torch.cat([kept, torch.zeros(3, n - keep, 5)], 1).gather(1, ids_restore[..., None].expand(-1, -1, 5))
+    assert torch.equal(full, x * (1 - mask)[..., None])
+
+
+def test_normalised_pixel_loss_by_hand():
+    """forward_loss == MSE to per-patch normalised pixels over the hidden patches, recomputed with
+    loops from the decoder's prediction (captured by a hook) and the mask drawn from the same noise."""
+    mae = tiny_mae()
+    imgs = torch.randn(2, 3, 16, 16)
+    pred = {}
+    mae.decoder_pred.register_forward_hook(lambda m, i, o: pred.update(p=o[:, 1:]))
+    torch.manual_seed(7)
+    loss = mae.forward_loss(imgs, 0.75)
+    torch.manual_seed(7)
+    noise = torch.rand(2, 16)  # what random_masking drew
+    p, n_keep, total, count = 4, 4, 0.0, 0
+    for b in range(2):
+        visible = set(noise[b].argsort()[:n_keep].tolist())
+        for n in range(16):
+            if n in visible:
+                continue
+            r, c = divmod(n, 4)  # row-major patches; pixels ordered (row, col, channel)
+            t = torch.tensor([imgs[b, ch, r * p + i, c * p + j].item()
+                              for i in range(p) for j in range(p) for ch in range(3)], dtype=torch.float64)
+            t = (t - t.mean()) / (t.var(unbiased=True) + 1e-6) ** 0.5
+            total += ((pred["p"][b, n].double() - t) ** 2).mean().item()
+            count += 1
+    assert count == 2 * 12
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+    assert patchify(imgs, 4)[0, 5, :3].tolist() == imgs[0, :, 4, 4].tolist()  # patch (1,1) pixel (0,0)
+
+
+def test_param_groups_and_schedule():
+    mae = tiny_mae()
+    decay, no_decay = pretrain.param_groups(mae, 0.05)
+    names = {id(p): n for n, p in mae.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert {"cls_token", "mask_token", "norm.weight", "blocks.0.attn.qkv.bias"} <= nd
+    assert all(names[id(p)].endswith("weight") and p.ndim >= 2 for p in decay["params"])
+    assert "blocks.0.attn.qkv.weight" in {names[id(p)] for p in decay["params"]}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(mae.parameters()))
+    lr = [pretrain.learning_rate(s, 1.0, 4, 20, 0.1) for s in range(21)]
+    assert lr[:4] == [0.25, 0.5, 0.75, 1.0] and lr[4] == 1.0
+    assert lr[20] == pytest.approx(0.1) and lr[12] == pytest.approx(0.55)
+    assert all(a >= b for a, b in zip(lr[4:], lr[5:]))
+
+
+def test_loss_falls(tmp_path, small_digits):
+    res = pretrain.main(settings(tmp_path, epochs=6))
+    losses = [json.loads(l)["loss"] for l in open(tmp_path / "log.jsonl")]
+    assert len(losses) == res["step"] == 24
+    assert np.mean(losses[-6:]) < 0.8 * np.mean(losses[:6])
+
+
+def state(path):
+    ck = torch.load(path, weights_only=True)
+    return ck["model"], ck["optimizer"]["state"], ck["rng"], ck["step"]
+
+
+def test_resume_is_bit_identical(tmp_path, small_digits):
+    """Stopped at step 3 (inside epoch 0) and resumed to 6 (inside epoch 1) == 6 steps at once."""
+    pretrain.main(settings(tmp_path / "a", max_steps=6))
+    pretrain.main(settings(tmp_path / "b", max_steps=3))
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:  # a killed run logged past its checkpoint
+        f.write(json.dumps({"step": 4, "loss": 9.0}) + "\n{torn")
+    pretrain.main(settings(tmp_path / "b", max_steps=6))
+    (ma, oa, ra, sa), (mb, ob, rb, sb) = state(tmp_path / "a" / "last.pt"), state(tmp_path / "b" / "last.pt")
+    assert sa == sb == 6
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
+    assert torch.equal(ra[0]["torch"], rb[0]["torch"])
+    log_a = [json.loads(l) for l in open(tmp_path / "a" / "log.jsonl")]
+    log_b = [json.loads(l) for l in open(tmp_path / "b" / "log.jsonl")]
+    assert [r["step"] for r in log_b] == list(range(1, 7))
+    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
+
+
+def test_checkpoints_load_as_encoder_and_in_timm(tmp_path, small_digits):
+    timm = pytest.importorskip("timm")
+    export = tmp_path / "slim.pth"
+    pretrain.main(settings(tmp_path, max_steps=2, export=str(export)))
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert {"model", "arch", "decoder", "optimizer", "step", "settings", "rng"} <= set(ck)
+    assert any(k.startswith("decoder_") for k in ck["model"]) and "blocks.1.mlp.fc2.weight" in ck["model"]
+    slim = torch.load(export, weights_only=True)
+    assert "optimizer" not in slim and "rng" not in slim and slim["arch"] == ck["arch"]
+    mae = MAE(**ck["decoder"], **ck["arch"])
+    mae.load_state_dict(slim["model"])
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        want = mae(x)  # the encoder's final-normed tokens
+        for path in (tmp_path / "last.pt", export, tmp_path / "encoder.pth"):
+            vit = load_encoder(str(path), heads=2)
+            assert type(vit) is model.ViT and vit.arch() == ck["arch"]
+            assert torch.equal(vit(x), want)
+            assert torch.equal(vit.forward_blocks(x, [1])[0], mae.forward_blocks(x, [1])[0])
+        net = timm.models.vision_transformer.VisionTransformer(
+            img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0, global_pool="token")
+        net.load_state_dict(torch.load(tmp_path / "encoder.pth", weights_only=True), strict=True)
+        torch.testing.assert_close(net.eval().forward_features(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, small_digits, monkeypatch):
+    calls, real = [], MAE.forward_loss
+
+    def poisoned(self, imgs, ratio):
+        calls.append(1)
+        loss = real(self, imgs, ratio)
+        return loss * float("nan") if len(calls) == 3 else loss
+    monkeypatch.setattr(MAE, "forward_loss", poisoned)
+    with pytest.raises(UserError, match="not finite at step 3"):
+        pretrain.main(settings(tmp_path, save_every=1))
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_user_errors(tmp_path, small_digits):
+    with pytest.raises(UserError, match="batch-size"):
+        pretrain.main(settings(tmp_path, batch_size=128))
+    pretrain.main(settings(tmp_path, max_steps=1))
+    with pytest.raises(UserError, match="another model"):
+        pretrain.main(settings(tmp_path, max_steps=2, dim=64))
+    with pytest.raises(UserError, match="mask-ratio"):
+        pretrain.main(settings(tmp_path, mask_ratio=1.0))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank, port, cfg):
+    """One of two DDP processes (forked: no re-import of torch), set up as torchrun would."""
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        pretrain.main(cfg)
+    finally:
+        common.teardown_distributed()
+
+
+def test_two_process_gloo_run(tmp_path):
+    """2 gloo processes on an ImageFolder: trains, keeps one RNG state per rank (each masks its
+    own way), writes an encoder that loads, and a resume refuses another world size."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            os.makedirs(tmp_path / "data" / split / c)
+            for i in range(8):
+                Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / c / f"{i}.png")
+    cfg = settings(tmp_path / "run", data=str(tmp_path / "data"), batch_size=4, epochs=2, max_steps=3)
+    torch.multiprocessing.start_processes(_rank, (free_port(), cfg), nprocs=2, start_method="fork")
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ck["step"] == 3 and len(ck["rng"]) == 2
+    assert not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])
+    assert np.isfinite(ck["loss"])
+    assert load_encoder(str(tmp_path / "run" / "encoder.pth"), heads=2).arch() == ck["arch"]
+    with pytest.raises(UserError, match="2 process"):
+        pretrain.main(settings(tmp_path / "run", data=str(tmp_path / "data"), batch_size=4, epochs=2))
