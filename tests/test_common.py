@@ -118,6 +118,7 @@ def test_imagefolder_errors(tmp_path):
         common.build_dataset(str(tmp_path / "nope"), "train")
     (tmp_path / "train" / "cat").mkdir(parents=True)
     with pytest.raises(model.UserError, match="no val/ folder"):
-        common.build_dataset(str(tmp_path), "val")
+        common.build_dataset(str(tmp_path), "train")  # both splits checked up front
+    (tmp_path / "val" / "cat").mkdir(parents=True)
     with pytest.raises(model.UserError, match="at least one image"):
         common.build_dataset(str(tmp_path), "train")

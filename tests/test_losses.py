@@ -148,7 +148,8 @@ def test_two_processes_equal_one_on_the_whole_batch(tmp_path):
     head = model.ContrastiveHead(8, proj_hidden=16, proj_dim=8, pred_hidden=16)
     x = torch.randn(8, 8)
     state = {k: v.clone() for k, v in head.state_dict().items()}
-    mp.spawn(two_rank_worker, args=(free_port(), state, x, str(tmp_path)), nprocs=2)
+    # fork: the workers need no fresh interpreter (spawn would re-import torch for seconds)
+    mp.start_processes(two_rank_worker, args=(free_port(), state, x, str(tmp_path)), nprocs=2, start_method="fork")
     got = torch.load(tmp_path / "r0.pt", weights_only=True)
     # one process: the same loss on each half's rows against all predictions, averaged
     z, p = head(x)
