@@ -199,6 +199,18 @@ def save_atomic(obj, path: str):
     os.replace(tmp, path)
 
 
+def make_out_dir(path: str):
+    """--out of a training run: a folder, created if missing; never an existing file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--out {path!r} is a file; give a folder for last.pt, encoder.pth and log.jsonl")
+    os.makedirs(path, exist_ok=True)
+
+
+def all_finite(module) -> bool:
+    """Checked before every checkpoint write, so a diverged update never overwrites a good file."""
+    return all(bool(torch.isfinite(t).all()) for t in module.state_dict().values() if t.is_floating_point())
+
+
 def write_json(path: str, obj):
     if os.path.isdir(path):
         raise UserError(f"--out {path!r} is a folder; give a file name such as results.json")

@@ -212,6 +212,7 @@ def main(cfg: Settings) -> dict:
         raise UserError(f"--mask-ratio {cfg.mask_ratio} must lie strictly between 0 and 1 (MAE: 0.75)")
     if not 0.0 < cfg.crop_min <= 1.0:
         raise UserError(f"--crop-min {cfg.crop_min} must be in (0, 1]")
+    common.make_out_dir(cfg.out)
     d = common.setup_distributed(cfg.device)
     common.seed_everything(cfg.seed)  # the same initial weights on every rank
     mae = MAE(cfg.dec_dim, cfg.dec_depth, cfg.dec_heads, dim=cfg.dim, depth=cfg.depth,
@@ -234,7 +235,6 @@ def main(cfg: Settings) -> dict:
     if cfg.resume and os.path.exists(last):
         step, loss_logged = resume(last, mae, optimizer, cfg, d)
     if d.main:
-        os.makedirs(cfg.out, exist_ok=True)
         trim_log(log_path, step)
         print(f"MAE: encoder {mae.arch()}, decoder {mae.dec_arch}; {len(data)} images, "
               f"{steps_per_epoch} steps/epoch, global batch {cfg.batch_size * d.world}, lr {peak:.3g}; "
@@ -263,9 +263,8 @@ def main(cfg: Settings) -> dict:
                 loss = net(imgs.to(d.device, non_blocking=True))
             loss_value = global_mean(loss)
             if not math.isfinite(loss_value):  # stop before the update: the weights stay good
-                kept = f"{last} (step {step}) is kept" if os.path.exists(last) else "no checkpoint was written yet"
-                raise UserError(f"the loss is not finite at step {step + 1}; {kept}; lower --base-lr "
-                                f"or lengthen --warmup-epochs")
+                raise UserError(f"the loss is not finite at step {step + 1}; {last} keeps the last good state "
+                                f"(if any); lower --base-lr or lengthen --warmup-epochs")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -282,6 +281,8 @@ def main(cfg: Settings) -> dict:
                                             "lr": lr, "time": round(time.time() - start, 2)}) + "\n")
             if step % cfg.save_every == 0 or step == end:
                 rngs = all_rng_states(d.world)  # a collective: every rank takes part
+                if not common.all_finite(mae):  # a diverged update must not overwrite a good file
+                    raise UserError(f"the weights are not finite at step {step}; {last} keeps the last good state")
                 if d.main:
                     common.save_atomic(make_checkpoint(mae, step, loss_logged, cfg, optimizer, rngs), last)
             if step == end:
@@ -291,8 +292,7 @@ def main(cfg: Settings) -> dict:
         common.save_atomic(export_encoder(mae), os.path.join(cfg.out, "encoder.pth"))
         if cfg.export:
             common.save_atomic(make_checkpoint(mae, step, loss_logged, cfg), cfg.export)
-        print(f"step {step}: loss {loss_logged:.4f}; wrote {last}, {os.path.join(cfg.out, 'encoder.pth')}"
-              + (f", {cfg.export}" if cfg.export else ""))
+        print(f"step {step}: loss {loss_logged:.4f}; wrote {last}, encoder.pth {cfg.export}")
     return {"step": step, "loss": loss_logged, "out": cfg.out, "seconds": time.time() - start}
 
 
