@@ -1,0 +1,831 @@
+"""Speed, side by side: this codebase against timm, scikit-learn and one-at-a-time loops.
+
+Every comparison runs both sides in this one process, on the same inputs, alternating
+(ours, theirs, theirs, ours, ...) so that a busy machine slows both alike; the ratio reported is
+the median over rounds of (their time / our time), so > 1 means ours is faster.
+
+- `vit_vs_timm`: our `model.ViT` against timm's `VisionTransformer` holding the same weights
+  (`model.export_encoder`), forward + backward images/s, same size, dtype and batch.
+- `knn_vs_sklearn`: `knn.knn_predict` against `KNeighborsClassifier(algorithm='brute',
+  metric='cosine')` given the same vote weight exp(sim / T) as a callable; same k, same features;
+  the predictions must agree.
+- `kmeans_vs_sklearn`: `cluster.kmeans` against `sklearn.cluster.KMeans`, same K, n_init,
+  iterations and data; inertia within 1%.
+- `probe_grid_vs_sequential`: the 13 learning rates of the MIM-Refiner grid trained one after the
+  other against the stacked-grid probe of `probe.py` (one pass for all 13).
+- refinement step (not a ratio): images/s and peak memory of the MIM-Refiner training step
+  (2 global + 10 local views), with and without activation checkpointing; on CUDA also the model
+  FLOP utilisation MFU = 6 x params x tokens per image (summed over the views) x images/s / peak,
+  and the largest batch that fits.
+
+CPU, the quick version (about 2 minutes on 2 cores; writes all four ratios):
+    python bench.py --quick --device cpu --out bench.json
+One GPU, about 15 minutes (ViT-B/L in bf16, k-NN 50k x 10k at D = 384, ViT-L/16 refinement step):
+    python bench.py --device cuda --out bench_gpu.json
+See BENCHMARKS.md for the figures measured so far and the machines they come from.
+"""
+import gc
+import importlib
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import model
+from common import cli, opt, write_json
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars from the feature extraction
+
+# the goals: a ratio at or above its goal is a win (CPU, CUDA)
+GOALS = {"vit_vs_timm": (1.0, 1.0), "knn_vs_sklearn": (2.0, 50.0),
+         "kmeans_vs_sklearn": (1.0, 20.0), "probe_grid_vs_sequential": (8.0, 8.0)}
+# dense bf16 tensor-core peak in FLOP/s, by the name the device reports (datasheet numbers)
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
+             "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+MIM_REFINER_LR_GRID = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5]
+
+
+@dataclass
+class Settings:
+    quick: bool = opt(False, "small sizes, CPU-friendly (about 2 minutes on 2 cores)")
+    device: str = opt("auto", "auto, cpu or cuda")
+    out: str = opt("", "write {'ratios': ..., 'details': ...} to this JSON file")
+    only: str = opt("", "comma-separated subset of vit,knn,kmeans,probe,refine,loader (default: "
+                        "all but loader, the data-loading throughput of the refinement views)")
+    workers: int = opt(-1, "loader benchmark: DataLoader processes (-1: all cores but one on CUDA, 0 on CPU)")
+    rounds: int = opt(0, "alternating timed rounds per comparison (0: 5 quick, 7 otherwise)")
+    refine_batch: int = opt(0, "batch per step for the refinement benchmark (0: by preset)")
+    presets: str = opt("", "refinement presets, comma-separated of tiny,base,large (default: tiny "
+                           "on CPU, tiny,base,large on CUDA)")
+    refine_ckpt: str = opt("both", "refinement with activation checkpointing: on, off or both")
+    compile: str = opt("", "torch.compile in the refinement benchmark: '' (no), model (the whole "
+                           "Refiner, as refine.py --compile) or blocks (each encoder block)")
+    max_batch: bool = opt(True, "on CUDA, search the largest ViT-L refinement batch that fits")
+    peak_tflops: float = opt(0.0, "peak bf16 TFLOP/s for the MFU (0: from the device name)")
+    threads: int = opt(-1, "CPU threads for torch and, through threadpoolctl, for numpy/scikit-learn, "
+                          "the same for both sides (-1: 1 with --quick on a CPU, where a shared machine "
+                          "stalls multi-threaded barriers; 0: the libraries' defaults)")
+    tiny: bool = opt(False, "microscopic sizes, for the test suite only (timings meaningless)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def alternate(ours, theirs, rounds: int, device, warmup: int = 1):
+    """Time two callables in alternating order (ABBA...), after `warmup` untimed calls of each.
+    -> (our times, their times, median of their/our per round)."""
+    for _ in range(warmup):
+        ours(), theirs()
+    sync(device)
+    t_ours, t_theirs = [], []
+    for r in range(rounds):
+        pair = [(ours, t_ours), (theirs, t_theirs)]
+        for fn, acc in (pair if r % 2 == 0 else pair[::-1]):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            acc.append(time.perf_counter() - t0)
+    ratio = statistics.median(b / a for a, b in zip(t_ours, t_theirs))
+    return t_ours, t_theirs, ratio
+
+
+def summary(t_ours, t_theirs, ratio, goal, **extra):
+    return dict(ours_s=statistics.median(t_ours), theirs_s=statistics.median(t_theirs),
+                ratio=ratio, ratio_min=min(b / a for a, b in zip(t_ours, t_theirs)),
+                ratio_max=max(b / a for a, b in zip(t_ours, t_theirs)),
+                goal=goal, ok=ratio >= goal, rounds=len(t_ours), **extra)
+
+
+def try_import(name):
+    """A sibling stage module, or None while it does not exist yet."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# ViT against timm
+
+def timm_twin(vit: model.ViT):
+    """timm's VisionTransformer of the same size holding the same weights."""
+    from timm.models.vision_transformer import VisionTransformer
+    t = VisionTransformer(img_size=vit.img_size, patch_size=vit.patch, embed_dim=vit.dim,
+                          depth=vit.depth, num_heads=vit.heads, mlp_ratio=vit.mlp_ratio,
+                          num_classes=0, global_pool="token", class_token=True)
+    t.load_state_dict(model.export_encoder(vit), strict=True)
+    return t
+
+
+def bench_vit(name, dim, depth, heads, patch, img, batch, device, bf16, rounds, goal, reps=1):
+    torch.manual_seed(0)
+    vit = model.ViT(dim=dim, depth=depth, heads=heads, patch=patch, img_size=img)
+    theirs = timm_twin(vit)
+    vit, theirs = vit.to(device).train(), theirs.to(device).train()
+    # same weights -> same function: checked on a few images in float32 before timing
+    with torch.no_grad():
+        xs = torch.randn(2, 3, img, img, device=device)
+        diff = (vit(xs) - theirs.forward_features(xs)).abs().max().item()
+    x = torch.randn(batch, 3, img, img, device=device)
+
+    def step(net, fwd):
+        def run():  # `reps` steps per timed call: a GPU step alone is too short for a host clock
+            for _ in range(reps):
+                with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                    out = fwd(x)  # (B, 1+N, D) final-normed tokens, both
+                out.float().square().mean().backward()
+                net.zero_grad(set_to_none=True)
+        return run
+
+    t_ours, t_theirs, ratio = alternate(step(vit, vit), step(theirs, theirs.forward_features),
+                                        rounds, device)
+    n_params = sum(p.numel() for p in vit.parameters())
+    res = summary(t_ours, t_theirs, ratio, goal, model=name, dim=dim, depth=depth, heads=heads,
+                  patch=patch, img_size=img, batch=batch, dtype="bf16 autocast" if bf16 else "float32",
+                  params=n_params, ours_img_s=reps * batch / statistics.median(t_ours),
+                  theirs_img_s=reps * batch / statistics.median(t_theirs), max_abs_diff_fp32=diff,
+                  steps_per_round=reps)
+    del vit, theirs, x
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# k-NN against scikit-learn
+
+def clustered_features(n, m, d, classes, seed=0, spread=1.0):
+    """Train (n, d) / test (m, d) float32 features drawn around `classes` random centres, so the
+    k-NN vote is meaningful (not a sea of ties); labels int64."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((classes, d)).astype(np.float32)
+    ytr, yte = rng.integers(classes, size=n), rng.integers(classes, size=m)
+    xtr = centres[ytr] + spread * rng.standard_normal((n, d), dtype=np.float32)
+    xte = centres[yte] + spread * rng.standard_normal((m, d), dtype=np.float32)
+    return xtr, ytr, xte, yte
+
+
+def bench_knn(n, m, d, k, classes, device, rounds, goal):
+    from sklearn.neighbors import KNeighborsClassifier
+    knn = try_import("knn")
+    if knn is None or not hasattr(knn, "knn_predict"):
+        return dict(skipped="knn.knn_predict does not exist yet")
+    T = 0.07
+    xtr, ytr, xte, yte = clustered_features(n, m, d, classes, spread=2.0)
+    # the same vote as ours: scikit-learn hands the weight function cosine distances 1 - sim
+    sk = KNeighborsClassifier(n_neighbors=k, algorithm="brute", metric="cosine",
+                              weights=lambda dist: np.exp((1.0 - dist) / T))
+    out = {}
+
+    def theirs():
+        sk.fit(xtr, ytr)
+        out["theirs"] = sk.predict(xte)
+
+    def ours():  # host -> device, search and vote, result back on the host: all counted
+        tr = torch.from_numpy(xtr).to(device)
+        te = torch.from_numpy(xte).to(device)
+        ys = torch.from_numpy(ytr).to(device)
+        out["ours"] = knn.knn_predict(tr, ys, te, k, temperature=T, num_classes=classes).cpu().numpy()
+
+    t_ours, t_theirs, ratio = alternate(ours, theirs, rounds, device)
+    agree = float((out["ours"] == out["theirs"]).mean())
+    # the neighbour sets themselves, on the first 200 test rows (ties aside they must be equal)
+    q = min(200, m)
+    sk_idx = sk.kneighbors(xte[:q], return_distance=False)
+    sims = F.normalize(torch.from_numpy(xte[:q]), dim=1) @ F.normalize(torch.from_numpy(xtr), dim=1).T
+    our_idx = sims.topk(k, dim=1).indices.numpy()
+    same_sets = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(sk_idx, our_idx)]))
+    return summary(t_ours, t_theirs, ratio, goal, train=n, test=m, dim=d, k=k, classes=classes,
+                   sklearn="KNeighborsClassifier(algorithm='brute', metric='cosine', "
+                           "weights=exp((1-dist)/0.07)) fit + predict",
+                   prediction_agreement=agree, neighbour_set_overlap=same_sets,
+                   top1_ours=float((out["ours"] == yte).mean()), agree_ok=agree >= 0.99)
+
+
+# ---------------------------------------------------------------------------------------------
+# k-means against scikit-learn
+
+def bench_kmeans(n, d, K, n_init, iters, device, rounds, goal):
+    from sklearn.cluster import KMeans
+    cluster = try_import("cluster")
+    if cluster is None or not hasattr(cluster, "kmeans"):
+        return dict(skipped="cluster.kmeans does not exist yet")
+    x, _, _, _ = clustered_features(n, 1, d, K, seed=1, spread=0.5)
+    sk = KMeans(n_clusters=K, init="k-means++", n_init=n_init, max_iter=iters, tol=1e-4,
+                algorithm="lloyd", random_state=0)
+    out = {}
+
+    def theirs():
+        out["theirs"] = sk.fit(x).inertia_
+
+    def ours():  # n_init seeded runs, the lowest inertia kept, as scikit-learn does
+        xt = torch.from_numpy(x).to(device)
+        out["ours"] = min(cluster.kmeans(xt, K, iters=iters, seed=s, tol=1e-4)[2] for s in range(n_init))
+
+    t_ours, t_theirs, ratio = alternate(ours, theirs, rounds, device)
+    rel = abs(out["ours"] - out["theirs"]) / out["theirs"]
+    return summary(t_ours, t_theirs, ratio, goal, points=n, dim=d, k=K, n_init=n_init, max_iter=iters,
+                   tol=1e-4, sklearn=f"KMeans(k-means++, n_init={n_init}, max_iter={iters}, lloyd)",
+                   sklearn_iters_best_run=int(sk.n_iter_), inertia_ours=out["ours"],
+                   inertia_sklearn=out["theirs"], inertia_rel_diff=rel, agree_ok=rel <= 0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stacked-grid probe against 13 separate trainings
+
+def bench_probe(n, d, classes, epochs, device, rounds, goal):
+    probe = try_import("probe")
+    if probe is None or not hasattr(probe, "linear_probe"):
+        return dict(skipped="probe.linear_probe does not exist yet")
+    xtr, ytr, xva, yva = clustered_features(n, max(1, n // 5), d, classes, seed=2, spread=4.0)
+    x, y, vx, vy = (torch.from_numpy(a).to(device) for a in (xtr, ytr, xva, yva))
+    batch = min(1024, n)
+    out = {}
+
+    def ours():  # the whole grid as one stacked layer, one pass over the features per epoch
+        out["ours"] = probe.linear_probe(x, y, vx, vy, MIM_REFINER_LR_GRID, epochs, batch)
+
+    def theirs():  # the grid the usual way: one training per learning rate
+        out["theirs"] = [probe.linear_probe(x, y, vx, vy, [lr], epochs, batch)[0]
+                         for lr in MIM_REFINER_LR_GRID]
+
+    t_ours, t_theirs, ratio = alternate(ours, theirs, rounds, device)
+    diffs = [abs(a - b) for a, b in zip(out["ours"], out["theirs"])]
+    return summary(t_ours, t_theirs, ratio, goal, train=n, dim=d, classes=classes, epochs=epochs,
+                   batch=batch, grid=len(MIM_REFINER_LR_GRID), top1_grid=out["ours"],
+                   top1_sequential=out["theirs"], max_top1_diff=max(diffs),
+                   # the probes differ only in their random init and data order: same best top-1
+                   best_top1_diff=abs(max(out["ours"]) - max(out["theirs"])),
+                   agree_ok=abs(max(out["ours"]) - max(out["theirs"])) <= 0.02)
+
+
+def bench_probe_augment(n, epochs, device, rounds, goal):
+    """The probe protocol of the papers (`probe.py --augment`): every epoch the frozen encoder
+    embeds a new RandomResizedCrop + flip of every train image. Trained one lr at a time, each of
+    the 13 trainings needs its own encoder passes; the stacked grid needs one per epoch.
+    Encoder: pretrain.py's tiny MAE size (128 wide, 6 deep, patch 4) on the embedded data set."""
+    probe = try_import("probe")
+    if probe is None or not all(hasattr(probe, a) for a in ("GridTrainer", "train_transform")):
+        return dict(skipped="probe.GridTrainer / probe.train_transform do not exist yet")
+    import common
+    data = common.ClutteredDigits("train", n=n, transform=probe.train_transform(32))
+    y = torch.as_tensor(data.targets).to(device)
+    torch.manual_seed(0)
+    vit = model.ViT(dim=128, depth=6, heads=2, patch=4, img_size=32).to(device).eval()
+    batch = min(1024, n)
+
+    def train(lrs):
+        trainer = probe.GridTrainer(vit.dim, 10, lrs, batch, epochs, n, 0.1, 0, device)
+        for epoch in range(epochs):
+            torch.manual_seed(epoch)  # the same crops in every training
+            feats, _ = common.extract_features(vit, data, [vit.depth], "cls", 256, device, 0)
+            trainer.train_epoch(feats[vit.depth].to(device), y)
+        return trainer
+
+    t_ours, t_theirs, ratio = alternate(lambda: train(MIM_REFINER_LR_GRID),
+                                        lambda: [train([lr]) for lr in MIM_REFINER_LR_GRID],
+                                        rounds, device, warmup=0)  # 13 trainings warm themselves
+    return summary(t_ours, t_theirs, ratio, goal, protocol="augment (probe.py --augment)", train=n,
+                   epochs=epochs, batch=batch, grid=len(MIM_REFINER_LR_GRID),
+                   encoder="ViT 128 wide, 6 deep, patch 4, 32 px")
+
+
+def proposed_grid_loss(logits, y):
+    """probe.grid_loss's value (sum over the G probes of each one's mean cross-entropy) from one
+    contiguous (G*B, C) cross-entropy instead of a 2-D loss over a permuted (B, C, G) view."""
+    G, B, C = logits.shape
+    return F.cross_entropy(logits.reshape(G * B, C), y.repeat(G), reduction="sum") / B
+
+
+# ---------------------------------------------------------------------------------------------
+# Data loading of the refinement views
+
+def bench_loader(device, n_images, batch, workers, epochs=3):
+    """refine.py's MIM-Refiner views (2 x 224 + 10 x 96, BYOL augmentation) of JPEGs of ImageNet's
+    typical size (500 x 375) through a DataLoader with `workers` processes, pinned memory and
+    copies to the device; images/s over the epochs after the first (which starts the workers)."""
+    import dataclasses
+    import shutil
+    import tempfile
+    from PIL import Image
+    from torch.utils.data import DataLoader
+    from torchvision import datasets
+    refine = try_import("refine")
+    if refine is None or not all(hasattr(refine, a) for a in ("Views", "make_views", "Settings")):
+        return dict(skipped="refine.Views / refine.make_views do not exist yet")
+    import common
+    root = tempfile.mkdtemp()
+    try:
+        os.makedirs(os.path.join(root, "c0"))
+        rng = np.random.default_rng(0)
+        for i in range(n_images):  # smooth random pictures: JPEG sizes like photographs
+            small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+            Image.fromarray(small).resize((500, 375), Image.BICUBIC).save(
+                os.path.join(root, "c0", f"{i}.jpg"), quality=90)
+        cfg = dataclasses.replace(refine.Settings(), views="multicrop", global_size=224, local_size=96,
+                                  local_crops=10)
+        data = refine.Views(datasets.ImageFolder(root), refine.make_views(cfg), 0)
+        loader = DataLoader(data, batch, shuffle=True, drop_last=True, **common.loader_kwargs(device, workers))
+        times = []
+        for _ in range(epochs):
+            t0, n = time.perf_counter(), 0
+            for views, idx in loader:
+                views = [v.to(device, non_blocking=True) for v in views]
+                n += len(idx)
+            sync(device)
+            times.append((time.perf_counter() - t0, n))
+        t = sum(a for a, _ in times[1:]) or times[0][0]
+        n = sum(b for _, b in times[1:]) or times[0][1]
+        return dict(images=n_images, batch=batch, workers=workers, views="2x224 + 10x96 (BYOL)",
+                    img_s=n / t, first_epoch_s=times[0][0], cpu_count=os.cpu_count(),
+                    note="persistent workers, pinned memory; JPEG 500x375")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The refinement step
+
+def mim_refiner_views(patch: int, img: int):
+    """(global size, count), (local size, count): 2 x 224 + 10 x 96 for patch 16 at 224 (98
+    for patch 14), scaled by img/224 for small images (kept divisible by the patch)."""
+    local = 98 if patch == 14 else 96
+    if img != 224:
+        local = max(patch, round(img * local / 224 / patch) * patch)
+    return [(img, 2), (local, 10)]
+
+
+def tokens_per_image(patch, views):
+    """Encoder tokens one image costs, summed over its views (CLS included)."""
+    return sum(n * (1 + (s // patch) ** 2) for s, n in views)
+
+
+class StandInStep:
+    """A MIM-Refiner training step built from model.py alone, for when refine.py offers none:
+    ViT, one ContrastiveHead + NNQueue per block of the last third, NNA loss over every (global
+    anchor, other view) pair, AdamW, bf16 autocast on CUDA. Views of one size go through the
+    encoder together; the heads see all views of the batch at once (their BN statistics)."""
+
+    def __init__(self, vit, blocks, head_kwargs, queue_size, device, tau=0.2, topk=20):
+        self.vit, self.blocks, self.device, self.tau, self.topk = vit, blocks, device, tau, topk
+        self.heads = torch.nn.ModuleList(model.ContrastiveHead(vit.dim, **head_kwargs) for _ in blocks)
+        self.queues = torch.nn.ModuleList(model.NNQueue(queue_size, head_kwargs["proj_dim"])
+                                          for _ in blocks)
+        self.heads.to(device), self.queues.to(device), vit.to(device).train()
+        params = list(vit.parameters()) + list(self.heads.parameters())
+        self.opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.05,
+                                     fused=device.type == "cuda")
+
+    def __call__(self, views, idx):
+        """views: list of (B, 3, s, s) per view, globals first; idx (B,) dataset indices."""
+        B, n_views = len(idx), len(views)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
+            cls = {b: [None] * n_views for b in self.blocks}
+            by_size = {}
+            for v, x in enumerate(views):
+                by_size.setdefault(x.shape[-1], []).append(v)
+            for vs in by_size.values():  # one encoder pass per view size
+                outs = self.vit.forward_blocks(torch.cat([views[v] for v in vs]), self.blocks)
+                for b, t in zip(self.blocks, outs):  # t (len(vs)*B, 1+N, D)
+                    if b == self.vit.depth:
+                        t = self.vit.final_norm(t)
+                    for j, v in enumerate(vs):
+                        cls[b][v] = t[j * B:(j + 1) * B, 0]  # (B, D)
+            zp = [head(torch.cat(cls[b])) for b, head in zip(self.blocks, self.heads)]  # all views: one BN
+        loss = 0.0
+        for (z, p), queue in zip(zp, self.queues):  # float32 losses, outside autocast
+            z, p = z.float().view(n_views, B, -1), p.float().view(n_views, B, -1)  # (V, B, d)
+            terms = []
+            for i in range(2):  # anchor: global view i
+                nn_z = queue.lookup(z[i].detach(), idx, self.topk)
+                terms += [model.nna_loss(z[i], nn_z, p[v], self.tau) for v in range(n_views) if v != i]
+            loss = loss + torch.stack(terms).mean()
+            queue.enqueue(z[0].detach(), idx)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+
+class RefinePyStep:
+    """refine.py's phase-2 MIM-Refiner step, built from its own parts (Refiner, set_trainable,
+    param_groups, mim_refiner_loss, ema_update) with the body of its training loop: encoder and
+    heads under bf16 autocast on CUDA, loss per head over every (global anchor, other view) pair,
+    the loss read back to the host every step (its non-finite check), AdamW, queue and EMA update.
+
+    Two deviations, both named in BENCHMARKS.md: the losses are computed outside autocast (inside
+    it, nna_loss mixes a bf16 logit matrix with float32 positives and fails on CUDA), and
+    `fast=True` measures the proposed loop: fused AdamW, no host sync per step, one fused EMA."""
+
+    def __init__(self, vit, blocks, head_kwargs, queue_size, device, tau=0.2, topk=20, fast=False):
+        import copy
+        refine = importlib.import_module("refine")
+        self.refine, self.device, self.tau, self.topk, self.blocks = refine, device, tau, topk, blocks
+        self.fast = fast
+        self.refiner = refine.Refiner(vit, blocks, "cls", act="gelu", predictor_bn=True,
+                                      **head_kwargs).to(device)
+        refine.set_trainable(self.refiner, 1, 0)
+        self.queues = {b: model.NNQueue(queue_size, head_kwargs["proj_dim"]).to(device) for b in blocks}
+        self.ema = copy.deepcopy(vit).requires_grad_(False)
+        self.ema_pairs = (list(self.ema.parameters()), [p.detach() for p in vit.parameters()])
+        self.opt = torch.optim.AdamW(refine.param_groups(self.refiner, refine.Settings()),
+                                     lr=1e-5, betas=(0.9, 0.95),
+                                     **({"fused": True} if fast and device.type == "cuda" else {}))
+        self.gen = torch.Generator(device=device).manual_seed(0)
+
+    def __call__(self, views, idx):
+        n_views, loss, enqueue = len(views), 0.0, []
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
+            _, zp = self.refiner(views)
+        for b in self.blocks:  # float32 from here on
+            z, p = zp[b]
+            z = z.detach().float().chunk(n_views)  # per view (B, d)
+            p_all = list(p.float().chunk(n_views))  # one process: nothing to gather
+            nns = [self.queues[b].lookup(z[i], idx, self.topk, self.gen) for i in range(2)]
+            loss = loss + self.refine.mim_refiner_loss(z, nns, p_all, self.tau, 0)
+            enqueue.append((b, z[0]))
+        if not self.fast:
+            loss.detach().clone().item()  # as refine.py: a host sync every step
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        for b, z0 in enqueue:
+            self.queues[b].enqueue(z0, idx)
+        if self.fast:  # e += (1 - m) (o - e) for all parameters in a few fused kernels
+            torch._foreach_lerp_(self.ema_pairs[0], self.ema_pairs[1], 1 - 0.9999)
+        else:
+            self.refine.ema_update(self.ema, self.refiner.vit, 0.9999)
+        return loss.detach()
+
+
+def refine_step_factory(fast=False):
+    """refine.py's training step where refine.py exists, else the stand-in built from model.py.
+    -> (description, callable(vit, blocks, head_kwargs, device) -> step(views, idx))."""
+    refine = try_import("refine")
+    queue = lambda dev: 65536 if dev.type == "cuda" else 4096  # noqa: E731
+    if refine is not None and all(hasattr(refine, a) for a in
+                                  ("Refiner", "set_trainable", "param_groups", "mim_refiner_loss", "ema_update")):
+        return ("refine.py parts" + (", proposed loop" if fast else "")), lambda vit, blocks, hk, dev: \
+            RefinePyStep(vit, blocks, hk, queue(dev), dev, fast=fast)
+    return "bench.StandInStep (model.py pieces)", lambda vit, blocks, hk, dev: StandInStep(
+        vit, blocks, hk, queue(dev), dev)
+
+
+def free_cuda():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def is_oom(e: Exception) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e)
+
+
+# name: (dim, depth, heads, patch, image size, head widths). tiny is the CPU recipe of refine.py
+# on the embedded data (pretrain.py's tiny MAE: 128 wide, 6 deep, patch 4, 32 px; small heads).
+SMALL_HEADS = dict(proj_hidden=512, proj_dim=128, pred_hidden=1024)
+FULL_HEADS = dict(proj_hidden=2048, proj_dim=256, pred_hidden=4096)
+REFINE_PRESETS = {"micro": (32, 2, 2, 8, 16, dict(proj_hidden=32, proj_dim=16, pred_hidden=32)),
+                  "tiny": (128, 6, 2, 4, 32, SMALL_HEADS),
+                  "base": (*model.SIZES["base"], 224, FULL_HEADS),
+                  "large": (*model.SIZES["large"], 224, FULL_HEADS)}
+
+
+class RefineBench:
+    """One encoder + heads + optimizer of a preset, stepped at any batch size: the optimizer
+    state stays allocated between batch sizes, as in a real run."""
+
+    def __init__(self, preset, ckpt, device, fast=False, compile=False):
+        dim, depth, heads, patch, img, self.head_kwargs = REFINE_PRESETS[preset]
+        torch.manual_seed(0)
+        with torch.device(device):  # initialised where it runs: ViT-L init on a CPU takes seconds
+            vit = model.ViT(dim=dim, depth=depth, heads=heads, patch=patch, img_size=img,
+                            grad_checkpointing=ckpt)
+        self.blocks = list(range(depth - math.ceil(depth / 3) + 1, depth + 1))  # last third: L 17-24
+        self.desc, factory = refine_step_factory(fast)
+        self.step = factory(vit, self.blocks, self.head_kwargs, device)
+        if compile == "model":  # what refine.py --compile does: the whole Refiner
+            if hasattr(self.step, "refiner"):
+                self.step.refiner = torch.compile(self.step.refiner)
+            else:
+                self.step.vit = torch.compile(self.step.vit)
+        elif compile == "blocks":  # each block alone: activation checkpointing stays outside
+            for i, blk in enumerate(vit.blocks):
+                vit.blocks[i] = torch.compile(blk)
+        elif compile:
+            raise model.UserError(f"--compile {compile!r}: use model or blocks")
+        if compile:
+            self.desc += f", torch.compile ({compile})"
+        self.preset, self.ckpt, self.device, self.patch = preset, ckpt, device, patch
+        self.views_spec = mim_refiner_views(patch, img)
+        self.n_params = sum(p.numel() for p in vit.parameters())
+
+    def run(self, batch, steps, warmup=1):
+        """Median seconds per step at this batch; peak memory on CUDA. Raises on OOM."""
+        dev = self.device
+        views = [torch.randn(batch, 3, s, s, device=dev) for s, n in self.views_spec for _ in range(n)]
+        idx = torch.arange(batch, device=dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        times = []
+        for i in range(warmup + steps):
+            sync(dev)
+            t0 = time.perf_counter()
+            self.step(views, idx)
+            sync(dev)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        res = dict(preset=self.preset, step=self.desc, batch=batch, grad_checkpointing=self.ckpt,
+                   views=" + ".join(f"{n}x{s}" for s, n in self.views_spec),
+                   heads_on_blocks=f"{self.blocks[0]}-{self.blocks[-1]}", encoder_params=self.n_params,
+                   tokens_per_image=tokens_per_image(self.patch, self.views_spec), steps=steps,
+                   step_s=statistics.median(times), img_s=batch / statistics.median(times))
+        if dev.type == "cuda":
+            res["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
+        else:  # no allocator statistics on a CPU: the peak resident set of the process so far
+            res["peak_rss_gib_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        return res
+
+    def fits(self, batch):
+        """Peak GiB of one step at this batch (after a warm-up step), or None if out of memory."""
+        try:
+            return self.run(batch, 1)["peak_mem_gib"]
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+            if not is_oom(e):
+                raise
+        self.recover()  # outside the except block, whose traceback still holds the activations
+        return None
+
+    def recover(self):
+        self.step.opt.zero_grad(set_to_none=True)
+        free_cuda()
+
+    def largest_batch(self, start=32, granularity=16, cap=4096):
+        """Double until a step runs out of memory, then bisect down to `granularity` images."""
+        lo, hi, b, mem = 0, None, start, {}
+        while hi is None and b <= cap:
+            m = self.fits(b)
+            if m is None:
+                hi = b
+            else:
+                lo, mem[b], b = b, m, b * 2
+        while hi is not None and hi - lo > granularity:
+            mid = (lo + hi) // 2 // granularity * granularity
+            m = self.fits(mid)
+            if m is None:
+                hi = mid
+            else:
+                lo, mem[mid] = mid, m
+        return dict(preset=self.preset, grad_checkpointing=self.ckpt, largest=lo,
+                    peak_mem_gib=mem.get(lo), first_oom=hi, tried_ok=sorted(mem))
+
+    def close(self):
+        del self.step
+        free_cuda()
+
+
+# ---------------------------------------------------------------------------------------------
+
+def peak_flops(device, override_tflops):
+    if override_tflops:
+        return override_tflops * 1e12, "given"
+    name = torch.cuda.get_device_name(device)
+    for key, val in PEAK_BF16.items():  # the first match: "H100 PCIe" before "H100"
+        if key in name:
+            return val, name
+    return None, name
+
+
+def machine(device):
+    info = dict(python=platform.python_version(), torch=torch.__version__,
+                threads=torch.get_num_threads(), load_avg=os.getloadavg())
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    info["cpu_count"] = os.cpu_count()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_mem_gib"] = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+    return info
+
+
+def print_table(rows):
+    print(f"{'comparison':<28}{'setting':<44}{'ours s':>9}{'theirs s':>10}{'ratio':>8}{'goal':>7}  ok")
+    for key, r in rows:
+        if "skipped" in r:
+            print(f"{key:<28}{'skipped: ' + r['skipped']}")
+            continue
+        print(f"{key:<28}{r.get('setting', ''):<44}{r['ours_s']:>9.4f}{r['theirs_s']:>10.4f}"
+              f"{r['ratio']:>8.2f}{r['goal']:>7.1f}  {'yes' if r['ok'] else 'NO'}")
+
+
+def main(cfg: Settings) -> dict:
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise model.UserError(f"unknown --device {cfg.device!r}; use auto, cpu or cuda")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise model.UserError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    threads = 1 if cfg.threads < 0 and (cfg.quick or cfg.tiny) and device.type == "cpu" else max(0, cfg.threads)
+    if threads:
+        from threadpoolctl import threadpool_limits  # installed with scikit-learn
+        torch.set_num_threads(threads)
+        threadpool_limits(threads)  # BLAS and OpenMP of numpy and scikit-learn
+    known = {"vit", "knn", "kmeans", "probe", "refine", "loader"}
+    only = set(cfg.only.split(",")) if cfg.only else known - {"loader"}
+    if only - known:
+        raise model.UserError(f"--only {cfg.only}: unknown part(s) {sorted(only - known)}; use {sorted(known)}")
+    gpu, quick, tiny = device.type == "cuda", cfg.quick or cfg.tiny, cfg.tiny
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (k-NN, k-means) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    rounds = cfg.rounds or (2 if tiny else 5 if quick else 7)
+    slow_rounds = cfg.rounds or (2 if tiny else 5 if quick else 3)  # on GPU scikit-learn takes seconds a round
+    goal = {k: v[1 if gpu else 0] for k, v in GOALS.items()}
+    details, ratios, rows = {"machine": machine(device)}, {}, []
+    t_start = time.perf_counter()
+
+    def save():  # after every part, so that a run cut short still leaves its figures
+        if cfg.out:
+            write_json(cfg.out, {"ratios": ratios, "details": details})
+        print(f"[{time.perf_counter() - t_start:6.1f} s] done: {', '.join(k for k in details if k != 'machine')}",
+              flush=True)
+
+    if "vit" in only:
+        if tiny:
+            sizes = [("micro", 32, 2, 2, 8, 16, 4)]
+        elif gpu:
+            sizes = [("ViT-B/16", *model.SIZES["base"], 224, 128),
+                     ("ViT-L/16", *model.SIZES["large"], 224, 64)]
+        else:
+            sizes = [("ViT-Ti/16 @ 64px", *model.SIZES["tiny"], 64, 32)]
+        res = [bench_vit(*s, device, gpu, rounds, goal["vit_vs_timm"], reps=5 if gpu else 1) for s in sizes]
+        for r in res:
+            r["setting"] = f"{r['model']} img {r['img_size']} batch {r['batch']} {r['dtype']}"
+            rows.append(("vit_vs_timm", r))
+        details["vit_vs_timm"] = res
+        ratios["vit_vs_timm"] = min(r["ratio"] for r in res)  # the worst size counts
+        save()
+
+    if "knn" in only:
+        # quick: D 128, the width of the CPU encoder (pretrain.py's tiny MAE); else D 384
+        n, m, d, k, c = ((300, 50, 16, 5, 5) if tiny else (10000, 2000, 128, 20, 10) if quick
+                         else (50000, 10000, 384, 20, 1000))
+        r = bench_knn(n, m, d, k, c, device, slow_rounds, goal["knn_vs_sklearn"])
+        r["setting"] = f"{n} x {m}, D {d}, k {k}"
+        rows.append(("knn_vs_sklearn", r))
+        details["knn_vs_sklearn"] = r
+        if "ratio" in r:
+            ratios["knn_vs_sklearn"] = r["ratio"]
+        save()
+
+    if "kmeans" in only:
+        n, d, K, n_init, iters = ((400, 8, 4, 2, 10) if tiny else (20000, 128, 50, 3, 30) if quick
+                                  else (50000, 384, 1000, 3, 50))
+        r = bench_kmeans(n, d, K, n_init, iters, device, slow_rounds, goal["kmeans_vs_sklearn"])
+        r["setting"] = f"{n} x D {d}, K {K}, n_init {n_init}, {iters} it"
+        rows.append(("kmeans_vs_sklearn", r))
+        details["kmeans_vs_sklearn"] = r
+        if "ratio" in r:
+            ratios["kmeans_vs_sklearn"] = r["ratio"]
+        save()
+
+    if "probe" in only:
+        # the papers' protocol: crops re-embedded every epoch (the reported ratio)
+        n_img, ep_aug = (64, 1) if tiny else (256, 2) if quick else (4096, 2)
+        r = bench_probe_augment(n_img, ep_aug, device, 1, goal["probe_grid_vs_sequential"])
+        r["setting"] = f"--augment, {n_img} images, {ep_aug} epochs"
+        rows.append(("probe_grid_vs_sequential", r))
+        details["probe_grid_vs_sequential"] = r
+        if "ratio" in r:
+            ratios["probe_grid_vs_sequential"] = r["ratio"]
+        save()
+        # the fast mode: features extracted once, only the probe steps differ
+        n, d, c, ep = ((256, 16, 4, 2) if tiny else (5188, 128, 10, 10) if quick
+                       else (100000, 1024, 1000, 2))
+        r = bench_probe(n, d, c, ep, device, max(1, rounds // 2), goal["probe_grid_vs_sequential"])
+        r["setting"] = f"features once: {n} x D {d}, {c} classes, {ep} epochs"
+        rows.append(("probe (features once)", r))
+        details["probe_grid_vs_sequential_features_once"] = r
+        probe = try_import("probe")
+        if gpu and probe is not None and hasattr(probe, "grid_loss"):  # the proposed loss, both sides
+            original, probe.grid_loss = probe.grid_loss, proposed_grid_loss
+            try:
+                r2 = bench_probe(n, d, c, ep, device, max(1, rounds // 2), goal["probe_grid_vs_sequential"])
+            finally:
+                probe.grid_loss = original
+            r2["setting"] = r["setting"] + ", proposed grid_loss"
+            rows.append(("probe_grid_vs_sequential", r2))
+            details["probe_grid_vs_sequential_proposed_loss"] = r2
+        save()
+
+    if "loader" in only:
+        w = cfg.workers if cfg.workers >= 0 else (max(1, (os.cpu_count() or 2) - 1) if gpu else 0)
+        details["refine_loader"] = bench_loader(device, 16 if tiny else 1024 if gpu else 128,
+                                                4 if tiny else 64 if gpu else 32, w, 2 if tiny else 3)
+        save()
+
+    if "refine" in only:
+        def partial(r):
+            details["refine_step"] = r
+            save()
+        details["refine_step"] = bench_refine(cfg, device, tiny, quick, partial=partial)
+
+    details["wall_s"] = time.perf_counter() - t_start
+    print_table(rows)
+    for r in details.get("refine_step", {}).get("runs", []):
+        line = f"refine step {r['preset']:<6} batch {r['batch']:>4}  checkpointing {str(r['grad_checkpointing']):<5}"
+        if r.get("oom"):
+            print(line + "  out of memory")
+            continue
+        line += f" {r['img_s']:>9.1f} img/s"
+        if "peak_mem_gib" in r:
+            line += f"  peak {r['peak_mem_gib']:.2f} GiB"
+        if "mfu" in r:
+            line += f"  MFU {100 * r['mfu']:.1f}%"
+        print(line)
+    if "mfu_formula" in details.get("refine_step", {}):
+        print(details["refine_step"]["mfu_formula"])
+    for r in details.get("refine_step", {}).get("largest_batch", []):
+        print(f"largest ViT-L refinement batch per GPU, checkpointing {r['grad_checkpointing']}: "
+              f"{r['largest']} (peak {r['peak_mem_gib'] or 0:.1f} GiB; {r['first_oom']} ran out of memory)")
+    if "img_s" in details.get("refine_loader", {}):
+        r = details["refine_loader"]
+        print(f"refinement views through the DataLoader: {r['img_s']:.0f} img/s with {r['workers']} workers")
+    print(f"total {details['wall_s']:.1f} s on {details['machine'].get('gpu', details['machine']['cpu'])}")
+    result = {"ratios": ratios, "details": details}
+    if cfg.out:
+        write_json(cfg.out, result)
+    return result
+
+
+def bench_refine(cfg, device, tiny, quick, out_path=None, partial=None):
+    """Refinement step per preset, checkpointing on and off; on CUDA the MFU and the largest
+    ViT-L batch that fits."""
+    gpu = device.type == "cuda"
+    default_batch = {"micro": 4, "tiny": 256 if gpu else 32, "base": 128 if gpu else 8, "large": 128 if gpu else 2}
+    names = (cfg.presets.split(",") if cfg.presets else ["micro"] if tiny
+             else ["tiny", "base", "large"] if gpu else ["tiny"] if quick else ["tiny", "base"])
+    if set(names) - set(REFINE_PRESETS) or cfg.refine_ckpt not in ("on", "off", "both"):
+        raise model.UserError(f"--presets {cfg.presets} / --refine-ckpt {cfg.refine_ckpt}: use presets "
+                              f"from {sorted(REFINE_PRESETS)} and on, off or both")
+    configs = [(name, cfg.refine_batch or default_batch[name]) for name in names]
+    ckpts = {"on": (True,), "off": (False,), "both": (True, False)}[cfg.refine_ckpt]
+    steps = 2 if tiny else 3 if quick else 10
+    out = {"runs": [], "note": "synthetic images already on the device: data loading not timed; "
+                               "MIM-Refiner views (2 global + 10 local) for every preset"}
+    if gpu:
+        peak, src = peak_flops(device, cfg.peak_tflops)
+        out["peak_flops"], out["peak_source"] = peak, src
+        out["mfu_formula"] = ("MFU = 6 x encoder params x tokens per image (CLS included, summed over "
+                              "the views) x images/s / peak bf16 FLOP/s"
+                              f" (peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s, {src}; "
+                              "attention scores, heads and checkpoint recompute not counted)")
+    for preset, batch in configs:
+        for ckpt in ckpts:  # checkpointed first: on a CPU its peak RSS is not masked
+            rb = RefineBench(preset, ckpt, device, compile=cfg.compile)
+            r = dict(preset=preset, batch=batch, grad_checkpointing=ckpt, oom=True)
+            try:
+                r = rb.run(batch, steps)
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+                if not is_oom(e):
+                    raise
+            if r.get("oom"):
+                rb.recover()
+            if gpu and peak and "img_s" in r:
+                r["mfu"] = 6 * r["encoder_params"] * r["tokens_per_image"] * r["img_s"] / peak
+            out["runs"].append(r)
+            if gpu and cfg.max_batch and preset == "large":
+                lb = rb.largest_batch()
+                out.setdefault("largest_batch", []).append(lb)
+            rb.close()
+            if partial is not None:
+                partial(out)
+    if gpu and not tiny and cfg.max_batch and "large" in names:  # refine.py's loop against the proposed one
+        for fast in (False, True):
+            rb = RefineBench("large", True, device, fast=fast)
+            r = rb.run(256, steps)
+            r["mfu"] = 6 * r["encoder_params"] * r["tokens_per_image"] * r["img_s"] / peak if peak else None
+            out.setdefault("loop_variants", []).append(r)
+            rb.close()
+            if partial is not None:
+                partial(out)
+    return out
+
+
+if __name__ == "__main__":
+    cli(main, Settings)
