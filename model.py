@@ -8,6 +8,7 @@
 
 Importing this module has no side effects; it depends on torch alone.
 """
+import functools
 import math
 import os
 from collections import OrderedDict
@@ -306,6 +307,15 @@ class ContrastiveHead(nn.Module):
         return z, self.predictor(z)
 
 
+def fp32(fn):
+    """Run fn with autocast off: similarities divided by a small tau must not be rounded to bf16."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
 class NNQueue(nn.Module):
     """FIFO of normalised projections with the dataset index of each (SPEC §5)."""
 
@@ -325,6 +335,7 @@ class NNQueue(nn.Module):
         self.ptr.copy_((self.ptr + n) % size)
 
     @torch.no_grad()
+    @fp32
     def lookup(self, z, idx, k: int = 1, generator=None):
         """For each query z (B, d) a stored neighbour (B, d): one of the k most similar entries,
         picked uniformly; entries holding the query's own image (same dataset index) excluded."""
@@ -335,6 +346,7 @@ class NNQueue(nn.Module):
         return self.z[top.gather(1, pick).squeeze(1)]  # (B, d)
 
 
+@fp32
 def nna_loss(z, nn_z, p_all, tau: float, offset: int = 0):
     """MIM-Refiner's nearest-neighbour alignment (SPEC §6).
 
@@ -353,6 +365,7 @@ def nna_loss(z, nn_z, p_all, tau: float, offset: int = 0):
     return F.cross_entropy(logits, target)
 
 
+@fp32
 def nnclr_loss(nn_z, p_all, tau: float, offset: int = 0):
     """NNCLR as MAE-CT uses it (SPEC §6): the whole row is the anchor's neighbour against every
     prediction, logit[j, k] = NN(z_j) . p_k / tau; shapes as in `nna_loss`."""

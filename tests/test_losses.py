@@ -59,6 +59,19 @@ def test_positive_column_is_offset_by_rank():
     torch.testing.assert_close(model.nnclr_loss(nn_z, p_all, 0.2, offset=3), model.nnclr_loss(nn_z, rolled, 0.2))
 
 
+def test_losses_and_lookup_stay_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    z, nn_z, p = torch.randn(6, 8), torch.randn(6, 8), torch.randn(6, 8)
+    q = model.NNQueue(16, dim=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = (model.nna_loss(z, nn_z, p.bfloat16(), 0.2), model.nnclr_loss(nn_z, p.bfloat16(), 0.2),
+               q.lookup(z.bfloat16(), torch.arange(6), k=1))
+    ref_p = p.bfloat16().float()
+    torch.testing.assert_close(got[0], model.nna_loss(z, nn_z, ref_p, 0.2))
+    torch.testing.assert_close(got[1], model.nnclr_loss(nn_z, ref_p, 0.2))
+    assert got[2].dtype == torch.float32
+
+
 def test_gradient_reaches_only_the_predictions():
     z, nn_z, p = (torch.randn(4, 8, requires_grad=True) for _ in range(3))
     (model.nna_loss(z, nn_z, p, 0.2) + model.nnclr_loss(nn_z, p, 0.2)).backward()
