@@ -1,0 +1,203 @@
+"""The whole story on the embedded data set, on a CPU, in minutes: `make demo`.
+
+The committed MAE (checkpoints/mae_tiny_digits.pth, made by pretrain.py) is refined twice, with
+MIM-Refiner (Alkin et al. 2024) and with MAE-CT (Lehner et al. 2023); all three encoders are then
+evaluated with the same protocols (SPEC §8): weighted k-NN on every block, linear probe, 1/2/5-shot
+logistic regression, k-means clustering. Each encoder's features are extracted once
+(knn.py --save-features) and the other stages read them (--load-features). The stages run as
+separate processes (`--jobs` at a time, `--threads` torch threads each: on a shared 2-core machine
+two one-thread processes beat one two-thread process for models this small); this file only
+orchestrates them and aggregates their --out JSON files into:
+    OUT/summary.json      {"mae": {...}, "mim-refiner": {...}, "mae-ct": {...}}
+    OUT/knn_per_block.png the per-block k-NN curve of the three encoders (needs matplotlib)
+    OUT/<encoder>/        every stage's JSON, log and feature file
+
+CPU, the embedded default (6 minutes on 2 cores shared with other work, load average ~2):
+    python demo.py
+Reduced size (seconds; what tests/test_demo.py runs on a tiny encoder and image folder):
+    python demo.py --quick --ckpt tiny.pth --data folder --out runs/demo-quick
+"""
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import common
+from common import opt
+from model import UserError
+
+ENCODERS = ("mae", "mim-refiner", "mae-ct")
+SLOTS = [threading.BoundedSemaphore(2)]  # stage processes that may run at once (--jobs); FIFO
+FAILED = threading.Event()  # a stage failed: start no other
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class Settings:
+    ckpt: str = opt("checkpoints/mae_tiny_digits.pth", "the MAE encoder to refine and evaluate")
+    data: str = opt("cluttered-digits", "cluttered-digits or an ImageFolder root with train/ and val/")
+    out: str = opt("runs/demo", "output folder: summary.json, knn_per_block.png, one folder per encoder")
+    mim_refiner_args: str = opt("", "extra refine.py flags for MIM-Refiner, e.g. '--epochs 3'")
+    mae_ct_args: str = opt("", "extra refine.py flags for MAE-CT")
+    k: int = opt(20, "the k of the k-NN numbers in the summary and the plot (knn.py runs 10 and 20)")
+    shots: str = opt("1,2,5", "low-shot: labelled images per class")
+    jobs: int = opt(2, "stage processes at once (one per core suits small models)")
+    threads: int = opt(1, "torch / OpenMP threads per stage process")
+    plot: bool = opt(True, "draw OUT/knn_per_block.png (needs matplotlib); --no-plot skips it")
+    quick: bool = opt(False, "reduced size for smoke tests: a few refine steps on a few images, "
+                             "short probes, one k-means seed, one low-shot draw")
+
+
+def stage_flags(cfg: Settings) -> dict:
+    """Flags of each stage. --quick shrinks the work, not the protocol."""
+    if not cfg.quick:
+        return dict(refine=[], probe=[], shots=[], cluster=[])
+    return dict(refine=["--limit-train", "16", "--batch-size", "8", "--queue-size", "8", "--topk", "2",
+                        "--head-epochs", "1", "--epochs", "1", "--local-crops", "1",
+                        "--proj-hidden", "16", "--proj-dim", "8", "--pred-hidden", "16"],
+                probe=["--epochs", "2"], shots=["--splits", "1"], cluster=["--seeds", "1", "--iters", "20"])
+
+
+def run(cmd: list, log: str, cfg: Settings):
+    """One stage script as a child process; its output goes to `log`. A failure stops the demo
+    with the stage's last lines."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
+    with SLOTS[0], open(log, "w") as f:
+        if FAILED.is_set():
+            raise UserError("another stage failed")
+        t0 = time.perf_counter()
+        code = subprocess.call([sys.executable, *cmd], cwd=HERE, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if code:
+        FAILED.set()
+        with open(log) as f:
+            tail = f.read().replace("\r", "\n").strip().splitlines()[-3:]
+        raise UserError(f"{' '.join(cmd[:1] + cmd[-2:])} failed (exit {code}): {' | '.join(tail)}; "
+                        f"the whole output is in {log}")
+    print(f"  {time.perf_counter() - t0:6.0f} s  {' '.join(cmd[:3])}  -> {log}", flush=True)
+
+
+def chain(name: str, cfg: Settings, flags: dict) -> str:
+    """Refine (unless the MAE), extract the features once, then k-NN, probe, low-shot, clustering."""
+    d = os.path.join(cfg.out, name)
+    os.makedirs(d, exist_ok=True)
+    ckpt = os.path.abspath(cfg.ckpt)
+    if name != "mae":
+        extra = shlex.split(cfg.mim_refiner_args if name == "mim-refiner" else cfg.mae_ct_args)
+        run(["refine.py", "--method", name, "--ckpt", ckpt, "--data", cfg.data, "--out", d,
+             "--device", "cpu", *flags["refine"], *extra], os.path.join(d, "refine.log"), cfg)
+        ckpt = os.path.join(d, "encoder.pth")
+    feats, common_flags = os.path.join(d, "features.pt"), ["--device", "cpu", "--workers", "0"]
+    if os.path.exists(feats):  # a rerun into the same --out must not read stale features
+        os.remove(feats)
+    run(["knn.py", "--ckpt", ckpt, "--data", cfg.data, "--blocks", "all",
+         "--k", ",".join(map(str, sorted({10, 20, cfg.k}))),
+         "--save-features", feats, *common_flags, "--out", os.path.join(d, "knn.json")],
+        os.path.join(d, "knn.log"), cfg)
+    stages = (("probe", ["probe.py", *flags["probe"]]),
+              ("shots", ["probe.py", "--shots", cfg.shots, *flags["shots"]]),
+              ("cluster", ["cluster.py", *flags["cluster"]]))
+    with ThreadPoolExecutor(len(stages)) as pool:  # independent: they wait for free slots together
+        list(pool.map(lambda st: run([*st[1], "--load-features", feats, "--blocks", "last", *common_flags,
+                                      "--out", os.path.join(d, f"{st[0]}.json")],
+                                     os.path.join(d, f"{st[0]}.log"), cfg), stages))
+    return name
+
+
+def read(path: str) -> list:
+    with open(path) as f:
+        return json.load(f)["results"]
+
+
+def summarize(cfg: Settings, name: str) -> dict:
+    """The numbers of one encoder (fractions in [0, 1]) and its per-block k-NN curve."""
+    d = os.path.join(cfg.out, name)
+    knn = [r for r in read(os.path.join(d, "knn.json")) if r["k"] == cfg.k]
+    curve = {int(r["block"]): r["top1"] for r in knn}  # {block: top-1}
+    best = max(curve, key=curve.get)
+    probe = [r for r in read(os.path.join(d, "probe.json")) if r.get("best")]
+    shots = {r["shots"]: r["top1"] for r in read(os.path.join(d, "shots.json"))
+             if r["split"] == "mean" or (r["split"] == 0 and cfg.quick)}  # --quick: one draw
+    cl = read(os.path.join(d, "cluster.json"))[0]
+    out = dict(knn_top1=curve[max(curve)], knn_best_block_top1=curve[best], knn_best_block=best,
+               probe_top1=probe[0]["top1"],
+               **{f"shot{s}_top1": shots[s] for s in sorted(shots)},
+               cluster_acc=cl["acc"], cluster_nmi=cl["nmi"], cluster_ari=cl["ari"],
+               knn_per_block=curve)
+    return out
+
+
+def table(summary: dict) -> str:
+    """Side by side, in percent (k-NN, probe, shots, ACC) or x100 (NMI, ARI)."""
+    keys = [k for k in summary["mae"] if k not in ("knn_per_block", "knn_best_block")]
+    rows = [["", *ENCODERS]] + [[k, *(f"{100 * summary[e][k]:.1f}" for e in ENCODERS)] for k in keys]
+    rows.append(["knn_best_block", *(str(summary[e]["knn_best_block"]) for e in ENCODERS)])
+    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, width)))
+                     for r in rows)
+
+
+def plot(summary: dict, path: str, k: int):
+    """k-NN top-1 against the block, one line per encoder: where each representation peaks."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name in ENCODERS:
+        curve = summary[name]["knn_per_block"]
+        ax.plot(list(curve), [100 * v for v in curve.values()], marker="o", label=name)
+    # the full 0-100 scale: differences of a point or two on 1000 images are noise, and look it
+    ax.set(xlabel="block", ylabel=f"{k}-NN top-1 (%)", ylim=(0, 100), title="k-NN accuracy per block (val)")
+    ax.set_xticks(list(summary["mae"]["knn_per_block"]))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(cfg: Settings) -> dict:
+    if not os.path.isfile(cfg.ckpt):
+        raise UserError(f"--ckpt {cfg.ckpt} does not exist; make demo-full pre-trains one, "
+                        f"or give a checkpoint of SPEC §3")
+    if cfg.jobs < 1 or cfg.threads < 1:
+        raise UserError("--jobs and --threads must be at least 1")
+    if cfg.plot:  # fail now, not after minutes of work
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("the plot needs matplotlib: pip install -r requirements-demo.txt "
+                            "(or --no-plot)") from None
+    os.makedirs(cfg.out, exist_ok=True)
+    flags, t0 = stage_flags(cfg), time.perf_counter()
+    print(f"demo.py: {cfg.ckpt} on {cfg.data}; {cfg.jobs} processes x {cfg.threads} threads; "
+          f"stage outputs in {cfg.out}/<encoder>/", flush=True)
+    # All three chains start at once; a stage waits for one of the --jobs slots, MIM-Refiner's
+    # refinement (the longest stage) first.
+    SLOTS[0] = threading.BoundedSemaphore(cfg.jobs)
+    FAILED.clear()
+    with ThreadPoolExecutor(len(ENCODERS)) as pool:
+        jobs = [pool.submit(chain, n, cfg, flags) for n in ("mim-refiner", "mae", "mae-ct")]
+        try:
+            for job in jobs:
+                job.result()
+        except BaseException:  # a stage failed: start nothing new, let the running stages end
+            pool.shutdown(cancel_futures=True)
+            raise
+    summary = {name: summarize(cfg, name) for name in ENCODERS}
+    common.write_json(os.path.join(cfg.out, "summary.json"), summary)
+    print(f"\n{cfg.k}-NN / probe / low-shot top-1 and k-means ACC, NMI, ARI (x100) on the val split:\n"
+          f"{table(summary)}\n")
+    if cfg.plot:
+        plot(summary, os.path.join(cfg.out, "knn_per_block.png"), cfg.k)
+    print(f"{time.perf_counter() - t0:.0f} s; wrote {cfg.out}/summary.json" +
+          (f" and {cfg.out}/knn_per_block.png" if cfg.plot else ""))
+    return summary
+
+
+if __name__ == "__main__":
+    common.cli(main, Settings)

@@ -1,0 +1,53 @@
+"""demo.py: the whole chain (refine twice, extract once, k-NN, probe, low-shot, clustering, summary)
+at a reduced size on a tiny encoder and image folder; the summary checked against the stages."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+import demo
+import knn
+from model import UserError
+from test_knn import make_checkpoint, make_image_folder
+
+
+def test_demo_quick_chain(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "data", per_class=(8, 2))  # 3 classes: 24 train, 6 val
+    ckpt = str(tmp_path / "tiny.pth")
+    make_checkpoint(ckpt, depth=3)
+    out = str(tmp_path / "demo")
+    has_plot = importlib.util.find_spec("matplotlib") is not None
+    summary = demo.main(demo.Settings(ckpt=ckpt, data=folder, out=out, quick=True, jobs=3,
+                                      plot=has_plot))
+
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(summary))
+    assert set(summary) == {"mae", "mim-refiner", "mae-ct"}
+    keys = ("knn_top1", "knn_best_block_top1", "probe_top1", "shot1_top1", "shot5_top1",
+            "cluster_acc", "cluster_nmi", "cluster_ari")
+    for name, s in summary.items():
+        assert all(k in s for k in keys), name
+        assert all(0.0 <= s[k] <= 1.0 or k == "cluster_ari" for k in keys), (name, s)
+        assert list(s["knn_per_block"]) == [1, 2, 3]
+        assert s["knn_best_block_top1"] == max(s["knn_per_block"].values()) >= s["knn_top1"]
+        assert s["knn_top1"] == s["knn_per_block"][3]
+        assert os.path.isfile(os.path.join(out, name, "features.pt"))
+    for name in ("mim-refiner", "mae-ct"):  # each refined encoder is a new one
+        assert os.path.isfile(os.path.join(out, name, "encoder.pth"))
+    # the MAE's numbers are what knn.py reports for the checkpoint itself (k = 20, every block)
+    ref = knn.main(knn.Settings(ckpt=ckpt, data=folder, blocks="all", k="20", device="cpu", workers=0))
+    assert {r["block"]: r["top1"] for r in ref["results"]} == summary["mae"]["knn_per_block"]
+    text = capsys.readouterr().out
+    assert "mim-refiner" in text and "cluster_acc" in text and "probe_top1" in text
+    assert os.path.isfile(os.path.join(out, "knn_per_block.png")) == has_plot
+
+
+def test_demo_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        demo.main(demo.Settings(ckpt=str(tmp_path / "missing.pth"), plot=False))
+    bad = str(tmp_path / "bad.pth")
+    torch.save({"model": {}}, bad)
+    with pytest.raises(UserError, match="failed"):  # a stage's error stops the demo, naming the log
+        demo.main(demo.Settings(ckpt=bad, out=str(tmp_path / "o"), quick=True, plot=False, jobs=1))
