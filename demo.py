@@ -14,7 +14,7 @@ orchestrates them and aggregates their --out JSON files into:
 
 CPU, the embedded default (6 minutes on 2 cores shared with other work, load average ~2):
     python demo.py
-Reduced size (seconds; what tests/test_demo.py runs on a tiny encoder and image folder):
+Reduced size (under a minute; what tests/test_demo.py runs on a tiny encoder and image folder):
     python demo.py --quick --ckpt tiny.pth --data folder --out runs/demo-quick
 """
 import json
