@@ -158,8 +158,7 @@ def resolve(cfg: Settings, vit, world: int, n_train: int) -> Settings:
     return r
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: the views of image i in epoch e are a pure function of (seed, e, i).
+# --- Data: the views of image i in epoch e are a pure function of (seed, e, i) ---
 
 def blur(img, lo: float, hi: float):
     """Gaussian blur, sigma uniform in (lo, hi); PIL's, as torchvision's takes ~50 ms per 32 px image."""
@@ -223,8 +222,7 @@ def epoch_loader(data: Views, cfg, d, epoch: int, skip: int):
     return DataLoader(data, cfg.batch_size, sampler=order, drop_last=True, **kw)
 
 
-# ---------------------------------------------------------------------------------------------
-# Model, optimiser, objectives.
+# --- Model, optimiser, objectives ---
 
 class Refiner(nn.Module):
     """What trains, one module for DDP: the encoder and one contrastive head per chosen block."""
@@ -315,15 +313,18 @@ def ema_update(ema: nn.Module, online: nn.Module, momentum: float):
         e.lerp_(o.detach(), 1 - momentum)
 
 
-# ---------------------------------------------------------------------------------------------
+# --- Training ---
 
 def main(cfg: Settings) -> dict:
+    common.make_out_dir(cfg.out)
     d = common.setup_distributed(cfg.device)
     common.seed_everything(cfg.seed)  # the same heads and queues on every rank
     last = os.path.join(cfg.out, "last.pt")
     ck = model.read_checkpoint(last) if os.path.isfile(last) else None
     vit = (model.ViT(**ck["arch"], grad_checkpointing=cfg.grad_checkpointing) if ck
            else model.load_encoder(cfg.ckpt, grad_checkpointing=cfg.grad_checkpointing))
+    for blk in vit.blocks if cfg.compile else []:  # per block, in place: the keys stay, and unlike the
+        blk.compile()  # whole model compiled, checkpointing keeps its memory (ViT-L, batch 256)
     data = train_set(cfg)
     cfg = resolve(cfg, vit, d.world, len(data))
     gb, mim = cfg.batch_size * d.world, cfg.method == "mim-refiner"
@@ -365,9 +366,10 @@ def main(cfg: Settings) -> dict:
               f"global batch {gb}; lr {phases[0][2]:.3g} / {phases[1][2]:.3g} for {cfg.head_epochs} + "
               f"{cfg.epochs} epochs of {spe} steps" + (f"; resuming at step {step}" if ck else "")
               + "\nsettings: " + json.dumps(dataclasses.asdict(cfg)))
-        os.makedirs(cfg.out, exist_ok=True)
 
     def save(phase, optim):
+        if not all(map(common.all_finite, parts.values())):  # a diverged update keeps the last file
+            raise UserError(f"the weights are not finite at step {step}; {last} keeps the last good state")
         common.save_atomic({**{k: m.state_dict() for k, m in parts.items()}, "arch": vit.arch(),
                             "optimizer": optim.state_dict(), "phase": phase, "step": step,
                             "global_batch": gb, "settings": dataclasses.asdict(cfg),
@@ -388,7 +390,6 @@ def main(cfg: Settings) -> dict:
             gc.collect()  # the last phase's DDP wrapper drops its gradient hooks
             net = refiner if d.world == 1 else DDP(  # rebuilt per phase: what trains changes
                 refiner, [d.device] if d.device.type == "cuda" else None)
-            net = torch.compile(net) if cfg.compile else net
             optim = torch.optim.AdamW(param_groups(refiner, cfg), lr=peak, betas=(0.9, 0.95))
             if ck and ck["phase"] == phase:  # resuming inside this phase
                 optim.load_state_dict(ck["optimizer"])
@@ -415,8 +416,7 @@ def main(cfg: Settings) -> dict:
                     first_view[b] = z[0]  # what the queue gets
             loss_value = common.all_gather(loss.detach()[None]).mean().item()  # the same on every rank
             if not math.isfinite(loss_value):
-                raise UserError(f"the loss became non-finite at step {step + 1}; {last} keeps the last "
-                                f"good checkpoint; lower --lr or raise --temperature")
+                raise UserError(f"the loss is not finite at step {step + 1}; {last} keeps the last good state")
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()

@@ -212,7 +212,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_ckpt, tmp_path
         return out * float("nan") if len(calls) > 2 * 2 * 4 else out  # 2 heads x 4 pairs per step
 
     monkeypatch.setattr(model, "nna_loss", flaky)
-    with pytest.raises(model.UserError, match="non-finite at step 3"):
+    with pytest.raises(model.UserError, match="not finite at step 3"):
         refine.main(settings(tiny_ckpt, tmp_path, head_epochs=0, epochs=1, save_every=1))
     assert load(tmp_path)["step"] == 2
 

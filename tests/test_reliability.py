@@ -1,0 +1,116 @@
+"""Kill -9 and restart equals an uninterrupted run; bad output paths and non-finite losses never
+cost a good checkpoint (SPEC §11)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A 48-image ImageFolder of 16 px images: start-up costs nothing next to cluttered-digits."""
+    d = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (d / split / c).mkdir(parents=True)
+            for i in range(24 if split == "train" else 4):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(d / split / c / f"{i}.png")
+    return d
+
+
+def pretrain_cmd(folder, out, *extra):
+    return [sys.executable, "pretrain.py", "--data", str(folder), "--out", str(out), "--img-size", "16",
+            "--patch", "4", "--dim", "32", "--depth", "2", "--dec-dim", "32", "--dec-depth", "1",
+            "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "1", "--save-every", "2",
+            "--log-every", "1", "--device", "cpu", *extra]
+
+
+def run(cmd):
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def kill_once_running(cmd, out: Path, after_step: int):
+    """Start cmd, SIGKILL it as soon as its log shows `after_step`; True if it was killed mid-run."""
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / "log.jsonl"
+    while p.poll() is None:
+        if log.exists() and any(json.loads(l)["step"] >= after_step for l in log.read_text().splitlines() if l.strip()):
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_pretrain_killed_and_restarted_equals_uninterrupted(folder, tmp_path):
+    whole = run(pretrain_cmd(folder, tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    assert kill_once_running(pretrain_cmd(folder, tmp_path / "killed"), tmp_path / "killed", after_step=3)
+    assert (tmp_path / "killed" / "last.pt").exists()  # the kill came after a save, mid-training
+    again = run(pretrain_cmd(folder, tmp_path / "killed"))
+    assert again.returncode == 0, again.stderr
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 12
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    steps = [json.loads(l)["step"] for l in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))  # the log has every step once
+
+
+def test_out_that_is_a_file_is_refused(folder, tmp_path):
+    (tmp_path / "taken").write_text("precious")
+    for cmd in (pretrain_cmd(folder, tmp_path / "taken"),
+                [sys.executable, "refine.py", "--out", str(tmp_path / "taken"), "--device", "cpu"]):
+        r = run(cmd)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+        assert "is a file" in r.stderr
+    assert (tmp_path / "taken").read_text() == "precious"
+
+
+def test_pretrain_non_finite_loss_keeps_the_last_good_checkpoint(folder, tmp_path):
+    ok = run(pretrain_cmd(folder, tmp_path / "run", "--max-steps", "2"))
+    assert ok.returncode == 0, ok.stderr
+    good = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    bad = run(pretrain_cmd(folder, tmp_path / "run", "--base-lr", "1e30", "--max-steps", "6"))
+    assert bad.returncode == 2 and "not finite at step" in bad.stderr and "Traceback" not in bad.stderr
+    kept = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+    assert kept["step"] >= good["step"]
+
+
+def refine_cmd(ckpt, folder, out):
+    return [sys.executable, "refine.py", "--ckpt", str(ckpt), "--data", str(folder), "--out", str(out),
+            "--batch-size", "8", "--head-epochs", "1", "--epochs", "1", "--save-every", "2",
+            "--log-every", "1", "--device", "cpu"]
+
+
+def test_refine_killed_and_restarted_equals_uninterrupted(folder, tmp_path):
+    import model
+    torch.manual_seed(0)
+    vit = model.ViT(dim=32, depth=2, patch=4, img_size=16)
+    torch.save({"model": model.export_encoder(vit)}, tmp_path / "mae.pth")
+    whole = run(refine_cmd(tmp_path / "mae.pth", folder, tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    killed = tmp_path / "killed"
+    assert kill_once_running(refine_cmd(tmp_path / "mae.pth", folder, killed), killed, after_step=7)
+    again = run(refine_cmd(tmp_path / "mae.pth", folder, killed))
+    assert again.returncode == 0, again.stderr
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    b = torch.load(killed / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 12  # 6 steps of heads only, then 6 of everything: killed in phase 2
+    for part in ("encoder", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
