@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision import transforms
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, cli, extract_features, opt,
                     parse_blocks, setup_distributed)
@@ -123,6 +122,7 @@ def linear_probe(x, y, val_x, val_y, lrs, epochs=50, batch=1024, warmup=0.1, see
 
 def train_transform(img_size: int):
     """The probe's train augmentation (MAE, MIM-Refiner): RandomResizedCrop (bicubic) + flip."""
+    from torchvision import transforms  # here: its import costs seconds that only --augment needs
     bicubic = transforms.InterpolationMode.BICUBIC
     return transforms.Compose([transforms.RandomResizedCrop(img_size, interpolation=bicubic),
                                transforms.RandomHorizontalFlip(), transforms.ToTensor(),
