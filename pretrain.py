@@ -210,8 +210,8 @@ def trim_log(path: str, step: int):
 def main(cfg: Settings) -> dict:
     if not 0.0 < cfg.mask_ratio < 1.0:
         raise UserError(f"--mask-ratio {cfg.mask_ratio} must lie strictly between 0 and 1 (MAE: 0.75)")
-    if not 0.0 < cfg.crop_min <= 1.0:
-        raise UserError(f"--crop-min {cfg.crop_min} must be in (0, 1]")
+    if not 0.0 < cfg.crop_min <= 1.0 or cfg.batch_size < 1:
+        raise UserError(f"--crop-min {cfg.crop_min} must be in (0, 1] and --batch-size {cfg.batch_size} positive")
     common.make_out_dir(cfg.out)
     d = common.setup_distributed(cfg.device)
     common.seed_everything(cfg.seed)  # the same initial weights on every rank

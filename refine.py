@@ -149,9 +149,9 @@ def resolve(cfg: Settings, vit, world: int, n_train: int) -> Settings:
     r.heads = ",".join(map(str, common.parse_blocks(r.heads, vit.depth)))
     if r.method == "mae-ct" and r.local_crops:
         raise UserError("MAE-CT's loss pairs exactly two views; use --views crop-flip or --local-crops 0")
-    if n_train < (gb := r.batch_size * world):
-        raise UserError(f"the global batch ({gb}) is larger than the data set ({n_train} images); "
-                        f"lower --batch-size or raise --limit-train")
+    if not 1 <= (gb := r.batch_size * world) <= n_train:
+        raise UserError(f"the global batch ({gb}) must be positive and not larger than the data set "
+                        f"({n_train} images); set --batch-size (0 = the recipe's) or raise --limit-train")
     if not 1 <= r.topk <= r.queue_size < n_train:
         raise UserError(f"need 1 <= --topk ({r.topk}) <= --queue-size ({r.queue_size}) < the train set "
                         f"({n_train} images); lower --queue-size or --topk")

@@ -12,7 +12,9 @@ import cluster
 import common
 import knn
 import model
+import pretrain
 import probe
+import refine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,6 +54,11 @@ CASES = [  # (script, flags, what the one line must say)
     (cluster, "--ckpt {d}/mae.pth --batch-size 0", "--batch-size 0"),
     (probe, "--ckpt {d}/mae.pth --batch-size -4", "--batch-size -4"),
     (knn, "--load-features {d}/feats.pt", "lacks"),
+    (refine, "--ckpt {d}/mae.pth --batch-size -4 --limit-train 64 --device cpu --out {d}/r", "global batch (-4) must be positive"),
+    (refine, "--ckpt {d}/mae.pth --batch-size 80 --limit-train 64 --device cpu --out {d}/r", "not larger than the data set"),
+    (pretrain, "--batch-size 0 --device cpu --out {d}/p", "--batch-size 0"),
+    (pretrain, "--data {d}/ok --batch-size 64 --device cpu --out {d}/p", "larger than the"),
+    (refine, "--ckpt {d}/mae.pth --out {d}/notes.txt", "is a file"),
 ]
 
 
