@@ -59,6 +59,7 @@ CASES = [  # (script, flags, what the one line must say)
     (pretrain, "--batch-size 0 --device cpu --out {d}/p", "--batch-size 0"),
     (pretrain, "--data {d}/ok --batch-size 64 --device cpu --out {d}/p", "larger than the"),
     (refine, "--ckpt {d}/mae.pth --out {d}/notes.txt", "is a file"),
+    (pretrain, "--out {d}/notes.txt", "is a file"),
 ]
 
 
@@ -70,6 +71,7 @@ def test_bad_input_gives_one_line(script, flags, says, files, monkeypatch, capsy
     err = capsys.readouterr().err.split("\r")[-1]  # after any progress bar
     assert e.value.code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and says in err, err
+    assert (files / "notes.txt").read_text() == "not a checkpoint"  # no good file is ever overwritten
 
 
 def test_real_command_line_has_no_traceback(files):
