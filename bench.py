@@ -26,7 +26,6 @@ See BENCHMARKS.md for the figures measured so far and the machines they come fro
 """
 import gc
 import importlib
-import json
 import math
 import os
 import platform

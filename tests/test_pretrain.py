@@ -16,15 +16,6 @@ from model import MAE, UserError, load_encoder, patchify, random_masking
 TINY = dict(dim=32, depth=2, heads=2, dec_dim=32, dec_depth=1, dec_heads=2, img_size=16, patch=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: one thread is faster than two and does not spin on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 _DIGITS = {}
 
 

@@ -15,16 +15,6 @@ import refine
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP threads that wait
-    # for each other make every step many times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """An MAE-layout checkpoint of a tiny encoder (what pretrain.py writes, decoder left out)."""
