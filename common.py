@@ -211,6 +211,21 @@ def all_finite(module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in module.state_dict().values() if t.is_floating_point())
 
 
+def trim_log(path: str, step: int):
+    """Keep the log lines up to `step`: a killed run may have logged past its last checkpoint;
+    a fresh run (step 0) keeps none."""
+    def before(line):
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError):  # a line torn by the kill
+            return False
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if before(line)]
+        with open(path, "w") as f:
+            f.writelines(keep)
+
+
 def write_json(path: str, obj):
     if os.path.isdir(path):
         raise UserError(f"--out {path!r} is a folder; give a file name such as results.json")

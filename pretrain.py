@@ -192,21 +192,6 @@ def resume(path: str, mae: MAE, optimizer, cfg: Settings, d: common.Dist):
     return ck["step"], ck["loss"]
 
 
-def trim_log(path: str, step: int):
-    """Keep the log lines up to `step`: a killed run may have logged past its last checkpoint;
-    a fresh run (step 0) keeps none."""
-    def before(line):
-        try:
-            return json.loads(line)["step"] <= step
-        except (ValueError, KeyError):  # a line torn by the kill
-            return False
-    if os.path.exists(path):
-        with open(path) as f:
-            keep = [line for line in f if before(line)]
-        with open(path, "w") as f:
-            f.writelines(keep)
-
-
 def main(cfg: Settings) -> dict:
     if not 0.0 < cfg.mask_ratio < 1.0:
         raise UserError(f"--mask-ratio {cfg.mask_ratio} must lie strictly between 0 and 1 (MAE: 0.75)")
@@ -235,7 +220,7 @@ def main(cfg: Settings) -> dict:
     if cfg.resume and os.path.exists(last):
         step, loss_logged = resume(last, mae, optimizer, cfg, d)
     if d.main:
-        trim_log(log_path, step)
+        common.trim_log(log_path, step)
         print(f"MAE: encoder {mae.arch()}, decoder {mae.dec_arch}; {len(data)} images, "
               f"{steps_per_epoch} steps/epoch, global batch {cfg.batch_size * d.world}, lr {peak:.3g}; "
               f"steps {step} -> {end} of {total}")

@@ -94,9 +94,8 @@ RECIPES = {
     ("huge", "mae-ct"): (512, 30, 0.3), ("small", "mae-ct"): (128, 2, 0.15),
     ("2b", "mae-ct"): (512, 30, 0.35),  # no 2b in MAE-CT: huge's epochs, MIM-Refiner's tau (ours)
 }
-# Settings a resumed run may change without changing the result.
-FREE_ON_RESUME = {"ckpt", "out", "max_steps", "save_every", "log_every", "device", "workers",
-                  "compile", "grad_checkpointing"}
+FREE_ON_RESUME = {"ckpt", "out", "max_steps", "save_every", "log_every", "device", "workers",  # settings a resumed
+                  "compile", "grad_checkpointing"}  # run may change without changing the result
 
 
 def scale_of(vit) -> str:
@@ -323,8 +322,8 @@ def main(cfg: Settings) -> dict:
     ck = model.read_checkpoint(last) if os.path.isfile(last) else None
     vit = (model.ViT(**ck["arch"], grad_checkpointing=cfg.grad_checkpointing) if ck
            else model.load_encoder(cfg.ckpt, grad_checkpointing=cfg.grad_checkpointing))
-    for blk in vit.blocks if cfg.compile else []:  # per block, in place: the keys stay, and unlike the
-        blk.compile()  # whole model compiled, checkpointing keeps its memory (ViT-L, batch 256)
+    for blk in vit.blocks if cfg.compile else []:  # per block, in place: keys stay, memory as checkpointed
+        blk.compile()
     data = train_set(cfg)
     cfg = resolve(cfg, vit, d.world, len(data))
     gb, mim = cfg.batch_size * d.world, cfg.method == "mim-refiner"
@@ -366,6 +365,7 @@ def main(cfg: Settings) -> dict:
               f"global batch {gb}; lr {phases[0][2]:.3g} / {phases[1][2]:.3g} for {cfg.head_epochs} + "
               f"{cfg.epochs} epochs of {spe} steps" + (f"; resuming at step {step}" if ck else "")
               + "\nsettings: " + json.dumps(dataclasses.asdict(cfg)))
+        common.trim_log(os.path.join(cfg.out, "log.jsonl"), step)  # a killed run logged past last.pt
 
     def save(phase, optim):
         if not all(map(common.all_finite, parts.values())):  # a diverged update keeps the last file

@@ -107,3 +107,5 @@ def test_refine_killed_and_restarted_equals_uninterrupted(folder, tmp_path):
     for part in ("encoder", "ema"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
+    steps = [json.loads(l)["step"] for l in (killed / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))  # lines logged after the last save are dropped on restart
