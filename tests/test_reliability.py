@@ -41,23 +41,27 @@ def run(cmd):
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
 
 
-def kill_once_running(cmd, out: Path, after_step: int):
-    """Start cmd, SIGKILL it as soon as its log shows `after_step`; True if it was killed mid-run."""
+def kill_once_running(cmd, out: Path, after_step: int, worker=False):
+    """Start cmd, SIGKILL it (or, worker=True, its child: the rank under torchrun) as soon as its
+    log shows `after_step`; returns cmd's exit code, after it ends."""
     p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = out / "log.jsonl"
+    log, killed = out / "log.jsonl", False
     while p.poll() is None:
-        if log.exists() and any(json.loads(l)["step"] >= after_step for l in log.read_text().splitlines() if l.strip()):
-            p.send_signal(signal.SIGKILL)
-            p.wait()
-            return True
+        lines = log.read_text().splitlines() if log.exists() else []
+        if not killed and any(json.loads(line)["step"] >= after_step for line in lines[:-1]):
+            pids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split() if worker else [p.pid]
+            for pid in pids:
+                os.kill(int(pid), signal.SIGKILL)
+            killed = True
         time.sleep(0.05)
-    return False
+    assert killed, "the run ended before it could be killed"
+    return p.returncode
 
 
 def test_pretrain_killed_and_restarted_equals_uninterrupted(folder, tmp_path):
     whole = run(pretrain_cmd(folder, tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
-    assert kill_once_running(pretrain_cmd(folder, tmp_path / "killed"), tmp_path / "killed", after_step=3)
+    assert kill_once_running(pretrain_cmd(folder, tmp_path / "killed"), tmp_path / "killed", after_step=3) != 0
     assert (tmp_path / "killed" / "last.pt").exists()  # the kill came after a save, mid-training
     again = run(pretrain_cmd(folder, tmp_path / "killed"))
     assert again.returncode == 0, again.stderr
@@ -90,7 +94,9 @@ def refine_cmd(ckpt, folder, out):
             "--log-every", "1", "--device", "cpu"]
 
 
-def test_refine_killed_and_restarted_equals_uninterrupted(folder, tmp_path):
+def test_refine_rank_killed_and_restarted_by_torchrun_equals_uninterrupted(folder, tmp_path):
+    """SIGKILL the rank of `torchrun --max-restarts 1`: torchrun starts it again, it resumes from
+    last.pt, and the end is bit-identical to an uninterrupted plain run."""
     import model
     torch.manual_seed(0)
     vit = model.ViT(dim=32, depth=2, patch=4, img_size=16)
@@ -98,9 +104,9 @@ def test_refine_killed_and_restarted_equals_uninterrupted(folder, tmp_path):
     whole = run(refine_cmd(tmp_path / "mae.pth", folder, tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
     killed = tmp_path / "killed"
-    assert kill_once_running(refine_cmd(tmp_path / "mae.pth", folder, killed), killed, after_step=7)
-    again = run(refine_cmd(tmp_path / "mae.pth", folder, killed))
-    assert again.returncode == 0, again.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                "--max-restarts=1"] + refine_cmd(tmp_path / "mae.pth", folder, killed)[1:]
+    assert kill_once_running(torchrun, killed, after_step=7, worker=True) == 0
     a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
     b = torch.load(killed / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 12  # 6 steps of heads only, then 6 of everything: killed in phase 2
