@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from model import UserError, load_encoder
+from model import UserError, load_encoder, read_checkpoint
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -406,13 +406,7 @@ def select_blocks(f: dict, blocks: list, concat: bool) -> dict:
 
 def read_feature_file(path: str, splits) -> dict:
     """A --save-features file -> the same dict with `{split}_features` always {block: tensor}."""
-    if not os.path.isfile(path):
-        raise UserError(f"feature file {path!r} does not exist; write one with --save-features")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises several types for a bad file
-        raise UserError(f"{path!r} is not a readable feature file ({type(e).__name__}); "
-                        f"write one with --save-features") from None
+    obj = read_checkpoint(path, "feature file", "write one with --save-features")
     need = [f"{s}_{w}" for s in splits for w in ("features", "labels")]
     if not isinstance(obj, dict) or any(k not in obj for k in need):
         raise UserError(f"feature file {path!r} lacks some of {need}; write it with --save-features")

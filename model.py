@@ -448,16 +448,15 @@ def load_state_dict_strict(module: nn.Module, sd: dict, what: str = "checkpoint"
     module.load_state_dict(sd, strict=True)
 
 
-def read_checkpoint(path: str):
+def read_checkpoint(path: str, what: str = "checkpoint", fix: str = "give a torch checkpoint of plain tensors"):
     """torch.load with weights_only=True; a file that needs unpickling of code is refused."""
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path!r} does not exist; check the path")
+        raise UserError(f"{what} {path!r} does not exist; check the path")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises several types for a bad file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path!r} is not a readable weights-only checkpoint ({first}); "
-                        f"give a torch checkpoint of plain tensors") from None
+        raise UserError(f"{path!r} is not a readable weights-only {what} ({first}); {fix}") from None
 
 
 def load_encoder(path: str, heads=None, weights: str = "ema", img_size=None, **overrides) -> ViT:
