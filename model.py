@@ -2,11 +2,9 @@
 
 - `ViT`: a plain Vision Transformer in two flavours, pre-norm (MAE, timm) and post-norm
   (data2vec 2.0), with fixed 2-D sine-cosine positions (SPEC §2).
-- `MAE`: the ViT plus the MAE decoder, for small-scale pre-training (He et al. 2022).
 - `ContrastiveHead`, `NNQueue`, `nna_loss`, `nnclr_loss`: the refinement machinery (SPEC §4-6).
 - `load_encoder`: reads every public checkpoint layout of SPEC §3 into a `ViT`, strictly.
-
-Importing this module has no side effects; it depends on torch alone.
+Importing it has no side effects; it depends on torch alone.
 """
 import functools
 import math
@@ -14,6 +12,7 @@ import os
 from collections import OrderedDict
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -39,12 +38,9 @@ def check_divisible(h: int, w: int, patch: int):
 
 
 def sincos_pos_embed(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine positions (SPEC §2), (grid_h * grid_w, dim), tokens row-major.
-
-    The first dim/2 channels code the column, the last dim/2 the row; each half is
-    [sin(pos * w), cos(pos * w)] with w_i = 10000^(-i / (dim/4)). Computed in float64 so the
-    table matches checkpoints that were written from numpy.
-    """
+    """Fixed 2-D sine-cosine positions (SPEC §2), (grid_h * grid_w, dim), tokens row-major. The first
+    dim/2 channels code the column, the last dim/2 the row; each half is [sin(pos * w), cos(pos * w)]
+    with w_i = 10000^(-i / (dim/4)); float64, so the table matches checkpoints written from numpy."""
     assert dim % 4 == 0, "sin-cos positions need a width divisible by 4"
     w = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
@@ -60,8 +56,7 @@ def sincos_pos_embed(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
-        self.heads = heads
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x):
         B, N, C = x.shape
@@ -71,17 +66,14 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))  # (B, N, C)
 
 
-def Mlp(dim: int, hidden: int):
-    """Keys mlp.fc1 / mlp.fc2 as in MAE and timm; exact (erf) GELU."""
-    return nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
-
-
 class Block(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, post_norm: bool = False):
         super().__init__()
         self.post_norm = post_norm
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
-        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, int(dim * mlp_ratio))
+        hidden = int(dim * mlp_ratio)  # keys mlp.fc1 / mlp.fc2 as in MAE and timm; exact (erf) GELU
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), nn.Sequential(OrderedDict(
+            fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
 
     def forward(self, x):
         if self.post_norm:  # data2vec 2.0 (SPEC §2)
@@ -101,8 +93,8 @@ class ViT(nn.Module):
         check_divisible(img_size, img_size, patch)
         self.dim, self.depth, self.patch, self.img_size = dim, depth, patch, img_size
         self.heads = heads or default_heads(dim)
-        self.mlp_ratio, self.post_norm, self.in_chans = mlp_ratio, post_norm, in_chans
-        self.grad_checkpointing = grad_checkpointing
+        self.mlp_ratio, self.post_norm, self.in_chans, self.grad_checkpointing = (
+            mlp_ratio, post_norm, in_chans, grad_checkpointing)
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(in_chans, dim, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -113,15 +105,14 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, self.heads, mlp_ratio, post_norm) for _ in range(depth))
         # pre-norm: a final norm after the last block; post-norm: one norm before the first block
         setattr(self, "embed_norm" if post_norm else "norm", nn.LayerNorm(dim, eps=1e-6))
-        self.apply(_init_weights)
+        self.apply(init_weights)
         nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(dim, -1))  # as MAE: a linear map
         nn.init.normal_(self.cls_token, std=0.02)
 
     def arch(self) -> dict:
         """Constructor arguments, plain values only, stored in our checkpoints."""
-        return dict(dim=self.dim, depth=self.depth, heads=self.heads, patch=self.patch,
-                    img_size=self.img_size, in_chans=self.in_chans, mlp_ratio=self.mlp_ratio,
-                    post_norm=self.post_norm)
+        return dict(dim=self.dim, depth=self.depth, heads=self.heads, patch=self.patch, img_size=self.img_size,
+                    in_chans=self.in_chans, mlp_ratio=self.mlp_ratio, post_norm=self.post_norm)
 
     def patch_tokens(self, x):
         """Images (B, C, H, W) -> patch tokens with positions added, (B, N, D)."""
@@ -166,9 +157,8 @@ class ViT(nn.Module):
         """Raw residual stream (B, 1+N, D) after each requested block (1-indexed), in the order
         asked; blocks past the last one requested are not run."""
         blocks = list(blocks)
-        for b in blocks:
-            if not 1 <= b <= self.depth:
-                raise UserError(f"block {b} does not exist: this model has blocks 1..{self.depth}")
+        if bad := [b for b in blocks if not 1 <= b <= self.depth]:
+            raise UserError(f"block {bad[0]} does not exist: this model has blocks 1..{self.depth}")
         x = self.prepend_cls(self.patch_tokens(x))
         out = {}
         for i in range(max(blocks)):
@@ -182,7 +172,7 @@ class ViT(nn.Module):
         return self.final_norm(self.forward_blocks(x, [self.depth])[0])
 
 
-def _init_weights(m):
+def init_weights(m):
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
         if m.bias is not None:
@@ -192,75 +182,12 @@ def _init_weights(m):
         nn.init.zeros_(m.bias)
 
 
-def patchify(imgs, p: int):
-    """(B, C, H, W) -> (B, h*w, p*p*C), patches row-major, pixels (row, col, channel)."""
-    B, C, H, W = imgs.shape
-    x = imgs.reshape(B, C, H // p, p, W // p, p)  # (B, C, h, p, w, p)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
-
-
-def random_masking(x, ratio: float):
-    """Keep a random (1 - ratio) of the tokens of each row (argsort of uniform noise, as MAE).
-    x (B, N, D) -> kept (B, K, D), mask (B, N) with 1 = hidden, ids_restore (B, N)."""
-    (B, N, D), keep = x.shape, int(x.shape[1] * (1 - ratio))
-    ids_shuffle = torch.rand(B, N, device=x.device).argsort(dim=1)
-    ids_restore = ids_shuffle.argsort(dim=1)
-    kept = x.gather(1, ids_shuffle[:, :keep, None].expand(-1, -1, D))  # (B, K, D)
-    mask = torch.ones(B, N, device=x.device)
-    mask[:, :keep] = 0
-    return kept, mask.gather(1, ids_restore), ids_restore
-
-
-class MAE(ViT):
-    """ViT encoder plus the MAE decoder; the state dict has the MAE repo's `*_full` layout."""
-
-    def __init__(self, dec_dim=512, dec_depth=8, dec_heads=16, **vit_kwargs):
-        super().__init__(**vit_kwargs)
-        self.dec_arch = dict(dec_dim=dec_dim, dec_depth=dec_depth, dec_heads=dec_heads)
-        g = self.img_size // self.patch
-        self.decoder_embed = nn.Linear(self.dim, dec_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))
-        pos = torch.cat([torch.zeros(1, dec_dim), sincos_pos_embed(dec_dim, g, g)])
-        self.register_buffer("decoder_pos_embed", pos.unsqueeze(0))  # (1, 1+N, Dd)
-        self.decoder_blocks = nn.ModuleList(Block(dec_dim, dec_heads, self.mlp_ratio) for _ in range(dec_depth))
-        self.decoder_norm = nn.LayerNorm(dec_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(dec_dim, self.patch ** 2 * self.in_chans)
-        for m in [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
-            m.apply(_init_weights)
-        nn.init.normal_(self.mask_token, std=0.02)
-
-    def forward_loss(self, imgs, mask_ratio: float = 0.75):
-        """MAE objective: MSE to per-patch normalised pixels, averaged over hidden patches."""
-        kept, mask, ids_restore = random_masking(self.patch_tokens(imgs), mask_ratio)
-        x = self.prepend_cls(kept)
-        for i in range(self.depth):
-            x = self.run_block(i, x)
-        x = self.decoder_embed(self.final_norm(x))  # (B, 1+K, Dd)
-        B, N = ids_restore.shape
-        fill = self.mask_token.expand(B, N + 1 - x.shape[1], -1)
-        x_ = torch.cat([x[:, 1:], fill], dim=1)  # (B, N, Dd), shuffled order
-        x_ = x_.gather(1, ids_restore[..., None].expand(-1, -1, x.shape[2]))  # original order
-        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]  # (B, N, p*p*C)
-        target = patchify(imgs, self.patch)
-        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        target = (target - mean) / (var + 1e-6) ** 0.5
-        loss = ((pred - target) ** 2).mean(-1)  # (B, N)
-        return (loss * mask).sum() / mask.sum()
-
-
 class SyncBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics cover the whole global batch under DDP.
-
-    torch's SyncBatchNorm refuses CPU tensors, so gloo runs could not test the 2-process path;
-    this one all-reduces the moments (differentiably) on any backend."""
+    """BatchNorm1d whose training statistics cover the global batch under DDP. torch's SyncBatchNorm
+    refuses CPU tensors (no gloo tests); this one all-reduces the moments, differentiably, anywhere."""
 
     def forward(self, x):
-        dist = torch.distributed
-        if not (self.training and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1):
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
         xf = x.float()
@@ -294,13 +221,12 @@ def mlp(dims, act, last_bn: bool, bias_last: bool):
 class ContrastiveHead(nn.Module):
     """Projector and predictor (SPEC §4). forward(x (B, D)) -> (projection z, prediction p)."""
 
-    def __init__(self, dim_in, proj_hidden=2048, proj_dim=256, pred_hidden=4096,
-                 act="gelu", predictor_bn=True):
+    def __init__(self, dim_in, proj_hidden=2048, proj_dim=256, pred_hidden=4096, act="gelu", predictor_bn=True):
         super().__init__()
         act_cls = {"gelu": nn.GELU, "relu": nn.ReLU}[act]
         self.projector = mlp([dim_in, proj_hidden, proj_hidden, proj_dim], act_cls, True, False)
         self.predictor = mlp([proj_dim, pred_hidden, proj_dim], act_cls, predictor_bn, True)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def forward(self, x):
         z = self.projector(x)
@@ -348,17 +274,14 @@ class NNQueue(nn.Module):
 
 @fp32
 def nna_loss(z, nn_z, p_all, tau: float, offset: int = 0):
-    """MIM-Refiner's nearest-neighbour alignment (SPEC §6).
-
-    z, nn_z: this rank's anchor projections and their queue neighbours (B, d); p_all: predictions
-    of all ranks (W*B, d), gathered with gradient; the positive of row j is column offset + j.
-    Anchors are compared with every prediction, but the positive pair uses the neighbour instead of
-    the anchor itself, so the positive is a different image while the negatives stay in-batch.
-    """
+    """MIM-Refiner's nearest-neighbour alignment (SPEC §6). z, nn_z: this rank's anchor projections
+    and their queue neighbours (B, d); p_all: predictions of all ranks (W*B, d), gathered with
+    gradient; the positive of row j is column offset + j. Anchors are compared with every prediction,
+    but the positive pair uses the neighbour instead of the anchor itself, so the positive is a
+    different image while the negatives stay in-batch."""
     z, nn_z = F.normalize(z.detach().float(), dim=1), F.normalize(nn_z.detach().float(), dim=1)
     p = F.normalize(p_all.float(), dim=1)
-    B = z.shape[0]
-    target = torch.arange(B, device=z.device) + offset
+    target = torch.arange(z.shape[0], device=z.device) + offset
     logits = z @ p.T / tau  # (B, W*B)
     pos = (nn_z * p[target]).sum(1) / tau  # (B,) NN(z_j) . p_j
     logits = logits.scatter(1, target[:, None], pos[:, None])  # swap in the positive only
@@ -375,8 +298,7 @@ def nnclr_loss(nn_z, p_all, tau: float, offset: int = 0):
     return F.cross_entropy(nn_z @ p.T / tau, target)
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints (SPEC §3)
+# --- Checkpoints (SPEC §3) ---
 
 def _unwrap(obj, weights: str):
     """Container -> (flat state dict, stored ViT arguments or None)."""
@@ -430,9 +352,8 @@ def infer_arch(sd: dict) -> dict:
     dim, patch = w.shape[0], w.shape[-1]
     grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    return dict(dim=dim, depth=depth, heads=default_heads(dim), patch=patch,
-                img_size=grid * patch, in_chans=w.shape[1],
-                mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+    return dict(dim=dim, depth=depth, heads=default_heads(dim), patch=patch, img_size=grid * patch,
+                in_chans=w.shape[1], mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
                 post_norm="embed_norm.weight" in sd)
 
 
@@ -460,11 +381,10 @@ def read_checkpoint(path: str, what: str = "checkpoint", fix: str = "give a torc
 
 
 def load_encoder(path: str, heads=None, weights: str = "ema", img_size=None, **overrides) -> ViT:
-    """Read any checkpoint of SPEC §3 into a ViT, strictly. `heads` overrides the head count
-    (it cannot be read from weights); `weights` picks ema/online in refine.py checkpoints;
-    `img_size` changes the native resolution (positions resized bicubically)."""
+    """Any checkpoint of SPEC §3 -> a ViT, strictly. `heads` overrides the head count (not in the weights);
+    `weights`: ema/online of refine.py checkpoints; `img_size`: new resolution (bicubic positions)."""
     sd, arch = _unwrap(read_checkpoint(path), weights)
-    sd = convert_state_dict(sd)
+    sd = convert_state_dict(sd)  # our keys; arch stored by our scripts, else read from shapes
     arch = {**(arch or infer_arch(sd)), **({"heads": heads} if heads else {}), **overrides}
     vit = ViT(**arch)
     load_state_dict_strict(vit, sd, f"checkpoint {path!r}")

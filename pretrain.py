@@ -2,7 +2,7 @@
 masked-image-modeling encoder that MAE-CT and MIM-Refiner start from.
 
 The encoder sees a random 25% of the patches; a light decoder predicts the pixels of the hidden 75%;
-the loss is the MSE to per-patch normalised pixels on hidden patches (`model.MAE.forward_loss`).
+the loss is the MSE to per-patch normalised pixels on hidden patches (`MAE.forward_loss`).
 AdamW (0.9, 0.95), lr = base 1.5e-4 x global batch / 256, weight decay 0.05 on weight matrices
 only, per-step linear warm-up then cosine; augmentation RandomResizedCrop + flip, nothing else.
 Small images: MAE crops down to 20% of the area at 224 px; at 32 px that is a ~14 px crop blown up
@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
@@ -43,7 +44,7 @@ from tqdm import tqdm
 
 import common
 from common import cli, opt
-from model import MAE, UserError, export_encoder, read_checkpoint
+from model import Block, UserError, ViT, export_encoder, init_weights, read_checkpoint, sincos_pos_embed
 
 
 @dataclass
@@ -75,6 +76,67 @@ class Settings:
     device: str = opt("auto", "auto, cpu or cuda")
     compile: bool = opt(False, "torch.compile the training computation")
     resume: bool = opt(True, "continue from --out/last.pt when it exists (--no-resume starts afresh)")
+
+
+# --- The MAE: model.ViT as the encoder, plus a light decoder (He et al. 2022) ---
+
+def patchify(imgs, p: int):
+    """(B, C, H, W) -> (B, h*w, p*p*C), patches row-major, pixels (row, col, channel)."""
+    B, C, H, W = imgs.shape
+    x = imgs.reshape(B, C, H // p, p, W // p, p)  # (B, C, h, p, w, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def random_masking(x, ratio: float):
+    """Keep a random (1 - ratio) of the tokens of each row (argsort of uniform noise, as MAE).
+    x (B, N, D) -> kept (B, K, D), mask (B, N) with 1 = hidden, ids_restore (B, N)."""
+    (B, N, D), keep = x.shape, int(x.shape[1] * (1 - ratio))
+    ids_shuffle = torch.rand(B, N, device=x.device).argsort(dim=1)
+    ids_restore = ids_shuffle.argsort(dim=1)
+    kept = x.gather(1, ids_shuffle[:, :keep, None].expand(-1, -1, D))  # (B, K, D)
+    mask = torch.ones(B, N, device=x.device)
+    mask[:, :keep] = 0
+    return kept, mask.gather(1, ids_restore), ids_restore
+
+
+class MAE(ViT):
+    """ViT encoder plus the MAE decoder; the state dict has the MAE repo's `*_full` layout."""
+
+    def __init__(self, dec_dim=512, dec_depth=8, dec_heads=16, **vit_kwargs):
+        super().__init__(**vit_kwargs)
+        self.dec_arch = dict(dec_dim=dec_dim, dec_depth=dec_depth, dec_heads=dec_heads)
+        g = self.img_size // self.patch
+        self.decoder_embed = nn.Linear(self.dim, dec_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))
+        pos = torch.cat([torch.zeros(1, dec_dim), sincos_pos_embed(dec_dim, g, g)])
+        self.register_buffer("decoder_pos_embed", pos.unsqueeze(0))  # (1, 1+N, Dd)
+        self.decoder_blocks = nn.ModuleList(Block(dec_dim, dec_heads, self.mlp_ratio) for _ in range(dec_depth))
+        self.decoder_norm = nn.LayerNorm(dec_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(dec_dim, self.patch ** 2 * self.in_chans)
+        for m in [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
+            m.apply(init_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward_loss(self, imgs, mask_ratio: float = 0.75):
+        """MAE objective: MSE to per-patch normalised pixels, averaged over hidden patches."""
+        kept, mask, ids_restore = random_masking(self.patch_tokens(imgs), mask_ratio)
+        x = self.prepend_cls(kept)
+        for i in range(self.depth):
+            x = self.run_block(i, x)
+        x = self.decoder_embed(self.final_norm(x))  # (B, 1+K, Dd)
+        B, N = ids_restore.shape
+        fill = self.mask_token.expand(B, N + 1 - x.shape[1], -1)
+        x_ = torch.cat([x[:, 1:], fill], dim=1)  # (B, N, Dd), shuffled order
+        x_ = x_.gather(1, ids_restore[..., None].expand(-1, -1, x.shape[2]))  # original order
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]  # (B, N, p*p*C)
+        target = patchify(imgs, self.patch)
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+        loss = ((pred - target) ** 2).mean(-1)  # (B, N)
+        return (loss * mask).sum() / mask.sum()
 
 
 def random_resized_crop(img, size: int, scale: tuple, rng: np.random.Generator):

@@ -14,6 +14,7 @@ from PIL import Image
 import common
 import knn
 import model
+import pretrain
 from model import UserError
 
 
@@ -155,7 +156,7 @@ def test_checkpoint_layouts_refine_and_mae(tiny, tmp_path):
     ema, online = (model.ViT(dim=32, depth=2, patch=4, img_size=32) for _ in range(2))
     torch.save({"encoder": model.export_encoder(online), "ema": model.export_encoder(ema), "arch": ema.arch(),
                 "step": 7}, tmp_path / "last.pt")
-    mae = model.MAE(dec_dim=16, dec_depth=1, dec_heads=2, dim=32, depth=2, patch=4, img_size=32)
+    mae = pretrain.MAE(dec_dim=16, dec_depth=1, dec_heads=2, dim=32, depth=2, patch=4, img_size=32)
     torch.save({"model": mae.state_dict(), "arch": mae.arch()}, tmp_path / "mae.pth")
     ds = common.build_dataset(data, "val", common.eval_transform(32))
     for path, weights, vit in [("last.pt", "ema", ema), ("last.pt", "online", online),

@@ -11,7 +11,8 @@ from PIL import Image
 import common
 import model
 import pretrain
-from model import MAE, UserError, load_encoder, patchify, random_masking
+from model import UserError, load_encoder
+from pretrain import MAE, patchify, random_masking
 
 TINY = dict(dim=32, depth=2, heads=2, dec_dim=32, dec_depth=1, dec_heads=2, img_size=16, patch=4)
 
