@@ -76,7 +76,7 @@ def kmeans_plusplus(x, x_sq, k, gen):
 def kmeans(x, k, iters=300, seed=0, init="k-means++", tol=1e-4, chunk=None):
     """Lloyd's k-means on x (n, D), on x's device.
 
-    init 'k-means++' (greedy, as scikit-learn) or 'random' (k distinct rows). Stops early when
+    init 'k-means++' (greedy, as scikit-learn), 'random' (k distinct rows) or (k, D) centres. Stops early when
     the centroids move (summed squared shift) less than tol x the mean per-feature variance, as
     scikit-learn does; an empty cluster keeps its previous centroid. `seed` fixes the result.
     Returns (assignments (n,) int64, centroids (k, D), inertia: float sum of squared distances)."""
@@ -86,7 +86,9 @@ def kmeans(x, k, iters=300, seed=0, init="k-means++", tol=1e-4, chunk=None):
     x = x.float()
     gen = torch.Generator(device=x.device).manual_seed(seed)
     x_sq = (x * x).sum(1)  # (n,)
-    if init == "k-means++":
+    if torch.is_tensor(init):  # given (k, D) centres: e.g. the same start as another implementation
+        c = init.to(x).clone()
+    elif init == "k-means++":
         c = kmeans_plusplus(x, x_sq, k, gen)
     elif init == "random":
         c = x[torch.randperm(n, generator=gen, device=x.device)[:k]].clone()

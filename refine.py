@@ -74,7 +74,7 @@ class Settings:
     target_momentum: float = opt(-1.0, "MAE-CT's EMA projector momentum; -1 = by scale (0.99, huge 0.995)")
     workers: int = opt(-1, "data loader processes per rank; -1 = 10 on CUDA, 0 on CPU")
     max_steps: int = opt(0, "stop after N optimizer steps in all (saves as at the end); 0 = run all")
-    limit_train: int = opt(0, "use only the first N training images (smoke runs, tests); 0 = all")
+    limit_train: int = opt(0, "use N training images, evenly spaced over the (sorted) classes; 0 = all")
     save_every: int = opt(500, "write OUT/last.pt every N steps (and at the end)")
     log_every: int = opt(10, "append a line to OUT/log.jsonl every N steps")
     seed: int = opt(0, "seed of initialisation, data order, augmentation and neighbour picks")
@@ -207,12 +207,12 @@ def train_set(cfg):
     if cfg.data == "cluttered-digits" and cfg.limit_train:  # drawn per index: the same first N, faster
         return common.ClutteredDigits("train", n=cfg.limit_train)
     ds = common.build_dataset(cfg.data, "train")
-    return Subset(ds, range(min(cfg.limit_train, len(ds)))) if cfg.limit_train else ds
+    n = min(cfg.limit_train, len(ds)) or len(ds)  # evenly spaced: an ImageFolder is sorted by class
+    return Subset(ds, [i * len(ds) // n for i in range(n)]) if cfg.limit_train else ds
 
 
 def epoch_loader(data: Views, cfg, d, epoch: int, skip: int):
-    """This rank's batches of one epoch, in an order set by (seed, epoch); a resumed run leaves out
-    the `skip` batches it already trained on, without loading them."""
+    """This rank's batches of one epoch in a (seed, epoch) order, less the `skip` a resumed run had."""
     sampler = DistributedSampler(data, d.world, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
     sampler.set_epoch(epoch)
     order = list(sampler)[skip * cfg.batch_size:]  # this rank's indices, (N // W - skip * B,)

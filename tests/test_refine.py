@@ -219,3 +219,17 @@ def test_user_errors(tiny_ckpt, tmp_path):
     refine.main(settings(tiny_ckpt, tmp_path, head_epochs=0, epochs=1, max_steps=1))
     with pytest.raises(model.UserError, match="other settings"):
         refine.main(settings(tiny_ckpt, tmp_path, head_epochs=0, epochs=1, max_steps=2, temperature=0.5))
+
+
+def test_limit_train_spreads_over_every_class(tmp_path):
+    """An ImageFolder is sorted by class: --limit-train takes evenly spaced images, not the first N."""
+    from PIL import Image
+    for c in "abc":
+        os.makedirs(tmp_path / "train" / c)
+        os.makedirs(tmp_path / "val" / c)
+        for i in range(4):
+            Image.new("RGB", (8, 8)).save(tmp_path / "train" / c / f"{i}.png")
+        Image.new("RGB", (8, 8)).save(tmp_path / "val" / c / "0.png")
+    part = refine.train_set(refine.Settings(data=str(tmp_path), limit_train=3))
+    assert list(part.indices) == [0, 4, 8] and [part.dataset.targets[i] for i in part.indices] == [0, 1, 2]
+    assert len(refine.train_set(refine.Settings(data=str(tmp_path), limit_train=50))) == 12
