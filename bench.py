@@ -18,7 +18,7 @@ the median over rounds of (their time / our time), so > 1 means ours is faster.
   FLOP utilisation MFU = 6 x params x tokens per image (summed over the views) x images/s / peak,
   and the largest batch that fits.
 
-CPU, the quick version (about 2 minutes on 2 cores; writes all four ratios):
+CPU, the quick version (about 70 s on 2 cores; writes all four ratios):
     python bench.py --quick --device cpu --out bench.json
 One GPU, about 15 minutes (ViT-B/L in bf16, k-NN 50k x 10k at D = 384, ViT-L/16 refinement step):
     python bench.py --device cuda --out bench_gpu.json
@@ -54,7 +54,7 @@ MIM_REFINER_LR_GRID = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1
 
 @dataclass
 class Settings:
-    quick: bool = opt(False, "small sizes, CPU-friendly (about 2 minutes on 2 cores)")
+    quick: bool = opt(False, "small sizes, CPU-friendly (about 70 s on 2 cores)")
     device: str = opt("auto", "auto, cpu or cuda")
     out: str = opt("", "write {'ratios': ..., 'details': ...} to this JSON file")
     only: str = opt("", "comma-separated subset of vit,knn,kmeans,probe,refine,loader (default: "
