@@ -317,14 +317,14 @@ def _unwrap(obj, weights: str):
 def convert_state_dict(sd: dict) -> dict:
     """Any layout of SPEC §3 -> our keys (MAE / timm names, pos_embed (1, 1+N, D))."""
     d2v = "modality_encoders.IMAGE."
-    rename = {d2v + "local_encoder.proj.": "patch_embed.proj.", d2v + "extra_tokens": "cls_token",
+    rename = {"module.": "", d2v + "local_encoder.proj.": "patch_embed.proj.", d2v + "extra_tokens": "cls_token",
               d2v + "fixed_positional_encoder.positions": "pos_embed",
               d2v + "context_encoder.norm.": "embed_norm.", "cls_tokens.tokens": "cls_token",
-              "pos_embed.embed": "pos_embed", "module.": ""}
+              "pos_embed.embed": "pos_embed"}  # in order: a DDP "module." prefix goes first
     out = {}
     for k, v in sd.items():
-        if not torch.is_tensor(v) or "decoder" in k or "_ema" in k or k == "mask_token":
-            continue  # the MAE decoder, data2vec's EMA teacher: not part of the encoder
+        if not torch.is_tensor(v) or "decoder" in k or "_ema" in k or k == "mask_token" or k.startswith("head."):
+            continue  # the MAE decoder, data2vec's EMA teacher, a timm classifier: not the encoder
         for old, new in rename.items():
             if k.startswith(old):
                 k = new + k[len(old):]

@@ -367,13 +367,13 @@ def main(cfg: Settings) -> dict:
               + "\nsettings: " + json.dumps(dataclasses.asdict(cfg)))
         common.trim_log(os.path.join(cfg.out, "log.jsonl"), step)  # a killed run logged past last.pt
 
-    def save(phase, optim):
+    def save(phase, optim):  # every rank checks (the weights are the same), so all stop together
         if not all(map(common.all_finite, parts.values())):  # a diverged update keeps the last file
             raise UserError(f"the weights are not finite at step {step}; {last} keeps the last good state")
-        common.save_atomic({**{k: m.state_dict() for k, m in parts.items()}, "arch": vit.arch(),
-                            "optimizer": optim.state_dict(), "phase": phase, "step": step,
-                            "global_batch": gb, "settings": dataclasses.asdict(cfg),
-                            "rng": common.rng_state()}, last)
+        if d.main:
+            common.save_atomic({**{k: m.state_dict() for k, m in parts.items()}, "arch": vit.arch(),
+                                "optimizer": optim.state_dict(), "phase": phase, "step": step, "global_batch": gb,
+                                "settings": dataclasses.asdict(cfg), "rng": common.rng_state()}, last)
 
     gen = torch.Generator(device=d.device)  # neighbour picks, reseeded from (seed, step, rank)
     autocast = torch.autocast(d.device.type, torch.bfloat16, enabled=d.device.type == "cuda")
@@ -434,7 +434,7 @@ def main(cfg: Settings) -> dict:
                 with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
                     f.write(json.dumps(dict(step=step, loss=loss_value, lr=lr, images_per_s=ips,
                                             phase=phase + 1, epoch=epoch)) + "\n")
-            if d.main and (step % cfg.save_every == 0 or step == stop):
+            if step % cfg.save_every == 0 or step == stop:
                 save(phase, optim)
             if step >= stop:
                 break

@@ -162,6 +162,9 @@ LAYOUTS = {
                                       "decoder_embed.weight": torch.zeros(8, 32),
                                       "decoder_blocks.0.norm1.weight": torch.zeros(8)}},
     "timm_bare": lambda sd: sd,
+    "timm_classifier": lambda sd: {**sd, "head.weight": torch.zeros(10, 32), "head.bias": torch.zeros(10)},
+    "mim_refiner_ddp": lambda sd: {"state_dict": {"module." + k: v for k, v in
+                                                  mim_refiner_layout(sd)["state_dict"].items()}},
     "mim_refiner": mim_refiner_layout,
     "mae_ct": lambda sd: {"state_dict": {**sd, "pos_embed": sd["pos_embed"][:, 1:]}, "ctor_kwargs": {}},
     "own_refine": lambda sd: {"encoder": {k: v * 0 for k, v in sd.items()}, "ema": sd, "arch": None, "step": 3},
@@ -213,8 +216,8 @@ def test_heads_default_by_width_and_override(tmp_path):
 
 def test_wrong_files_fail_with_a_readable_error(tmp_path):
     sd = model.export_encoder(model.ViT(dim=32, depth=2, heads=2, patch=4, img_size=16))
-    torch.save({**sd, "head.weight": torch.zeros(10, 32)}, tmp_path / "extra.pth")
-    with pytest.raises(model.UserError, match=r"unexpected keys \['head.weight'\]"):
+    torch.save({**sd, "fc_norm.weight": torch.zeros(32)}, tmp_path / "extra.pth")
+    with pytest.raises(model.UserError, match=r"unexpected keys \['fc_norm.weight'\]"):
         model.load_encoder(str(tmp_path / "extra.pth"))
     del sd["norm.weight"]
     torch.save(sd, tmp_path / "missing.pth")
