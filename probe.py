@@ -4,10 +4,11 @@ Linear probe (MIM-Refiner, Alkin et al. 2024; MAE-CT, Lehner et al. 2023): non-a
 Linear (init std 0.01), SGD momentum 0.9, no weight decay, batch 1024, 10% warm-up then cosine,
 50 epochs, best top-1 over a 13-point lr grid (x batch/256), all grid points trained together as
 one stacked layer. Trains on features extracted once (fast), or with `--augment` re-embeds
-RandomResizedCrop + flip views every epoch (the paper protocol).
-Low-shot (`--shots 1,2,5`, `--percent 1` or `--split-file F`, instead of the linear probe): logistic
-regression (scikit-learn C = 4000, no intercept) on features centred with the mean of the labelled
-images and L2-normalised; `--splits` seeded draws, mean reported.
+RandomResizedCrop + flip views every epoch (the paper protocol). MAE's recipe (He et al. 2022):
+`--augment --optimizer lars --lrs 0.1 --probe-batch-size 16384 --epochs 90 --warmup 10` (50 epochs
+for ViT-L/H; `--feature cls-norm`, MAE's own feature). Low-shot (`--shots 1,2,5`, `--percent 1` or
+`--split-file F`, instead of the probe): logistic regression (scikit-learn C = 4000, no intercept) on
+features centred with the labelled mean and L2-normalised; `--splits` seeded draws, mean reported.
 
 CPU, the embedded data set (under a minute each on 2 cores; random weights score about 10%):
     python probe.py --ckpt checkpoints/mae_tiny_digits.pth --data cluttered-digits
@@ -38,7 +39,8 @@ class Settings(FeatureSettings):
     epochs: int = opt(50, "linear-probe epochs")
     probe_batch_size: int = opt(1024, "linear-probe batch size; the lr grid is scaled by it / 256")
     lrs: str = opt(LR_GRID, "linear-probe base learning rates, all trained together")
-    warmup: float = opt(0.1, "fraction of the probe steps with linear lr warm-up")
+    warmup: float = opt(0.1, "linear lr warm-up: < 1 a fraction of the probe steps, >= 1 epochs")
+    optimizer: str = opt("sgd", "sgd (MIM-Refiner) or lars (MAE); momentum 0.9, no weight decay, either")
     augment: bool = opt(False, "re-embed the train images every epoch with RandomResizedCrop + flip")
     shots: str = opt("", "low-shot: images per class, e.g. 1,2,5 (replaces the linear probe)")
     percent: float = opt(0.0, "low-shot: percent of the train images of every class, e.g. 1")
@@ -74,10 +76,15 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 @torch.no_grad()
-def sgd_step(probe: StackedProbe, momentum: torch.Tensor, lrs: torch.Tensor):
-    """torch.optim.SGD (momentum 0.9, no decay), lr lrs[g] for probe g: b = 0.9 b + grad; w -= lr b."""
+def sgd_step(probe: StackedProbe, momentum: torch.Tensor, lrs: torch.Tensor, lars: bool = False):
+    """torch.optim.SGD (momentum 0.9, no decay), lr lrs[g] for probe g: b = 0.9 b + grad; w -= lr b. lars
+    (MAE's LARS, You et al. 2017): each probe's weight gradient first scaled by 0.001 |w| / |grad|."""
     for p, buf in zip((probe.weight, probe.bias), momentum):
-        buf.mul_(0.9).add_(p.grad)
+        grad = p.grad
+        if lars and p is probe.weight:
+            w, g = p.norm(dim=(1, 2), keepdim=True), grad.norm(dim=(1, 2), keepdim=True)  # (G, 1, 1)
+            grad = grad * torch.where((w > 0) & (g > 0), 0.001 * w / g.clamp_min(1e-30), torch.ones_like(w))
+        buf.mul_(0.9).add_(grad)
         p.sub_(lrs.view(-1, 1, 1) * buf)  # (G, 1, 1) broadcast over each probe's own weights
         p.grad = None
 
@@ -85,13 +92,13 @@ def sgd_step(probe: StackedProbe, momentum: torch.Tensor, lrs: torch.Tensor):
 class GridTrainer:
     """A StackedProbe with its SGD state and lr schedule, fed one epoch of features at a time."""
 
-    def __init__(self, dim, num_classes, lrs, batch, epochs, n_train, warmup, seed, device):
-        gen = torch.Generator().manual_seed(seed)
+    def __init__(self, dim, num_classes, lrs, batch, epochs, n_train, warmup, seed, device, lars=False):
+        gen, self.lars = torch.Generator().manual_seed(seed), lars
         self.probe = StackedProbe(dim, num_classes, len(lrs), gen).to(device)
         self.momentum = [torch.zeros_like(self.probe.weight), torch.zeros_like(self.probe.bias)]
         self.lrs = torch.tensor(lrs, device=device) * batch / 256  # the linear scaling rule
         self.batch, self.gen, self.step, self.total = batch, gen, 0, epochs * (n_train // batch)
-        self.warmup = round(warmup * self.total)
+        self.warmup = round(warmup * (self.total if warmup < 1 else n_train // batch))  # fraction or epochs
 
     def train_epoch(self, x, y):
         self.probe.train()
@@ -99,7 +106,8 @@ class GridTrainer:
         for i in range(len(x) // self.batch):  # the last incomplete batch is dropped
             idx = perm[i * self.batch:(i + 1) * self.batch]
             grid_loss(self.probe(x[idx]), y[idx]).backward()
-            sgd_step(self.probe, self.momentum, self.lrs * lr_factor(self.step, self.total, self.warmup))
+            lr = self.lrs * lr_factor(self.step, self.total, self.warmup)  # (G,)
+            sgd_step(self.probe, self.momentum, lr, self.lars)
             self.step += 1
 
     @torch.no_grad()
@@ -122,19 +130,15 @@ def linear_probe(x, y, val_x, val_y, lrs, epochs=50, batch=1024, warmup=0.1, see
 
 def train_transform(img_size: int):
     """The probe's train augmentation (MAE, MIM-Refiner): RandomResizedCrop (bicubic) + flip."""
-    from torchvision import transforms  # here: its import costs seconds that only --augment needs
-    bicubic = transforms.InterpolationMode.BICUBIC
-    return transforms.Compose([transforms.RandomResizedCrop(img_size, interpolation=bicubic),
-                               transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    from torchvision import transforms as T  # here: its import costs seconds that only --augment needs
+    return T.Compose([T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def draw_split(labels, seed: int, shots: int = 0, percent: float = 0.0) -> np.ndarray:
     """Sorted indices of a labelled subset: exactly `shots` images of every class, or `percent`%
     of every class's images (at least one); the same draw for the same seed."""
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    out = []
+    labels, rng, out = np.asarray(labels), np.random.default_rng(seed), []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         n = shots or max(1, round(len(idx) * percent / 100))
@@ -152,15 +156,12 @@ def read_split_file(path: str, n: int, samples=None, root: str = "") -> np.ndarr
     index = {}  # file name and path under train/ -> index
     for i, (p, _) in enumerate(samples or []):
         index[os.path.basename(p)] = index[os.path.relpath(p, root)] = i
-    out = []
     with open(path) as f:
         lines = [ln.strip() for ln in f if ln.strip()]
-    for line in lines:
-        i = index.get(line, index.get(os.path.basename(line), int(line) if line.isdigit() else -1))
-        if not 0 <= i < n:  # neither a train image nor an index
-            raise UserError(f"split file {path!r}: {line!r} is not a train image of --data; "
-                            f"give file names of its train/ folder (or indices)")
-        out.append(i)
+    out = [index.get(ln, index.get(os.path.basename(ln), int(ln) if ln.isdigit() else -1)) for ln in lines]
+    if bad := [ln for ln, i in zip(lines, out) if not 0 <= i < n]:  # neither a train image nor an index
+        raise UserError(f"split file {path!r}: {bad[0]!r} is not a train image of --data; "
+                        f"give file names of its train/ folder (or indices)")
     return np.array(sorted(set(out)))
 
 
@@ -207,7 +208,7 @@ def linear(cfg, d, feats, vit=None, aug_ds=None) -> list:
     num_classes = int(max(y.max(), vy.max())) + 1
     n, batch, blocks = len(y), min(cfg.probe_batch_size, len(y)), feats["blocks"]  # batch <= n
     trainers = {b: GridTrainer(feats["val_features"][b].shape[1], num_classes, lrs, batch, cfg.epochs,
-                               n, cfg.warmup, cfg.seed, d.device) for b in blocks}
+                               n, cfg.warmup, cfg.seed, d.device, cfg.optimizer == "lars") for b in blocks}
     ints = parse_blocks(cfg.blocks, vit.depth) if aug_ds is not None else None
     for epoch in range(cfg.epochs):
         train = feats.get("train_features")
@@ -227,17 +228,15 @@ def linear(cfg, d, feats, vit=None, aug_ds=None) -> list:
 
 
 def main(cfg: Settings) -> dict:
-    if cfg.epochs < 1 or cfg.probe_batch_size < 1 or cfg.splits < 1:
-        raise UserError("--epochs, --probe-batch-size and --splits must be positive")
+    if cfg.epochs < 1 or cfg.probe_batch_size < 1 or cfg.splits < 1 or cfg.optimizer not in ("sgd", "lars"):
+        raise UserError("--epochs, --probe-batch-size and --splits must be positive, --optimizer sgd or lars")
     low = bool(cfg.shots or cfg.percent > 0 or cfg.split_file)
     if cfg.augment and (low or cfg.load_features):
         raise UserError("--augment re-embeds images every epoch: it needs --ckpt, not --load-features, "
                         "and the linear probe, not --shots/--percent/--split-file")
     d = setup_distributed(cfg.device)
-    vit = aug_ds = None
-    if cfg.augment:  # train features come from a new augmented pass every epoch
-        vit = load_model(cfg)
-        aug_ds = build_dataset(cfg.data, "train", train_transform(vit.img_size))
+    vit = load_model(cfg) if cfg.augment else None  # --augment: train features re-embedded every epoch
+    aug_ds = build_dataset(cfg.data, "train", train_transform(vit.img_size)) if vit else None
     feats = get_features(cfg, d, ("val",) if cfg.augment else ("train", "val"), vit=vit)
     feats.setdefault("train_labels", torch.as_tensor(getattr(aug_ds, "targets", [])))  # (N,) --augment
     if low:  # rank 0 alone fits the classifiers

@@ -53,6 +53,7 @@ CASES = [  # (script, flags, what the one line must say)
     (knn, "--ckpt {d}/mae.pth --k 0", "--k"),
     (cluster, "--ckpt {d}/mae.pth --batch-size 0", "--batch-size 0"),
     (probe, "--ckpt {d}/mae.pth --batch-size -4", "--batch-size -4"),
+    (probe, "--ckpt {d}/mae.pth --optimizer adam", "--optimizer sgd or lars"),
     (knn, "--load-features {d}/feats.pt", "lacks"),
     (refine, "--ckpt {d}/mae.pth --batch-size -4 --limit-train 64 --device cpu --out {d}/r", "global batch (-4) must be positive"),
     (refine, "--ckpt {d}/mae.pth --batch-size 80 --limit-train 64 --device cpu --out {d}/r", "not larger than the data set"),

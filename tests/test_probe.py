@@ -25,6 +25,32 @@ def test_linear_probe_separable_features():
     assert accs[1] >= 0.98
 
 
+def test_lars_step_equals_maes_lars_per_probe():
+    """The stacked LARS step equals MAE's LARS written out for each probe alone: the weight gradient
+    scaled by 0.001 |w| / |grad| (1 where a norm is zero), the bias plain momentum SGD."""
+    torch.manual_seed(0)
+    stacked = probe.StackedProbe(6, 4, 3)
+    stacked.bias.data.normal_()
+    w, b = stacked.weight.detach().clone(), stacked.bias.detach().clone()
+    mw, mb = torch.zeros_like(w), torch.zeros_like(b)
+    momentum, lrs = [torch.zeros_like(w), torch.zeros_like(b)], torch.tensor([0.1, 0.5, 2.0])
+    for step in range(3):
+        gw, gb = torch.randn_like(w), torch.randn_like(b)
+        gw[1] *= step != 1  # probe 1 gets a zero gradient once: trust ratio 1
+        stacked.weight.grad, stacked.bias.grad = gw.clone(), gb.clone()
+        probe.sgd_step(stacked, momentum, lrs, lars=True)
+        for g in range(3):
+            trust = 0.001 * w[g].norm() / gw[g].norm() if gw[g].norm() > 0 else 1.0
+            mw[g] = 0.9 * mw[g] + trust * gw[g]
+            mb[g] = 0.9 * mb[g] + gb[g]
+            w[g] -= lrs[g] * mw[g]
+            b[g] -= lrs[g] * mb[g]
+    torch.testing.assert_close(stacked.weight.detach(), w)
+    torch.testing.assert_close(stacked.bias.detach(), b)
+    trainer = probe.GridTrainer(6, 4, [0.1], 10, 5, 100, 2, 0, "cpu", lars=True)
+    assert (trainer.total, trainer.warmup) == (50, 20)  # --warmup >= 1 counts epochs
+
+
 def test_stacked_grid_equals_torch_sgd_per_lr():
     """Each lr of the grid trains exactly as a separate BatchNorm + Linear under torch.optim.SGD."""
     x, y = blobs(100, dim=8, classes=3, spread=1.0)
