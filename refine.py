@@ -414,11 +414,11 @@ def main(cfg: Settings) -> dict:
                     loss = loss + (mim_refiner_loss(z, nns, p_all, tau, offset) if mim
                                    else mae_ct_loss(nns, p_all, tau, offset))  # heads summed
                     first_view[b] = z[0]  # what the queue gets
+            optim.zero_grad(set_to_none=True)
+            loss.backward()  # queued before the one host sync of the step, the loss check below
             loss_value = common.all_gather(loss.detach()[None]).mean().item()  # the same on every rank
             if not math.isfinite(loss_value):
                 raise UserError(f"the loss is not finite at step {step + 1}; {last} keeps the last good state")
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
             optim.step()
             for b in blocks:  # every rank's first global view, (W*B, d), and its indices, (W*B,)
                 queues[str(b)].enqueue(common.all_gather(first_view[b]), common.all_gather(idx))
