@@ -344,10 +344,11 @@ def bench_loader(device, n_images, batch, workers, epochs=3):
                 os.path.join(root, "c0", f"{i}.jpg"), quality=90)
         cfg = dataclasses.replace(refine.Settings(), views="multicrop", global_size=224, local_size=96,
                                   local_crops=10)
-        data = refine.Views(datasets.ImageFolder(root), refine.make_views(cfg), 0)
-        loader = DataLoader(data, batch, shuffle=True, drop_last=True, **common.loader_kwargs(device, workers))
+        data, keys = refine.Views(datasets.ImageFolder(root), refine.make_views(cfg), 0), common.EpochKeys()
+        loader = DataLoader(data, batch, sampler=keys, drop_last=True, **common.loader_kwargs(device, workers))
         times = []
-        for _ in range(epochs):
+        for epoch in range(epochs):  # as refine.py: one loader, its workers persist across epochs
+            keys.keys = [(epoch, i) for i in torch.randperm(n_images).tolist()]
             t0, n = time.perf_counter(), 0
             for views, idx in loader:
                 views = [v.to(device, non_blocking=True) for v in views]

@@ -4,6 +4,7 @@ Importing it has no side effects."""
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -187,6 +188,30 @@ def eval_transform(img_size: int):
 
 def loader_kwargs(device: torch.device, workers: int) -> dict:
     return dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+
+
+class EpochKeys:
+    """The sampler of a trainer's one DataLoader, so that its workers live through the whole run:
+    set `keys` to this epoch's (epoch, index) pairs before iterating. The data set reads the epoch
+    from the key, as persistent workers never see attributes changed in the main process."""
+
+    def __init__(self):
+        self.keys = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self):
+        return len(self.keys)
+
+
+def warmup_cosine(step: int, steps: int, warmup: int, peak: float, floor: float) -> float:
+    """Per-step lr of MAE and MIM-Refiner: linear warm-up to `peak` over `warmup` steps, then half a
+    cosine down to `floor` at step `steps` (step 0 already trains)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 # --- Files ---

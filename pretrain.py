@@ -204,15 +204,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def learning_rate(step: int, peak: float, warmup: int, total: int, floor: float) -> float:
-    """Per-step schedule: linear warm-up to `peak` over `warmup` steps, then half a cosine down
-    to `floor` at step `total` (step counts from 0; step 0 already trains)."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
 def global_mean(x: torch.Tensor) -> float:
     """Mean of a scalar over all ranks, so every rank takes the same decisions from it."""
     return float(common.all_gather(x.detach().float().reshape(1)).mean())
@@ -293,17 +284,18 @@ def main(cfg: Settings) -> dict:
                                       broadcast_buffers=False)
     if cfg.compile:
         net = torch.compile(net)
+    # one loader for the run, so its workers persist; its own generator, as starting an epoch must
+    # not draw from the global one (the masks)
+    keys = common.EpochKeys()
+    loader = DataLoader(data, batch_size=cfg.batch_size, sampler=keys, drop_last=True,
+                        generator=torch.Generator(), **common.loader_kwargs(d.device, cfg.workers))
     bar = tqdm(total=end, initial=step, desc="pretrain", disable=not d.main, dynamic_ncols=True)
     window, start = [], time.time()
     while step < end:
         epoch, done = divmod(step, steps_per_epoch)
-        keys = epoch_keys(sampler, epoch, done * cfg.batch_size)
-        # its own generator: making an iterator must not draw from the global one (the masks)
-        loader = DataLoader(data, batch_size=cfg.batch_size, sampler=keys, drop_last=True,
-                            generator=torch.Generator().manual_seed(epoch),
-                            **common.loader_kwargs(d.device, cfg.workers))
+        keys.keys = epoch_keys(sampler, epoch, done * cfg.batch_size)
         for imgs in loader:
-            lr = learning_rate(step, peak, warmup, total, cfg.min_lr)
+            lr = common.warmup_cosine(step, total, warmup, peak, cfg.min_lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             with torch.autocast(d.device.type, torch.bfloat16, enabled=d.device.type == "cuda"):

@@ -187,19 +187,20 @@ def make_views(cfg) -> list:
 
 
 class Views(Dataset):
-    """(list of views, dataset index). The augmentations draw from torch's CPU generator seeded by
-    (seed, epoch, index), so the data do not depend on workers, world size or resuming."""
+    """Key (epoch, index) -> (list of views, index). The augmentations draw from torch's CPU generator
+    seeded by (seed, epoch, index), so the data do not depend on workers, world size or resuming."""
 
     def __init__(self, data, views, seed: int):
-        self.data, self.views, self.seed, self.epoch = data, views, seed, 0
+        self.data, self.views, self.seed = data, views, seed
 
     def __len__(self):
         return len(self.data)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        epoch, i = key
         img = self.data[i][0].convert("RGB")
         with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
-            torch.default_generator.manual_seed((self.seed * 100_000 + self.epoch) * 10**8 + i)
+            torch.default_generator.manual_seed((self.seed * 100_000 + epoch) * 10**8 + i)
             return [t(img) for t in self.views], i
 
 
@@ -211,14 +212,11 @@ def train_set(cfg):
     return Subset(ds, [i * len(ds) // n for i in range(n)]) if cfg.limit_train else ds
 
 
-def epoch_loader(data: Views, cfg, d, epoch: int, skip: int):
-    """This rank's batches of one epoch in a (seed, epoch) order, less the `skip` a resumed run had."""
+def epoch_keys(data: Views, cfg, d, epoch: int, skip: int) -> list:
+    """This rank's (epoch, index) keys in a (seed, epoch) order, less the `skip` batches a resumed run had."""
     sampler = DistributedSampler(data, d.world, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
     sampler.set_epoch(epoch)
-    order = list(sampler)[skip * cfg.batch_size:]  # this rank's indices, (N // W - skip * B,)
-    data.epoch = epoch  # the workers start afresh every epoch and see it
-    kw = {**common.loader_kwargs(d.device, cfg.workers), "persistent_workers": False}
-    return DataLoader(data, cfg.batch_size, sampler=order, drop_last=True, **kw)
+    return [(epoch, i) for i in list(sampler)[skip * cfg.batch_size:]]  # (N // W - skip * B,)
 
 
 # --- Model, optimiser, objectives ---
@@ -284,14 +282,6 @@ def param_groups(refiner: Refiner, cfg) -> list:
     return list(groups.values())
 
 
-def lr_at(step: int, steps: int, warmup: int, peak: float, floor: float) -> float:
-    """Linear warm-up to `peak`, then half a cosine down to `floor`, per step (SPEC §7)."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * t))
-
-
 def mim_refiner_loss(z, nns, p_all, tau: float, offset: int):
     """MIM-Refiner objective (SPEC §6): NNA for every pair (anchor = global view i, prediction =
     view v), v != i, over all 2 + V views; the mean of the 2 * (1 + V) terms. z, nns: this rank's
@@ -335,7 +325,9 @@ def main(cfg: Settings) -> dict:
         if diff:
             raise UserError(f"{last} was written with other settings ({'; '.join(diff[:3])}); "
                             f"rerun with the same flags or give a new --out")
-    data = Views(data, make_views(cfg), cfg.seed)
+    data, keys = Views(data, make_views(cfg), cfg.seed), common.EpochKeys()  # one loader: workers persist
+    loader = DataLoader(data, cfg.batch_size, sampler=keys, drop_last=True, generator=torch.Generator(),
+                        **common.loader_kwargs(d.device, cfg.workers))
     refiner = Refiner(vit, blocks, cfg.feature, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
                       pred_hidden=cfg.pred_hidden, act="gelu" if mim else "relu", predictor_bn=mim)
     queues = nn.ModuleDict({str(b): model.NNQueue(cfg.queue_size, cfg.proj_dim) for b in blocks})
@@ -394,8 +386,9 @@ def main(cfg: Settings) -> dict:
             if ck and ck["phase"] == phase:  # resuming inside this phase
                 optim.load_state_dict(ck["optimizer"])
             ck = None
-        for views, idx in epoch_loader(data, cfg, d, epoch, step - epoch * spe):
-            lr = lr_at(step - first, steps, warm, peak, cfg.min_lr)
+        keys.keys = epoch_keys(data, cfg, d, epoch, step - epoch * spe)
+        for views, idx in loader:
+            lr = common.warmup_cosine(step - first, steps, warm, peak, cfg.min_lr)  # SPEC §7
             for g in optim.param_groups:
                 g["lr"] = lr * g["lr_scale"]
             views, idx = [v.to(d.device, non_blocking=True) for v in views], idx.to(d.device)

@@ -1,4 +1,5 @@
 """The shared helpers: settings to flags, the embedded data set (SPEC §9), files."""
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -122,3 +123,26 @@ def test_imagefolder_errors(tmp_path):
     (tmp_path / "val" / "cat").mkdir(parents=True)
     with pytest.raises(model.UserError, match="at least one image"):
         common.build_dataset(str(tmp_path), "train")
+
+
+class KeyEcho(torch.utils.data.Dataset):
+    """Returns (worker pid, epoch, index) for a key (epoch, index)."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, key):
+        return torch.tensor([os.getpid(), *key])
+
+
+def test_epoch_keys_loader_keeps_its_workers_across_epochs():
+    keys = common.EpochKeys()
+    loader = torch.utils.data.DataLoader(KeyEcho(), batch_size=2, sampler=keys, num_workers=1,
+                                         persistent_workers=True)
+    seen = []
+    for epoch in range(2):
+        keys.keys = [(epoch, i) for i in (3, 1, 4, 1)]
+        seen.append(torch.cat(list(loader)))  # (4, 3)
+    assert seen[1][:, 1:].tolist() == [[1, 3], [1, 1], [1, 4], [1, 1]]  # this epoch's keys, in order
+    pids = torch.cat(seen)[:, 0]
+    assert (pids == pids[0]).all() and int(pids[0]) != os.getpid()  # one worker process, kept

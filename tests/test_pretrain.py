@@ -99,7 +99,7 @@ def test_param_groups_and_schedule():
     assert all(names[id(p)].endswith("weight") and p.ndim >= 2 for p in decay["params"])
     assert "blocks.0.attn.qkv.weight" in {names[id(p)] for p in decay["params"]}
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(mae.parameters()))
-    lr = [pretrain.learning_rate(s, 1.0, 4, 20, 0.1) for s in range(21)]
+    lr = [common.warmup_cosine(s, 20, 4, 1.0, 0.1) for s in range(21)]
     assert lr[:4] == [0.25, 0.5, 0.75, 1.0] and lr[4] == 1.0
     assert lr[20] == pytest.approx(0.1) and lr[12] == pytest.approx(0.55)
     assert all(a >= b for a, b in zip(lr[4:], lr[5:]))

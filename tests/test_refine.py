@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import common
 import model
 import refine
 
@@ -87,7 +88,7 @@ def test_lr_multipliers_and_weight_decay_follow_spec():
 
 
 def test_lr_schedule_warms_up_then_cosine():
-    lrs = [refine.lr_at(s, 10, 2, 1.0, 0.0) for s in range(10)]
+    lrs = [common.warmup_cosine(s, 10, 2, 1.0, 0.0) for s in range(10)]
     assert lrs[:3] == [0.5, 1.0, 1.0]
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] == pytest.approx(0.0381, abs=1e-3)
 
@@ -95,13 +96,12 @@ def test_lr_schedule_warms_up_then_cosine():
 def test_views_are_a_function_of_seed_epoch_index():
     cfg = refine.resolve(refine.Settings(batch_size=4), model.ViT(dim=32, depth=4, patch=4, img_size=32), 1, 100)
     data = refine.Views(refine.train_set(refine.Settings(limit_train=8)), refine.make_views(cfg), 0)
-    views, i = data[3]
+    views, i = data[0, 3]  # key (epoch, index)
     assert i == 3 and [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
     torch.manual_seed(123)
-    again = data[3][0]
+    again = data[0, 3][0]
     assert all(torch.equal(a, b) for a, b in zip(views, again))
-    data.epoch = 1
-    assert not torch.equal(views[0], data[3][0][0])
+    assert not torch.equal(views[0], data[1, 3][0][0])
 
 
 def test_mim_refiner_pairs_every_global_anchor_with_every_other_view(monkeypatch):
@@ -124,7 +124,7 @@ def test_mae_ct_phases_freezing_and_resume(tiny_ckpt, tmp_path):
     assert ck["step"] == 4 and ck["phase"] == 0
     refine.main(settings(tiny_ckpt, a, max_steps=6, **kw))  # stops inside an epoch
     refine.main(settings(tiny_ckpt, a, max_steps=8, **kw))  # resumes inside it
-    refine.main(settings(tiny_ckpt, b, max_steps=8, **kw))  # uninterrupted
+    refine.main(settings(tiny_ckpt, b, max_steps=8, workers=2, **kw))  # uninterrupted, 2 persistent workers
     ca, cb = load(a), load(b)
     assert ca["step"] == cb["step"] == 8 and losses(a) == losses(b)
     assert "4.predictor.4.weight" not in ca["heads"] and "4.0.weight" in ca["targets"]  # no final BN; EMA projector
