@@ -351,7 +351,7 @@ def bench_loader(device, n_images, batch, workers, epochs=3):
             keys.keys = [(epoch, i) for i in torch.randperm(n_images).tolist()]
             t0, n = time.perf_counter(), 0
             for views, idx in loader:
-                views = [v.to(device, non_blocking=True) for v in views]
+                views = [refine.to_input(v, device) for v in views]  # uint8 -> normalised on the device
                 n += len(idx)
             sync(device)
             times.append((time.perf_counter() - t0, n))

@@ -166,11 +166,11 @@ def blur(img, lo: float, hi: float):
 
 def make_views(cfg) -> list:
     """Transforms, global views first (SPEC §7): crop-flip (MAE-CT) or BYOL multicrop (MIM-Refiner:
-    blur p 1.0 / 0.1 / 0.5 on global 1 / global 2 / local, solarize on global 2)."""
-    bicubic, norm = T.InterpolationMode.BICUBIC, T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)
+    blur p 1.0 / 0.1 / 0.5 on global 1 / global 2 / local, solarize on global 2); uint8, see to_input."""
+    bicubic = T.InterpolationMode.BICUBIC
     if cfg.views == "crop-flip":
         v = T.Compose([T.RandomResizedCrop(cfg.global_size, (0.08, 1.0), interpolation=bicubic),
-                       T.RandomHorizontalFlip(), T.ToTensor(), norm])
+                       T.RandomHorizontalFlip(), T.PILToTensor()])
         return [v, v]
 
     def byol(size, scale, blur_p, solarize_p):
@@ -179,11 +179,18 @@ def make_views(cfg) -> list:
             T.RandomResizedCrop(size, scale, interpolation=bicubic), T.RandomHorizontalFlip(),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2),
             T.RandomApply([T.Lambda(partial(blur, lo=0.1 * s, hi=2.0 * s))], p=blur_p),
-            T.RandomSolarize(128, p=solarize_p), T.ToTensor(), norm])
+            T.RandomSolarize(128, p=solarize_p), T.PILToTensor()])
 
     g, loc = (0.25, 1.0), (0.05, 0.25)  # crop scales of the global and the local views
     return ([byol(cfg.global_size, g, 1.0, 0.0), byol(cfg.global_size, g, 0.1, 0.2)]
             + [byol(cfg.local_size, loc, 0.5, 0.0)] * cfg.local_crops)
+
+
+def to_input(view: torch.Tensor, device) -> torch.Tensor:
+    """uint8 views (B, C, H, W) -> float32 on `device`: ToTensor + Normalize's ops, after a 4x smaller copy."""
+    mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1)  # (1, C, 1, 1)
+                 for v in (common.IMAGENET_MEAN, common.IMAGENET_STD))
+    return (view.to(device, non_blocking=True).float().div(255) - mean) / std
 
 
 class Views(Dataset):
@@ -391,7 +398,7 @@ def main(cfg: Settings) -> dict:
             lr = common.warmup_cosine(step - first, steps, warm, peak, cfg.min_lr)  # SPEC §7
             for g in optim.param_groups:
                 g["lr"] = lr * g["lr_scale"]
-            views, idx = [v.to(d.device, non_blocking=True) for v in views], idx.to(d.device)
+            views, idx = [to_input(v, d.device) for v in views], idx.to(d.device)
             gen.manual_seed((cfg.seed * 10**9 + step) * 10**4 + d.rank)
             loss, offset, first_view = 0.0, d.rank * cfg.batch_size, {}  # row j's positive: offset + j
             with autocast:

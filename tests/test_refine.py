@@ -104,6 +104,14 @@ def test_views_are_a_function_of_seed_epoch_index():
     assert not torch.equal(views[0], data[1, 3][0][0])
 
 
+def test_uint8_views_normalised_on_the_device_equal_totensor_normalize():
+    from torchvision import transforms as T
+    img = refine.train_set(refine.Settings(limit_train=2))[1][0]
+    want = T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)(T.ToTensor()(img))
+    got = refine.to_input(T.PILToTensor()(img)[None], torch.device("cpu"))[0]
+    assert T.PILToTensor()(img).dtype == torch.uint8 and torch.equal(got, want)
+
+
 def test_mim_refiner_pairs_every_global_anchor_with_every_other_view(monkeypatch):
     pairs = []
     monkeypatch.setattr(model, "nna_loss", lambda z, nn_z, p, tau, offset: pairs.append((z, p)) or torch.tensor(1.0))
