@@ -383,8 +383,10 @@ def get_features(cfg, d, splits=("train", "val"), keep_classes=None, vit=None) -
         raise UserError("give either --load-features or --save-features, not both")
     if cfg.load_features:
         feats = read_feature_file(cfg.load_features, splits)
-        avail = list(feats[f"{splits[0]}_features"])
-        blocks = avail if cfg.blocks == "all" or len(avail) == 1 else parse_blocks(cfg.blocks, max(avail))
+        avail = list(feats[f"{splits[0]}_features"])  # block numbers; 'file' for a bare one-block file
+        ints = [b for b in avail if isinstance(b, int)]
+        blocks = (avail if cfg.blocks == "all" or (len(avail) == 1 and cfg.blocks == "last")
+                  else parse_blocks(cfg.blocks, max(ints)) if ints else [cfg.blocks])
         if any(b not in avail for b in blocks):
             raise UserError(f"--blocks {cfg.blocks}: the feature file holds blocks {avail}; "
                             f"extract the others again with --save-features")

@@ -142,6 +142,8 @@ def test_feature_file_single_block_and_bad_files(tiny, tmp_path):
     f = torch.load(path, weights_only=True)
     assert torch.is_tensor(f["train_features"]) and f["train_features"].shape == (9, 32)
     assert knn.main(settings(knn.Settings, load_features=path, k="1"))["results"][0]["block"] == 4
+    with pytest.raises(UserError, match=r"holds blocks \[4\]"):  # another block than the one stored
+        knn.main(settings(knn.Settings, load_features=path, k="1", blocks="2"))
     torch.save({"train_features": torch.zeros(3, 2)}, tmp_path / "bad.pt")
     with pytest.raises(UserError, match="lacks"):
         knn.main(settings(knn.Settings, load_features=str(tmp_path / "bad.pt")))
