@@ -300,12 +300,12 @@ def main(cfg: Settings) -> dict:
                 g["lr"] = lr
             with torch.autocast(d.device.type, torch.bfloat16, enabled=d.device.type == "cuda"):
                 loss = net(imgs.to(d.device, non_blocking=True))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # queued before the step's one host sync, the loss check
             loss_value = global_mean(loss)
             if not math.isfinite(loss_value):  # stop before the update: the weights stay good
                 raise UserError(f"the loss is not finite at step {step + 1}; {last} keeps the last good state "
                                 f"(if any); lower --base-lr or lengthen --warmup-epochs")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             optimizer.step()
             step += 1
             window.append(loss_value)
