@@ -364,7 +364,7 @@ def extract_features(vit, dataset, blocks, feature="cls", batch_size=256, device
             outs = vit.forward_blocks(x.to(device, non_blocking=True), blocks)
         for b, t in zip(blocks, outs):
             feats[b].append(pool(vit, t, feature).float())
-        labels.append(y.to(device))
+        labels.append(y.to(device, non_blocking=True))
 
     def gather(parts):  # (n_shard, ...) per rank -> (n, ...) in dataset order
         local = torch.cat(parts)

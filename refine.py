@@ -398,7 +398,7 @@ def main(cfg: Settings) -> dict:
             lr = common.warmup_cosine(step - first, steps, warm, peak, cfg.min_lr)  # SPEC §7
             for g in optim.param_groups:
                 g["lr"] = lr * g["lr_scale"]
-            views, idx = [to_input(v, d.device) for v in views], idx.to(d.device)
+            views, idx = [to_input(v, d.device) for v in views], idx.to(d.device, non_blocking=True)
             gen.manual_seed((cfg.seed * 10**9 + step) * 10**4 + d.rank)
             loss, offset, first_view = 0.0, d.rank * cfg.batch_size, {}  # row j's positive: offset + j
             with autocast:
