@@ -359,7 +359,8 @@ def extract_features(vit, dataset, blocks, feature="cls", batch_size=256, device
                         **loader_kwargs(device, workers))
     vit = vit.to(device).eval()
     feats, labels = {b: [] for b in blocks}, []
-    for x, y in tqdm(loader, desc=desc, disable=rank != 0, leave=False):
+    bar = {"disable": True} if rank else {}  # rank 0: tqdm's default, so TQDM_DISABLE=1 silences it
+    for x, y in tqdm(loader, desc=desc, leave=False, **bar):
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             outs = vit.forward_blocks(x.to(device, non_blocking=True), blocks)
         for b, t in zip(blocks, outs):
