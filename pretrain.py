@@ -5,14 +5,12 @@ The encoder sees a random 25% of the patches; a light decoder predicts the pixel
 the loss is the MSE to per-patch normalised pixels on hidden patches (`MAE.forward_loss`).
 AdamW (0.9, 0.95), lr = base 1.5e-4 x global batch / 256, weight decay 0.05 on weight matrices
 only, per-step linear warm-up then cosine; augmentation RandomResizedCrop + flip, nothing else.
-Small images: MAE crops down to 20% of the area at 224 px; at 32 px that is a ~14 px crop blown up
-2.3x, so the 4 px patches turn into blur that neighbours predict trivially and the 12-20 px digit
-of cluttered-digits is often cut away, while evaluation sees ~80% of the image (resize 36, centre
-crop 32). Hence `--crop-min 0.35` by default.
+`--crop-min 0.35` by default, not MAE's 0.2: at 32 px a 20% crop is ~14 px blown up 2.3x, blur that
+neighbours predict trivially, and it often cuts away the 12-20 px digit of cluttered-digits.
 
 CPU, the committed checkpoints/mae_tiny_digits.pth (ViT 128 wide, 6 deep, 2 heads, patch 4 on 32 px;
-decoder 64 x 2; 1200 steps, 33 min on one thread, final loss 0.321; base lr 10x the paper's, as
-the run is 1200 steps, not MAE's ~250k, and a pilot at 1.5e-4 lagged far behind):
+decoder 64 x 2; 1200 steps, 33 min on one thread, final loss 0.32, crops then drawn by numpy, now by
+torch: the same distribution, other draws; base lr 10x the paper's, for 1200 steps, not ~250k):
     OMP_NUM_THREADS=1 python pretrain.py --out runs/mae_tiny_digits --base-lr 1.5e-3 --epochs 60 \
         --save-every 100 --export checkpoints/mae_tiny_digits.pth
 GPU nodes, the paper's ViT-L/16 recipe (global batch 4096) on an ImageNet folder with train/:
@@ -31,15 +29,13 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
-from torchvision import transforms
-from torchvision.transforms import functional as TF
+from torchvision import transforms as T
 from tqdm import tqdm
 
 import common
@@ -117,6 +113,11 @@ class MAE(ViT):
             m.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
+    def forward(self, imgs, mask_ratio=None):
+        """The encoder's tokens (as ViT); with a mask ratio the MAE loss, so DDP and torch.compile
+        wrap the whole training computation."""
+        return super().forward(imgs) if mask_ratio is None else self.forward_loss(imgs, mask_ratio)
+
     def forward_loss(self, imgs, mask_ratio: float = 0.75):
         """MAE objective: MSE to per-patch normalised pixels, averaged over hidden patches."""
         kept, mask, ids_restore = random_masking(self.patch_tokens(imgs), mask_ratio)
@@ -139,59 +140,25 @@ class MAE(ViT):
         return (loss * mask).sum() / mask.sum()
 
 
-def random_resized_crop(img, size: int, scale: tuple, rng: np.random.Generator):
-    """torchvision's RandomResizedCrop + RandomHorizontalFlip (MAE's augmentation), drawing from
-    `rng`: area fraction uniform in `scale`, aspect ratio log-uniform in (3/4, 4/3), 10 tries,
-    then the whole image; bicubic resize to size x size; flip with probability 1/2."""
-    W, H = img.size
-    h, w, top, left = H, W, 0, 0
-    for _ in range(10):
-        area = H * W * rng.uniform(*scale)
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-        if 0 < cw <= W and 0 < ch <= H:
-            h, w = ch, cw
-            top, left = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
-            break
-    img = TF.resized_crop(img, top, left, h, w, [size, size], TF.InterpolationMode.BICUBIC)
-    return TF.hflip(img) if rng.random() < 0.5 else img
-
-
 class Augmented(Dataset):
-    """Indexed by (epoch, i) keys: the crop and flip of image i in an epoch come from a generator
-    seeded by (seed, epoch, i), so the images of a step depend on the step alone, whatever the
-    number of loader workers, and a resumed run draws exactly the same ones."""
+    """Key (epoch, i) -> MAE's augmentation of image i (RandomResizedCrop, bicubic, + flip), drawn
+    from torch's CPU generator seeded by (seed, epoch, i): the images of a step depend on the step
+    alone, whatever the number of loader workers, and a resumed run draws exactly the same ones."""
 
     def __init__(self, base, size: int, crop_min: float, seed: int):
-        self.base, self.size, self.scale, self.seed = base, size, (crop_min, 1.0), seed
-        self.to_tensor = transforms.Compose([
-            transforms.ToTensor(), transforms.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])
+        self.base, self.seed = base, seed
+        self.transform = T.Compose([
+            T.RandomResizedCrop(size, (crop_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])
 
     def __len__(self):
         return len(self.base)
 
     def __getitem__(self, key):
         epoch, i = key
-        img = self.base[i][0].convert("RGB")  # labels are not used
-        rng = np.random.default_rng([self.seed, epoch, i])
-        return self.to_tensor(random_resized_crop(img, self.size, self.scale, rng))
-
-
-def epoch_keys(sampler: DistributedSampler, epoch: int, skip: int) -> list:
-    """This rank's (epoch, i) keys, in an order fixed by (seed, epoch), less the first `skip`."""
-    sampler.set_epoch(epoch)
-    return [(epoch, i) for i in list(sampler)[skip:]]
-
-
-class Objective(torch.nn.Module):
-    """imgs -> MAE loss, one module so that DDP and torch.compile wrap all of the training step."""
-
-    def __init__(self, mae: MAE, mask_ratio: float):
-        super().__init__()
-        self.mae, self.mask_ratio = mae, mask_ratio
-
-    def forward(self, imgs):
-        return self.mae.forward_loss(imgs, self.mask_ratio)
+        with torch.random.fork_rng(devices=[]):  # the caller's generator (the masks) is left as it was
+            torch.default_generator.manual_seed((self.seed * 100_000 + epoch) * 10**8 + i)
+            return self.transform(self.base[i][0].convert("RGB"))  # labels are not used
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
@@ -204,18 +171,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def global_mean(x: torch.Tensor) -> float:
-    """Mean of a scalar over all ranks, so every rank takes the same decisions from it."""
-    return float(common.all_gather(x.detach().float().reshape(1)).mean())
-
-
 def all_rng_states(world: int) -> list:
     """Every rank's generator states, in rank order (each rank draws its own masks)."""
-    state = common.rng_state()
-    if world == 1:
-        return [state]
-    states = [None] * world
-    dist.all_gather_object(states, state)
+    states = [common.rng_state()] * world
+    if world > 1:
+        dist.all_gather_object(states, states[0])  # fills the list in rank order
     return states
 
 
@@ -278,7 +238,7 @@ def main(cfg: Settings) -> dict:
               f"{steps_per_epoch} steps/epoch, global batch {cfg.batch_size * d.world}, lr {peak:.3g}; "
               f"steps {step} -> {end} of {total}")
 
-    net = Objective(mae, cfg.mask_ratio)
+    net = mae  # net(imgs, mask_ratio) is the loss
     if d.world > 1:  # positions are fixed buffers: nothing to broadcast
         net = DistributedDataParallel(net, device_ids=[d.device.index] if d.device.type == "cuda" else None,
                                       broadcast_buffers=False)
@@ -293,16 +253,17 @@ def main(cfg: Settings) -> dict:
     window, start = [], time.time()
     while step < end:
         epoch, done = divmod(step, steps_per_epoch)
-        keys.keys = epoch_keys(sampler, epoch, done * cfg.batch_size)
+        sampler.set_epoch(epoch)  # this rank's (epoch, i) keys in a (seed, epoch) order, less those done
+        keys.keys = [(epoch, i) for i in list(sampler)[done * cfg.batch_size:]]
         for imgs in loader:
             lr = common.warmup_cosine(step, total, warmup, peak, cfg.min_lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             with torch.autocast(d.device.type, torch.bfloat16, enabled=d.device.type == "cuda"):
-                loss = net(imgs.to(d.device, non_blocking=True))
+                loss = net(imgs.to(d.device, non_blocking=True), cfg.mask_ratio)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # queued before the step's one host sync, the loss check
-            loss_value = global_mean(loss)
+            loss_value = float(common.all_gather(loss.detach().float()[None]).mean())  # same on all ranks
             if not math.isfinite(loss_value):  # stop before the update: the weights stay good
                 raise UserError(f"the loss is not finite at step {step + 1}; {last} keeps the last good state "
                                 f"(if any); lower --base-lr or lengthen --warmup-epochs")
