@@ -675,6 +675,13 @@ def main(cfg: Settings) -> dict:
         print(f"[{time.perf_counter() - t_start:6.1f} s] done: {', '.join(k for k in details if k != 'machine')}",
               flush=True)
 
+    def record(row: str, key: str, r: dict, setting: str):  # one comparison into the table and the JSON
+        r["setting"] = setting
+        rows.append((row, r))
+        details[key] = r
+        if key in GOALS and "ratio" in r:  # a comparison with a goal (not a detail row)
+            ratios[key] = r["ratio"]
+
     if "vit" in only:
         if tiny:
             sizes = [("micro", 32, 2, 2, 8, 16, 4)]
@@ -698,41 +705,29 @@ def main(cfg: Settings) -> dict:
         n, m, d, k, c = ((300, 50, 16, 5, 5) if tiny else (10000, 2000, 128, 20, 10) if quick
                          else (50000, 10000, 384, 20, 1000))
         r = bench_knn(n, m, d, k, c, device, slow_rounds, goal["knn_vs_sklearn"])
-        r["setting"] = f"{n} x {m}, D {d}, k {k}"
-        rows.append(("knn_vs_sklearn", r))
-        details["knn_vs_sklearn"] = r
-        if "ratio" in r:
-            ratios["knn_vs_sklearn"] = r["ratio"]
+        record("knn_vs_sklearn", "knn_vs_sklearn", r, f"{n} x {m}, D {d}, k {k}")
         save()
 
     if "kmeans" in only:
         n, d, K, n_init, iters = ((400, 8, 4, 2, 10) if tiny else (20000, 128, 50, 3, 30) if quick
                                   else (50000, 384, 1000, 3, 50))
         r = bench_kmeans(n, d, K, n_init, iters, device, slow_rounds, goal["kmeans_vs_sklearn"])
-        r["setting"] = f"{n} x D {d}, K {K}, n_init {n_init}, {iters} it"
-        rows.append(("kmeans_vs_sklearn", r))
-        details["kmeans_vs_sklearn"] = r
-        if "ratio" in r:
-            ratios["kmeans_vs_sklearn"] = r["ratio"]
+        record("kmeans_vs_sklearn", "kmeans_vs_sklearn", r, f"{n} x D {d}, K {K}, n_init {n_init}, {iters} it")
         save()
 
     if "probe" in only:
         # the papers' protocol: crops re-embedded every epoch (the reported ratio)
         n_img, ep_aug = (64, 1) if tiny else (256, 2) if quick else (4096, 2)
         r = bench_probe_augment(n_img, ep_aug, device, 1, goal["probe_grid_vs_sequential"])
-        r["setting"] = f"--augment, {n_img} images, {ep_aug} epochs"
-        rows.append(("probe_grid_vs_sequential", r))
-        details["probe_grid_vs_sequential"] = r
-        if "ratio" in r:
-            ratios["probe_grid_vs_sequential"] = r["ratio"]
+        record("probe_grid_vs_sequential", "probe_grid_vs_sequential", r,
+               f"--augment, {n_img} images, {ep_aug} epochs")
         save()
         # the fast mode: features extracted once, only the probe steps differ
         n, d, c, ep = ((256, 16, 4, 2) if tiny else (5188, 128, 10, 10) if quick
                        else (100000, 1024, 1000, 2))
         r = bench_probe(n, d, c, ep, device, max(1, rounds // 2), goal["probe_grid_vs_sequential"])
-        r["setting"] = f"features once: {n} x D {d}, {c} classes, {ep} epochs"
-        rows.append(("probe (features once)", r))
-        details["probe_grid_vs_sequential_features_once"] = r
+        record("probe (features once)", "probe_grid_vs_sequential_features_once", r,
+               f"features once: {n} x D {d}, {c} classes, {ep} epochs")
         probe = try_import("probe")
         if gpu and probe is not None and hasattr(probe, "grid_loss"):  # the proposed loss, both sides
             original, probe.grid_loss = probe.grid_loss, proposed_grid_loss
@@ -740,9 +735,8 @@ def main(cfg: Settings) -> dict:
                 r2 = bench_probe(n, d, c, ep, device, max(1, rounds // 2), goal["probe_grid_vs_sequential"])
             finally:
                 probe.grid_loss = original
-            r2["setting"] = r["setting"] + ", proposed grid_loss"
-            rows.append(("probe_grid_vs_sequential", r2))
-            details["probe_grid_vs_sequential_proposed_loss"] = r2
+            record("probe_grid_vs_sequential", "probe_grid_vs_sequential_proposed_loss", r2,
+                   r["setting"] + ", proposed grid_loss")
         save()
 
     if "loader" in only:
