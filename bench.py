@@ -288,7 +288,7 @@ def bench_probe_augment(n, epochs, device, rounds, goal):
     if probe is None or not all(hasattr(probe, a) for a in ("GridTrainer", "train_transform")):
         return dict(skipped="probe.GridTrainer / probe.train_transform do not exist yet")
     import common
-    data = common.ClutteredDigits("train", n=n, transform=probe.train_transform(32))
+    data = common.JitteredDigits("train", n=n, transform=probe.train_transform(32))
     y = torch.as_tensor(data.targets).to(device)
     torch.manual_seed(0)
     vit = model.ViT(dim=128, depth=6, heads=2, patch=4, img_size=32).to(device).eval()

@@ -8,7 +8,7 @@ iterations with distances from matrix products, computed in chunks (50k x 1000 f
 `--subset dogs15` restricts an ImageNet folder to the 15 classes of ImageNet-Dogs-15.
 
 CPU, the embedded data set (about 30 seconds on 2 cores; random weights: ACC ~14%, NMI ~0.02):
-    python cluster.py --ckpt checkpoints/mae_tiny_digits.pth --data cluttered-digits
+    python cluster.py --ckpt checkpoints/mae_tiny_digits.pth --data jittered-digits
 Several GPUs (each extracts a shard; k-means runs on rank 0), ImageNet, ViT-H/14:
     torchrun --nproc_per_node=8 cluster.py --ckpt refined/last.pt --data /imagenet
     # MIM-Refiner reports ACC 64.6%, NMI 85.3%, ARI 45.5% (MAE ViT-H/14 refined)

@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from digits import JitteredDigits
 from model import UserError, load_encoder, read_checkpoint
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -110,55 +111,16 @@ def all_gather(x: torch.Tensor, grad: bool = False) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
-# --- Data: `--data cluttered-digits` (SPEC §9) or a folder with train/ and val/ (ImageFolder) ---
-
-class ClutteredDigits(Dataset):
-    """Digit glyphs (sklearn's 8x8 digits) pasted on crops of sklearn's two sample photos.
-
-    Glyphs 0-1296 make the train split, 1297-1796 the val split, so no glyph is in both. Each
-    composite is drawn from a generator seeded by (seed, split, index): the set is a pure function
-    of its arguments. Images are 32x32 RGB; the label is the digit."""
-
-    def __init__(self, split="train", n=None, seed=0, size=32, transform=None):
-        from sklearn.datasets import load_digits, load_sample_images
-        digits, photos = load_digits(), load_sample_images().images
-        lo, hi = (0, 1297) if split == "train" else (1297, 1797)
-        n = n or (4 if split == "train" else 2) * (hi - lo)
-        self.transform, self.classes = transform, [str(d) for d in range(10)]
-        self.glyph_ids = np.arange(n) % (hi - lo) + lo  # each glyph used equally often
-        self.targets = [int(digits.target[g]) for g in self.glyph_ids]
-        self.images = np.empty((n, size, size, 3), dtype=np.uint8)
-        for i, glyph in enumerate(self.glyph_ids):
-            rng = np.random.default_rng([seed, int(split == "train"), i])
-            photo = photos[rng.integers(len(photos))]
-            crop = int(rng.integers(size, min(photo.shape[:2]) // 2))  # random scale of background
-            y, x = rng.integers(photo.shape[0] - crop), rng.integers(photo.shape[1] - crop)
-            bg = Image.fromarray(photo[y:y + crop, x:x + crop]).resize((size, size), Image.BILINEAR)
-            bg = np.asarray(bg, dtype=np.float64).copy()
-            g = int(rng.integers(12, 21))  # glyph side in pixels
-            alpha = Image.fromarray((digits.images[glyph] / 16).astype(np.float32)).resize((g, g), Image.BILINEAR)
-            alpha = np.clip(np.asarray(alpha), 0, 1)[..., None]
-            colour = rng.integers(0, 256, 3).astype(np.float64)
-            gy, gx = rng.integers(0, size - g + 1, 2)
-            bg[gy:gy + g, gx:gx + g] = bg[gy:gy + g, gx:gx + g] * (1 - alpha) + colour * alpha
-            self.images[i] = np.round(bg).astype(np.uint8)
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        img = Image.fromarray(self.images[i])
-        return (self.transform(img) if self.transform else img), self.targets[i]
-
+# --- Data: `--data jittered-digits` (digits.py, embedded) or a folder with train/ and val/ (ImageFolder) ---
 
 def build_dataset(data: str, split: str, transform=None) -> Dataset:
     """The `split` ('train' or 'val') of `--data`; the result has `.targets` and `.classes`."""
-    if data == "cluttered-digits":
-        return ClutteredDigits(split, transform=transform)
+    if data == "jittered-digits":
+        return JitteredDigits(split, transform=transform)
     from torchvision import datasets  # here: torchvision's import costs seconds
     root = os.path.join(data, split)
     if not os.path.isdir(data):
-        raise UserError(f"data folder {data!r} does not exist; give --data cluttered-digits "
+        raise UserError(f"data folder {data!r} does not exist; give --data jittered-digits "
                         f"or a folder with train/ and val/ in ImageFolder layout")
     for s in ("train", "val"):  # both checked up front: fail before minutes of work, not after
         if not os.path.isdir(os.path.join(data, s)):
@@ -291,7 +253,7 @@ class FeatureSettings:
     """The flags of every evaluation stage; each stage's Settings adds its own."""
     ckpt: str = opt("checkpoints/mae_tiny_digits.pth", "encoder checkpoint, any layout of SPEC §3")
     weights: str = opt("ema", "which encoder of a refine.py checkpoint: ema or online")
-    data: str = opt("cluttered-digits", "cluttered-digits, or a folder with train/ and val/ (ImageFolder)")
+    data: str = opt("jittered-digits", "jittered-digits, or a folder with train/ and val/ (ImageFolder)")
     img_size: Optional[int] = opt(None, "input resolution (default: the checkpoint's)")
     blocks: str = opt("last", "blocks to evaluate: last, all, a list 18,20,24 or a range 17-24")
     concat: bool = opt(False, "evaluate the chosen blocks concatenated into one feature")

@@ -9,7 +9,7 @@ gives the per-block curve, the core evidence of MIM-Refiner (`--plot curve.png` 
 
 CPU, the embedded data set, every block (about 1 minute on 2 cores; an encoder of random weights
 scores about 10%, chance: the photo backgrounds dominate the pixels):
-    python knn.py --ckpt checkpoints/mae_tiny_digits.pth --data cluttered-digits --blocks all
+    python knn.py --ckpt checkpoints/mae_tiny_digits.pth --data jittered-digits --blocks all
 Several GPUs (each extracts a shard; the vote runs on rank 0), ImageNet, ViT-L/16:
     torchrun --nproc_per_node=8 knn.py --ckpt mae_large.pth --data /imagenet --blocks 12-24
     # MIM-Refiner reports 60.6% (MAE ViT-L/16, last block) -> 81.5% after refinement

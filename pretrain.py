@@ -6,7 +6,7 @@ the loss is the MSE to per-patch normalised pixels on hidden patches (`MAE.forwa
 AdamW (0.9, 0.95), lr = base 1.5e-4 x global batch / 256, weight decay 0.05 on weight matrices
 only, per-step linear warm-up then cosine; augmentation RandomResizedCrop + flip, nothing else.
 `--crop-min 0.35` by default, not MAE's 0.2: at 32 px a 20% crop is ~14 px blown up 2.3x, blur that
-neighbours predict trivially, and it often cuts away the 12-20 px digit of cluttered-digits.
+neighbours predict trivially, and it often cuts away the 12-20 px digit of jittered-digits.
 
 CPU, the committed checkpoints/mae_tiny_digits.pth (ViT 128 wide, 6 deep, 2 heads, patch 4 on 32 px;
 decoder 64 x 2; 1200 steps, 33 min on one thread, final loss 0.32, crops then drawn by numpy, now by
@@ -45,7 +45,7 @@ from model import Block, UserError, ViT, export_encoder, init_weights, read_chec
 
 @dataclass
 class Settings:
-    data: str = opt("cluttered-digits", "'cluttered-digits' or a folder with train/ in ImageFolder layout")
+    data: str = opt("jittered-digits", "'jittered-digits' or a folder with train/ in ImageFolder layout")
     out: str = opt("runs/pretrain", "output folder (last.pt, encoder.pth, log.jsonl); resumed if it holds last.pt")
     export: str = opt("", "also write a slim checkpoint here: MAE weights and arch, no optimizer or RNG state")
     img_size: int = opt(32, "training resolution in pixels")

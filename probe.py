@@ -11,7 +11,7 @@ for ViT-L/H; `--feature cls-norm`, MAE's own feature). Low-shot (`--shots 1,2,5`
 features centred with the labelled mean and L2-normalised; `--splits` seeded draws, mean reported.
 
 CPU, the embedded data set (under a minute each on 2 cores; random weights score about 10%):
-    python probe.py --ckpt checkpoints/mae_tiny_digits.pth --data cluttered-digits
+    python probe.py --ckpt checkpoints/mae_tiny_digits.pth --data jittered-digits
     python probe.py --ckpt checkpoints/mae_tiny_digits.pth --shots 1,2,5
 Several GPUs, ImageNet, ViT-L/16 (MIM-Refiner reports 77.5% -> 82.8% linear, 14.3% -> 57.8% 1-shot):
     torchrun --nproc_per_node=8 probe.py --ckpt refined/last.pt --data /imagenet --augment
@@ -150,7 +150,7 @@ def draw_split(labels, seed: int, shots: int = 0, percent: float = 0.0) -> np.nd
 
 def read_split_file(path: str, n: int, samples=None, root: str = "") -> np.ndarray:
     """Indices of the train images in an MSN/SimCLRv2 split file: one file name or path a line
-    (n01440764_10026.JPEG); a bare number is an index (for cluttered-digits)."""
+    (n01440764_10026.JPEG); a bare number is an index (for jittered-digits)."""
     if not os.path.isfile(path):
         raise UserError(f"split file {path!r} does not exist; give a file with one image per line")
     index = {}  # file name and path under train/ -> index
@@ -183,7 +183,7 @@ def lowshot(cfg, feats) -> list:
     draws += [("percent", cfg.percent, seed, draw_split(y, seed, percent=cfg.percent))
               for seed in range(cfg.splits) if cfg.percent > 0]
     if cfg.split_file:  # the image paths of an ImageFolder (not of the feature file)
-        ds = None if cfg.data == "cluttered-digits" else build_dataset(cfg.data, "train")
+        ds = None if cfg.data == "jittered-digits" else build_dataset(cfg.data, "train")
         draws.append(("split_file", cfg.split_file, 0, read_split_file(
             cfg.split_file, len(y), getattr(ds, "samples", None), getattr(ds, "root", ""))))
     for b in feats["blocks"]:

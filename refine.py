@@ -24,18 +24,17 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from functools import partial
+from typing import Optional
 
 import torch
 import torch.nn as nn
-from PIL import ImageFilter
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torchvision import transforms as T
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 import common
 import model
+from augment import Views, make_views, to_input
 from common import opt
 from model import UserError
 
@@ -43,13 +42,22 @@ from model import UserError
 @dataclass
 class Settings:
     ckpt: str = opt("checkpoints/mae_tiny_digits.pth", "pre-trained encoder, any layout load_encoder reads")
-    data: str = opt("cluttered-digits", "cluttered-digits or an ImageFolder root with train/")
+    data: str = opt("jittered-digits", "jittered-digits or an ImageFolder root with train/")
     out: str = opt("runs/refine", "output folder: last.pt (resumable), encoder.pth, log.jsonl")
     method: str = opt("mim-refiner", "mim-refiner or mae-ct")
     views: str = opt("", "multicrop (2 global + local crops, BYOL) or crop-flip; '' = by method")
     local_crops: int = opt(-1, "local crops of multicrop; -1 = by scale (10, small 2)")
     global_size: int = opt(0, "global crop side in px; 0 = the encoder's native image size")
     local_size: int = opt(0, "local crop side; 0 = 96/224 of the global side, a multiple of the patch")
+    global_crop_min: Optional[float] = opt(None, "smallest area fraction of a global crop; default by scale "
+                                                 "(0.25, MAE-CT 0.08; small 0.5)")
+    local_crop_min: Optional[float] = opt(None, "smallest area fraction of a local crop (the largest is "
+                                                "--global-crop-min); default by scale (0.05, small 0.25)")
+    invert: Optional[float] = opt(None, "probability of inverting a multicrop view's colours; default by "
+                                        "scale (0: the papers; small 0.5, as the embedded digits' grey "
+                                        "levels are nuisance)")
+    neighbours: bool = opt(True, "positives from the queue's nearest neighbours; --no-neighbours is the "
+                                 "control: each anchor is its own positive (augmentation-only)")
     heads: str = opt("", "blocks with a head, e.g. 17-24 or 18,20,24; '' = by depth (SPEC §7)")
     feature: str = opt("cls", "what the heads read: cls (CLS token) or mean (of the patch tokens)")
     freeze_blocks: int = opt(-1, "lower blocks (+ stem) frozen in phase 2; -1 = by method (MAE-CT half)")
@@ -120,7 +128,9 @@ def recipe(cfg: Settings, vit, world: int, n_train: int) -> dict:
     gb = (cfg.batch_size or max(1, batch // world)) * world
     g = cfg.global_size or vit.img_size
     return dict(
-        views="multicrop" if mim else "crop-flip", local_crops=10 if big else 2, global_size=g,
+        views="multicrop" if mim or not big else "crop-flip", local_crops=10 if big else 2 if mim else 0,
+        global_size=g, global_crop_min=(0.25 if mim else 0.08) if big else 0.5,
+        local_crop_min=0.05 if big else 0.25, invert=0.0 if big else 0.5,
         local_size=vit.patch * math.ceil(g * 96 / 224 / vit.patch),  # 96 px at 224, 98 for patch 14
         heads=",".join(map(str, head_blocks(cfg.method, vit.dim, vit.depth))),
         freeze_blocks=vit.depth // 2 if not mim else 6 if scale == "2b" else 0,
@@ -157,64 +167,11 @@ def resolve(cfg: Settings, vit, world: int, n_train: int) -> Settings:
     return r
 
 
-# --- Data: the views of image i in epoch e are a pure function of (seed, e, i) ---
-
-def blur(img, lo: float, hi: float):
-    """Gaussian blur, sigma uniform in (lo, hi); PIL's, as torchvision's takes ~50 ms per 32 px image."""
-    return img.filter(ImageFilter.GaussianBlur(float(torch.empty(1).uniform_(lo, hi))))
-
-
-def make_views(cfg) -> list:
-    """Transforms, global views first (SPEC §7): crop-flip (MAE-CT) or BYOL multicrop (MIM-Refiner:
-    blur p 1.0 / 0.1 / 0.5 on global 1 / global 2 / local, solarize on global 2); uint8, see to_input."""
-    bicubic = T.InterpolationMode.BICUBIC
-    if cfg.views == "crop-flip":
-        v = T.Compose([T.RandomResizedCrop(cfg.global_size, (0.08, 1.0), interpolation=bicubic),
-                       T.RandomHorizontalFlip(), T.PILToTensor()])
-        return [v, v]
-
-    def byol(size, scale, blur_p, solarize_p):
-        s = size / 224  # blur sigma 0.1-2.0 at 224 px, scaled with the side
-        return T.Compose([
-            T.RandomResizedCrop(size, scale, interpolation=bicubic), T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2),
-            T.RandomApply([T.Lambda(partial(blur, lo=0.1 * s, hi=2.0 * s))], p=blur_p),
-            T.RandomSolarize(128, p=solarize_p), T.PILToTensor()])
-
-    g, loc = (0.25, 1.0), (0.05, 0.25)  # crop scales of the global and the local views
-    return ([byol(cfg.global_size, g, 1.0, 0.0), byol(cfg.global_size, g, 0.1, 0.2)]
-            + [byol(cfg.local_size, loc, 0.5, 0.0)] * cfg.local_crops)
-
-
-def to_input(view: torch.Tensor, device) -> torch.Tensor:
-    """uint8 views (B, C, H, W) -> float32 on `device`: ToTensor + Normalize's ops, after a 4x smaller copy."""
-    x = view.to(device, non_blocking=True).float().div(255)  # (B, C, H, W)
-    for c, (m, s) in enumerate(zip(common.IMAGENET_MEAN, common.IMAGENET_STD)):
-        x[:, c].sub_(m).div_(s)  # python scalars: a mean/std tensor copied to the GPU would sync each time
-    return x
-
-
-class Views(Dataset):
-    """Key (epoch, index) -> (list of views, index). The augmentations draw from torch's CPU generator
-    seeded by (seed, epoch, index), so the data do not depend on workers, world size or resuming."""
-
-    def __init__(self, data, views, seed: int):
-        self.data, self.views, self.seed = data, views, seed
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, key):
-        epoch, i = key
-        img = self.data[i][0].convert("RGB")
-        with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
-            torch.default_generator.manual_seed((self.seed * 100_000 + epoch) * 10**8 + i)
-            return [t(img) for t in self.views], i
-
+# --- Data ---
 
 def train_set(cfg):
-    if cfg.data == "cluttered-digits" and cfg.limit_train:  # drawn per index: the same first N, faster
-        return common.ClutteredDigits("train", n=cfg.limit_train)
+    if cfg.data == "jittered-digits" and cfg.limit_train:  # drawn per index: the same first N, faster
+        return common.JitteredDigits("train", n=cfg.limit_train)
     ds = common.build_dataset(cfg.data, "train")
     n = min(cfg.limit_train, len(ds)) or len(ds)  # evenly spaced: an ImageFolder is sorted by class
     return Subset(ds, [i * len(ds) // n for i in range(n)]) if cfg.limit_train else ds
@@ -410,7 +367,8 @@ def main(cfg: Settings) -> dict:
                             z = targets[str(b)](h[b].detach())
                     z = z.detach().float().chunk(len(views))  # per view (B, d)
                     p_all = [common.all_gather(pv, grad=True) for pv in p.chunk(len(views))]  # [(W*B, d)]
-                    nns = [queues[str(b)].lookup(z[i], idx, k, gen) for i in range(2)]  # (B, d) each
+                    nns = [queues[str(b)].lookup(z[i], idx, k, gen) if cfg.neighbours else z[i]
+                           for i in range(2)]  # (B, d) each
                     loss = loss + (mim_refiner_loss(z, nns, p_all, tau, offset) if mim
                                    else mae_ct_loss(nns, p_all, tau, offset))  # heads summed
                     first_view[b] = z[0]  # what the queue gets

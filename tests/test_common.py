@@ -6,7 +6,6 @@ from typing import Optional
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
 
 import common
 import model
@@ -53,42 +52,6 @@ def test_parse_blocks():
         common.parse_blocks("24-25", 24)
     with pytest.raises(model.UserError, match="cannot read --blocks"):
         common.parse_blocks("x", 24)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return common.ClutteredDigits("train", n=300), common.ClutteredDigits("val", n=200)
-
-
-def test_cluttered_digits_is_deterministic_and_splits_glyphs(digits):
-    train, val = digits
-    again = common.ClutteredDigits("train", n=300)
-    assert np.array_equal(train.images, again.images) and train.targets == again.targets
-    other = common.ClutteredDigits("train", n=300, seed=1)
-    assert not np.array_equal(train.images, other.images)
-    assert train.images.shape == (300, 32, 32, 3) and train.images.dtype == np.uint8
-    assert set(train.glyph_ids) <= set(range(1297)) and set(val.glyph_ids) <= set(range(1297, 1797))
-    assert sorted(set(train.targets)) == list(range(10))
-    img, label = train[5]
-    assert img.size == (32, 32) and label == train.targets[5]
-
-
-def knn_top1(train_x, train_y, test_x, test_y, k=10):
-    sim = torch.nn.functional.normalize(test_x, dim=1) @ torch.nn.functional.normalize(train_x, dim=1).T
-    votes = torch.zeros(len(test_x), 10).scatter_add_(1, train_y[sim.topk(k).indices], torch.ones(len(test_x), k))
-    return (votes.argmax(1) == test_y).float().mean().item()
-
-
-def test_background_dominates_the_pixels(digits):
-    """SPEC §9's premise: raw-pixel k-NN is far below k-NN on the glyphs alone (printed)."""
-    flat = lambda d: torch.tensor(d.images.reshape(len(d), -1), dtype=torch.float32)  # noqa: E731
-    labels = lambda d: torch.tensor(d.targets)  # noqa: E731
-    train, val = digits
-    glyph = lambda d: torch.tensor(load_digits().data[d.glyph_ids], dtype=torch.float32)  # noqa: E731
-    pixels = knn_top1(flat(train), labels(train), flat(val), labels(val))
-    glyphs = knn_top1(glyph(train), labels(train), glyph(val), labels(val))
-    print(f"\nk-NN (k=10) top-1 on the composites' pixels: {pixels:.3f}, on their 8x8 glyphs: {glyphs:.3f}")
-    assert glyphs > pixels + 0.3
 
 
 def test_save_atomic_never_leaves_a_torn_file(tmp_path, monkeypatch):

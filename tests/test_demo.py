@@ -9,6 +9,7 @@ import torch
 
 import demo
 import knn
+import model
 from model import UserError
 from test_knn import make_checkpoint, make_image_folder
 
@@ -20,11 +21,11 @@ def test_demo_quick_chain(tmp_path, capsys):
     out = str(tmp_path / "demo")
     has_plot = importlib.util.find_spec("matplotlib") is not None
     summary = demo.main(demo.Settings(ckpt=ckpt, data=folder, out=out, quick=True, jobs=3,
-                                      plot=has_plot))
+                                      plot=has_plot, control=True))
 
     with open(os.path.join(out, "summary.json")) as f:
         assert json.load(f) == json.loads(json.dumps(summary))
-    assert set(summary) == {"mae", "mim-refiner", "mae-ct"}
+    assert list(summary) == ["mae", "mim-refiner", "mae-ct", "random", "random+mim-refiner", "random+mae-ct"]
     keys = ("knn_top1", "knn_best_block_top1", "probe_top1", "shot1_top1", "shot5_top1",
             "cluster_acc", "cluster_nmi", "cluster_ari")
     for name, s in summary.items():
@@ -34,14 +35,20 @@ def test_demo_quick_chain(tmp_path, capsys):
         assert s["knn_best_block_top1"] == max(s["knn_per_block"].values()) >= s["knn_top1"]
         assert s["knn_top1"] == s["knn_per_block"][3]
         assert os.path.isfile(os.path.join(out, name, "features.pt"))
-    for name in ("mim-refiner", "mae-ct"):  # each refined encoder is a new one
+    for name in ("mim-refiner", "mae-ct", "random+mim-refiner", "random+mae-ct"):  # each a new encoder
         assert os.path.isfile(os.path.join(out, name, "encoder.pth"))
+    # the control starts from fresh weights of the MAE's shape, not from the MAE
+    fresh, mae = model.load_encoder(os.path.join(out, "random", "encoder.pth")), model.load_encoder(ckpt)
+    assert fresh.arch() == mae.arch() and not torch.equal(fresh.blocks[0].attn.qkv.weight, mae.blocks[0].attn.qkv.weight)
+    with open(os.path.join(out, "random+mim-refiner", "refine.log")) as f:
+        assert os.path.join(out, "random", "encoder.pth") in f.read()
     # the MAE's numbers are what knn.py reports for the checkpoint itself (k = 20, every block)
     ref = knn.main(knn.Settings(ckpt=ckpt, data=folder, blocks="all", k="20", device="cpu", workers=0))
     assert {r["block"]: r["top1"] for r in ref["results"]} == summary["mae"]["knn_per_block"]
     text = capsys.readouterr().out
     assert "mim-refiner" in text and "cluster_acc" in text and "probe_top1" in text
-    assert os.path.isfile(os.path.join(out, "knn_per_block.png")) == has_plot
+    for picture in ("knn_per_block.png", "neighbours.png", "tsne.png"):
+        assert os.path.isfile(os.path.join(out, picture)) == has_plot
 
 
 def test_demo_errors(tmp_path):

@@ -22,10 +22,10 @@ _DIGITS = {}
 
 @pytest.fixture
 def small_digits(monkeypatch):
-    """64 cluttered digits instead of 5188 (built once per session), so a run takes a second."""
+    """64 jittered digits instead of 10000 (built once per session), so a run takes a second."""
     def build(data, split, transform=None):
         if split not in _DIGITS:
-            _DIGITS[split] = common.ClutteredDigits(split, n=64)
+            _DIGITS[split] = common.JitteredDigits(split, n=64)
         return _DIGITS[split]
     monkeypatch.setattr(common, "build_dataset", build)
 

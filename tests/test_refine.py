@@ -193,7 +193,7 @@ def test_two_processes_equal_one(tiny_ckpt, tmp_path):
         torch.testing.assert_close(c2["queues"][q + ".z"][i2], c1["queues"][q + ".z"][i1], atol=1e-2, rtol=0)
 
 
-def test_loss_falls_on_cluttered_digits(tiny_ckpt, tmp_path):
+def test_loss_falls_on_jittered_digits(tiny_ckpt, tmp_path):
     cfg = settings(tiny_ckpt, tmp_path, limit_train=256, batch_size=32, head_epochs=1, epochs=3,
                    local_crops=0, head_lr=0.01, lr=0.01)
     res = refine.main(cfg)
@@ -263,3 +263,16 @@ def test_compile_path_runs_on_cpu_and_matches_eager(tiny_ckpt, tmp_path):
     refine.main(settings(tiny_ckpt, tmp_path / "compiled", compile=True, **kw))
     assert losses(tmp_path / "eager") == pytest.approx(losses(tmp_path / "compiled"), rel=1e-4)
     assert load(tmp_path / "compiled")["encoder"].keys() == load(tmp_path / "eager")["encoder"].keys()
+
+
+@pytest.mark.parametrize("neighbours", [True, False])
+def test_no_neighbours_control_never_reads_the_queue(tiny_ckpt, tmp_path, monkeypatch, neighbours):
+    """--no-neighbours (the augmentation-only control): each anchor is its own positive, so the
+    queue is never looked up and the first step's loss is NNA with nn_z = z, i.e. InfoNCE."""
+    looked, seen = [], []
+    real_lookup, real_nna = model.NNQueue.lookup, model.nna_loss
+    monkeypatch.setattr(model.NNQueue, "lookup", lambda *a, **k: looked.append(1) or real_lookup(*a, **k))
+    monkeypatch.setattr(model, "nna_loss", lambda z, nn_z, *a: seen.append(torch.equal(z, nn_z)) or real_nna(z, nn_z, *a))
+    refine.main(settings(tiny_ckpt, tmp_path, head_epochs=1, epochs=0, max_steps=2, neighbours=neighbours))
+    assert bool(looked) == neighbours and len(seen) == 2 * 2 * 4  # 2 steps x 2 heads x 4 pairs
+    assert all(seen) == (not neighbours) and any(seen) == (not neighbours)

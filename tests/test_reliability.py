@@ -19,7 +19,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """A 48-image ImageFolder of 16 px images: start-up costs nothing next to cluttered-digits."""
+    """A 48-image ImageFolder of 16 px images: start-up costs nothing next to jittered-digits."""
     d = tmp_path_factory.mktemp("imgs")
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
