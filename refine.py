@@ -1,10 +1,10 @@
-"""Contrastive refinement of a masked-image-modeling ViT: MIM-Refiner and MAE-CT (SPEC §4-7).
+"""Contrastive refinement of a masked-image-modeling ViT: MIM-Refiner and MAE-CT (docs/METHOD.md §4-8).
 
 MIM-Refiner (Alkin et al. 2024, arXiv 2402.10093): a contrastive head on every block of the last
 third, nearest-neighbour alignment (NNA) over 2 global + local multi-crop views, whole encoder tuned.
 MAE-CT (Lehner et al. 2023, arXiv 2304.10520): one NNCLR head on the last block, crop & flip views,
 lower half of the encoder frozen, neighbours looked up with an EMA copy of the projector.
-One command runs both phases (SPEC §7): the heads warm up on the frozen encoder (top-1 neighbour),
+One command runs both phases (docs/METHOD.md §7): the heads warm up on the frozen encoder (top-1 neighbour),
 then encoder and heads train together (top-k); the queue carries over. Rerun with the same --out to
 resume from OUT/last.pt. OUT/encoder.pth: the EMA encoder in MAE/timm layout (knn.py, probe.py, timm).
 Settings left at 0, -1 or '' follow the encoder's size (the papers' recipes; ours if small), printed.
@@ -50,7 +50,7 @@ class Settings:
     local_crops: int = opt(-1, "local crops of multicrop; -1 = by scale (10, small 2)")
     global_size: int = opt(0, "global crop side in px; 0 = the encoder's native image size")
     local_size: int = opt(0, "local crop side; 0 = 96/224 of the global side, a multiple of the patch")
-    heads: str = opt("", "blocks with a head, e.g. 17-24 or 18,20,24; '' = by depth (SPEC §7)")
+    heads: str = opt("", "blocks with a head, e.g. 17-24 or 18,20,24; '' = by depth (docs/METHOD.md §8)")
     feature: str = opt("cls", "what the heads read: cls (CLS token) or mean (of the patch tokens)")
     freeze_blocks: int = opt(-1, "lower blocks (+ stem) frozen in phase 2; -1 = by method (MAE-CT half)")
     head_epochs: int = opt(-1, "phase 1: heads on the frozen encoder; 0 skips; -1 = by scale (20, small 1)")
@@ -83,7 +83,7 @@ class Settings:
     grad_checkpointing: bool = opt(False, "recompute block activations in the backward pass (less memory)")
 
 
-# SPEC §6-7 by (encoder size, method): global batch, phase 2 epochs, temperature. The size is read
+# docs/METHOD.md §8 by (encoder size, method): global batch, phase 2 epochs, temperature. The size is read
 # from the encoder's width and depth; every other encoder gets the "small" recipe (ours, for CPUs,
 # sized so that both refinements and three evaluations fit `make demo`'s 10 minutes on 2 cores).
 RECIPES = {
@@ -104,7 +104,7 @@ def scale_of(vit) -> str:
 
 
 def head_blocks(method: str, dim: int, depth: int) -> list:
-    """SPEC §7: MAE-CT one head on the last block; MIM-Refiner one per block of the last third
+    """docs/METHOD.md §8: MAE-CT one head on the last block; MIM-Refiner one per block of the last third
     (ViT-H/14: 21-32, twelve heads as in the paper; otherwise the last ceil(depth / 3))."""
     if method == "mae-ct":
         return [depth]
@@ -113,7 +113,7 @@ def head_blocks(method: str, dim: int, depth: int) -> list:
 
 
 def recipe(cfg: Settings, vit, world: int, n_train: int) -> dict:
-    """The 'by scale' value of every setting that has one (SPEC §6-7; ours for small encoders)."""
+    """The 'by scale' value of every setting that has one (docs/METHOD.md §8; ours for small encoders)."""
     scale, mim = scale_of(vit), cfg.method == "mim-refiner"
     big = scale != "small"
     batch, epochs, tau = RECIPES[scale, cfg.method]
@@ -165,7 +165,7 @@ def blur(img, lo: float, hi: float):
 
 
 def make_views(cfg) -> list:
-    """Transforms, global views first (SPEC §7): crop-flip (MAE-CT) or BYOL multicrop (MIM-Refiner:
+    """Transforms, global views first (docs/METHOD.md §5-6): crop-flip (MAE-CT) or BYOL multicrop (MIM-Refiner:
     blur p 1.0 / 0.1 / 0.5 on global 1 / global 2 / local, solarize on global 2); uint8, see to_input."""
     bicubic = T.InterpolationMode.BICUBIC
     if cfg.views == "crop-flip":
@@ -238,8 +238,9 @@ class Refiner(nn.Module):
         self.heads = nn.ModuleDict({str(b): model.ContrastiveHead(vit.dim, **head_kwargs) for b in blocks})
 
     def forward(self, views):
-        """Views [(B, C, H, W)], global first -> features {block: (V*B, D)}, {block: (z, p)} each
-        (V*B, d), views in order. Views of one resolution run together (local: interpolated positions)."""
+        """Eq. (4) of docs/METHOD.md: views [(B, C, H, W)], global first -> features {block: (V*B, D)},
+        {block: (z, p)} each (V*B, d), views in order. Views of one resolution run together (local:
+        interpolated positions)."""
         h = {b: [] for b in self.blocks}
         for _, same in itertools.groupby(views, key=lambda v: v.shape):
             x = torch.cat(list(same))  # (n*B, C, H, W)
@@ -267,8 +268,8 @@ def set_trainable(refiner: Refiner, phase: int, freeze_blocks: int):
 
 
 def lr_scale(name: str, depth: int, decay: float) -> float:
-    """Layer-wise lr decay (SPEC §7): block j (1..depth) decay^(depth+1-j), the stem (patch
-    embedding, CLS, embedding norm) decay^(depth+1), final norm and heads 1. Names as in Refiner."""
+    """Eq. (13) of docs/METHOD.md: layer-wise lr decay; block j (1..depth) decay^(depth+1-j), the stem
+    (patch embedding, CLS, embedding norm) decay^(depth+1), final norm and heads 1. Names as in Refiner."""
     if name.startswith("vit.blocks."):
         return decay ** (depth - int(name.split(".")[2]))  # the stored index is j - 1
     if name.startswith(("vit.patch_embed.", "vit.cls_token", "vit.embed_norm.")):
@@ -290,8 +291,8 @@ def param_groups(refiner: Refiner, cfg) -> list:
 
 
 def mim_refiner_loss(z, nns, p_all, tau: float, offset: int):
-    """MIM-Refiner objective (SPEC §6): NNA for every pair (anchor = global view i, prediction =
-    view v), v != i, over all 2 + V views; the mean of the 2 * (1 + V) terms. z, nns: this rank's
+    """Eq. (9) of docs/METHOD.md: the MIM-Refiner objective, NNA for every pair (anchor = global view i,
+    prediction = view v), v != i, over all 2 + V views; the mean of the 2 * (1 + V) terms. z, nns: this rank's
     projections and neighbours per view [(B, d)]; p_all: each view's predictions of all ranks [(W*B, d)]."""
     terms = [model.nna_loss(z[i], nns[i], p_all[v], tau, offset)
              for i in range(2) for v in range(len(p_all)) if v != i]
@@ -299,12 +300,14 @@ def mim_refiner_loss(z, nns, p_all, tau: float, offset: int):
 
 
 def mae_ct_loss(nns, p_all, tau: float, offset: int):
-    """MAE-CT objective (SPEC §6): NNCLR of the two views, in both directions, averaged."""
+    """Eq. (11) of docs/METHOD.md: the MAE-CT objective, NNCLR of the two views, both directions, averaged."""
     return sum(model.nnclr_loss(nns[i], p_all[1 - i], tau, offset) for i in range(2)) / 2
 
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, online: nn.Module, momentum: float):
+    """Eq. (12) of docs/METHOD.md: ema <- momentum * ema + (1 - momentum) * online, parameters only
+    (the EMA encoder; MAE-CT's target projector)."""
     for e, o in zip(ema.parameters(), online.parameters()):
         e.lerp_(o.detach(), 1 - momentum)
 
@@ -338,7 +341,7 @@ def main(cfg: Settings) -> dict:
     refiner = Refiner(vit, blocks, cfg.feature, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
                       pred_hidden=cfg.pred_hidden, act="gelu" if mim else "relu", predictor_bn=mim)
     queues = nn.ModuleDict({str(b): model.NNQueue(cfg.queue_size, cfg.proj_dim) for b in blocks})
-    # MAE-CT looks up and enqueues with an EMA copy of the projector in phase 2 (SPEC §5)
+    # MAE-CT looks up and enqueues with an EMA copy of the projector in phase 2 (docs/METHOD.md §6)
     targets = nn.ModuleDict({} if mim else {b: copy.deepcopy(h.projector) for b, h in refiner.heads.items()})
     ema = copy.deepcopy(vit).requires_grad_(False)
     parts = dict(encoder=vit, ema=ema, heads=refiner.heads, queues=queues, targets=targets)  # in last.pt
@@ -395,7 +398,7 @@ def main(cfg: Settings) -> dict:
             ck = None
         keys.keys = epoch_keys(data, cfg, d, epoch, step - epoch * spe)
         for views, idx in loader:
-            lr = common.warmup_cosine(step - first, steps, warm, peak, cfg.min_lr)  # SPEC §7
+            lr = common.warmup_cosine(step - first, steps, warm, peak, cfg.min_lr)  # Eq. (14)
             for g in optim.param_groups:
                 g["lr"] = lr * g["lr_scale"]
             views, idx = [to_input(v, d.device) for v in views], idx.to(d.device, non_blocking=True)
