@@ -1,4 +1,4 @@
-"""The shared helpers: settings to flags, the embedded data set (SPEC §9), files."""
+"""The shared helpers: settings to flags, the embedded data set (README, "The embedded data set"), files."""
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -80,7 +80,7 @@ def knn_top1(train_x, train_y, test_x, test_y, k=10):
 
 
 def test_background_dominates_the_pixels(digits):
-    """SPEC §9's premise: raw-pixel k-NN is far below k-NN on the glyphs alone (printed)."""
+    """The embedded data set's premise: raw-pixel k-NN is far below k-NN on the glyphs alone (printed)."""
     flat = lambda d: torch.tensor(d.images.reshape(len(d), -1), dtype=torch.float32)  # noqa: E731
     labels = lambda d: torch.tensor(d.targets)  # noqa: E731
     train, val = digits

@@ -1,4 +1,4 @@
-"""refine.py: recipe resolution, lr multipliers, views, losses, both phases, resume, DDP (SPEC §4-7, 10-11)."""
+"""refine.py: recipe resolution, lr multipliers, views, losses, both phases, resume, DDP (docs/METHOD.md §4-8)."""
 import copy
 import json
 import os
@@ -66,7 +66,7 @@ def test_recipe_by_scale():
     assert (cfg.temperature, cfg.head_temperature, cfg.warmup) == (0.2, 0.15, 0.2)
 
 
-def test_lr_multipliers_and_weight_decay_follow_spec():
+def test_lr_multipliers_and_weight_decay_follow_eq_13():
     for post_norm in (False, True):
         vit = model.ViT(dim=32, depth=4, patch=4, img_size=32, post_norm=post_norm)
         net = refine.Refiner(vit, [3, 4], "cls", proj_hidden=16, proj_dim=8, pred_hidden=16)

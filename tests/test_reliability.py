@@ -1,5 +1,5 @@
 """Kill -9 and restart equals an uninterrupted run; bad output paths and non-finite losses never
-cost a good checkpoint (SPEC §11)."""
+cost a good checkpoint (README, "Resuming and failures")."""
 import json
 import os
 import signal
