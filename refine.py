@@ -312,6 +312,59 @@ def ema_update(ema: nn.Module, online: nn.Module, momentum: float):
         e.lerp_(o.detach(), 1 - momentum)
 
 
+def heads_loss(net, views, idx, queues, targets, mim: bool, phase: int, k: int, tau: float, offset: int, gen):
+    """One step's loss: Eq. (9) (MIM-Refiner) or Eq. (11) (MAE-CT) per head, summed over the heads,
+    with neighbours drawn from each head's queue by `gen`; and per head the projections of the first
+    global view (B, d), what the queue gets. views [(B, C, H, W)], global first; idx (B,) dataset indices."""
+    loss, first_view = 0.0, {}
+    h, zp = net(views)  # h {block: (V*B, D)}, zp {block: (z, p)} each (V*B, d)
+    for b, (z, p) in zp.items():
+        if not mim and phase == 1:  # MAE-CT's refinement: the EMA projector's projections
+            with torch.no_grad():
+                z = targets[str(b)](h[b].detach())
+        z = z.detach().float().chunk(len(views))  # per view (B, d)
+        p_all = [common.all_gather(pv, grad=True) for pv in p.chunk(len(views))]  # [(W*B, d)]
+        nns = [queues[str(b)].lookup(z[i], idx, k, gen) for i in range(2)]  # (B, d) each
+        loss = loss + (mim_refiner_loss(z, nns, p_all, tau, offset) if mim
+                       else mae_ct_loss(nns, p_all, tau, offset))  # heads summed
+        first_view[b] = z[0]
+    return loss, first_view
+
+
+def after_step(queues, first_view, idx, ema, targets, refiner: Refiner, cfg, phase: int):
+    """What follows each optimizer step: every head's queue gets every rank's first global view
+    (Eq. (7)); from the second phase on (phase == 1) the EMA encoder follows the encoder, and MAE-CT's
+    target projectors always follow theirs (Eq. (12))."""
+    for b, queue in queues.items():  # (W*B, d) and the dataset indices (W*B,)
+        queue.enqueue(common.all_gather(first_view[int(b)]), common.all_gather(idx))
+    if phase == 1:  # the warm-up leaves the encoder untouched, so its EMA stays equal
+        ema_update(ema, refiner.vit, cfg.ema_momentum)
+    for b, target in targets.items():
+        ema_update(target, refiner.heads[b].projector, cfg.target_momentum)
+
+
+def check_same_settings(ck: dict, cfg, world: int, last: str):
+    """A resumed run must have the settings of the one that wrote `last`, but for FREE_ON_RESUME."""
+    old = dict(ck["settings"], batch_size=ck["global_batch"] // world)
+    diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+            if k not in FREE_ON_RESUME and old.get(k) != v]
+    if diff:
+        raise UserError(f"{last} was written with other settings ({'; '.join(diff[:3])}); "
+                        f"rerun with the same flags or give a new --out")
+
+
+def start_phase(refiner: Refiner, cfg, phase: int, d, peak: float, ck):
+    """What trains in `phase`, wrapped for DDP (rebuilt per phase, as what trains changes), and a new
+    AdamW; resuming inside this phase, with the optimizer state of the checkpoint `ck`."""
+    set_trainable(refiner, phase, cfg.freeze_blocks)
+    gc.collect()  # the last phase's DDP wrapper, dropped by the caller, drops its gradient hooks
+    net = refiner if d.world == 1 else DDP(refiner, [d.device] if d.device.type == "cuda" else None)
+    optim = torch.optim.AdamW(param_groups(refiner, cfg), lr=peak, betas=(0.9, 0.95))
+    if ck and ck["phase"] == phase:  # resuming inside this phase
+        optim.load_state_dict(ck["optimizer"])
+    return net, optim
+
+
 # --- Training ---
 
 def main(cfg: Settings) -> dict:
@@ -329,12 +382,7 @@ def main(cfg: Settings) -> dict:
     gb, mim = cfg.batch_size * d.world, cfg.method == "mim-refiner"
     blocks = [int(b) for b in cfg.heads.split(",")]
     if ck:
-        old = dict(ck["settings"], batch_size=ck["global_batch"] // d.world)
-        diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-                if k not in FREE_ON_RESUME and old.get(k) != v]
-        if diff:
-            raise UserError(f"{last} was written with other settings ({'; '.join(diff[:3])}); "
-                            f"rerun with the same flags or give a new --out")
+        check_same_settings(ck, cfg, d.world, last)
     data, keys = Views(data, make_views(cfg), cfg.seed), common.EpochKeys()  # one loader: workers persist
     loader = DataLoader(data, cfg.batch_size, sampler=keys, drop_last=True, generator=torch.Generator(),
                         **common.loader_kwargs(d.device, cfg.workers))
@@ -387,14 +435,8 @@ def main(cfg: Settings) -> dict:
             phase = int(epoch >= cfg.head_epochs)
             first, steps, peak, tau, k, ep = phases[phase]
             warm = min(steps, round((cfg.warmup if cfg.warmup >= 1 else cfg.warmup * ep) * spe))
-            set_trainable(refiner, phase, cfg.freeze_blocks)
-            net = None
-            gc.collect()  # the last phase's DDP wrapper drops its gradient hooks
-            net = refiner if d.world == 1 else DDP(  # rebuilt per phase: what trains changes
-                refiner, [d.device] if d.device.type == "cuda" else None)
-            optim = torch.optim.AdamW(param_groups(refiner, cfg), lr=peak, betas=(0.9, 0.95))
-            if ck and ck["phase"] == phase:  # resuming inside this phase
-                optim.load_state_dict(ck["optimizer"])
+            net = None  # the last phase's wrapper goes before the next is built
+            net, optim = start_phase(refiner, cfg, phase, d, peak, ck)
             ck = None
         keys.keys = epoch_keys(data, cfg, d, epoch, step - epoch * spe)
         for views, idx in loader:
@@ -403,32 +445,16 @@ def main(cfg: Settings) -> dict:
                 g["lr"] = lr * g["lr_scale"]
             views, idx = [to_input(v, d.device) for v in views], idx.to(d.device, non_blocking=True)
             gen.manual_seed((cfg.seed * 10**9 + step) * 10**4 + d.rank)
-            loss, offset, first_view = 0.0, d.rank * cfg.batch_size, {}  # row j's positive: offset + j
+            offset = d.rank * cfg.batch_size  # row j's positive: column offset + j
             with autocast:
-                h, zp = net(views)  # h {block: (V*B, D)}, zp {block: (z, p)} each (V*B, d)
-                for b in blocks:
-                    z, p = zp[b]
-                    if not mim and phase == 1:  # MAE-CT's refinement: the EMA projector's projections
-                        with torch.no_grad():
-                            z = targets[str(b)](h[b].detach())
-                    z = z.detach().float().chunk(len(views))  # per view (B, d)
-                    p_all = [common.all_gather(pv, grad=True) for pv in p.chunk(len(views))]  # [(W*B, d)]
-                    nns = [queues[str(b)].lookup(z[i], idx, k, gen) for i in range(2)]  # (B, d) each
-                    loss = loss + (mim_refiner_loss(z, nns, p_all, tau, offset) if mim
-                                   else mae_ct_loss(nns, p_all, tau, offset))  # heads summed
-                    first_view[b] = z[0]  # what the queue gets
+                loss, first_view = heads_loss(net, views, idx, queues, targets, mim, phase, k, tau, offset, gen)
             optim.zero_grad(set_to_none=True)
             loss.backward()  # queued before the one host sync of the step, the loss check below
             loss_value = common.all_gather(loss.detach()[None]).mean().item()  # the same on every rank
             if not math.isfinite(loss_value):
                 raise UserError(f"the loss is not finite at step {step + 1}; {last} keeps the last good state")
             optim.step()
-            for b in blocks:  # every rank's first global view, (W*B, d), and its indices, (W*B,)
-                queues[str(b)].enqueue(common.all_gather(first_view[b]), common.all_gather(idx))
-            if phase == 1:  # the warm-up leaves the encoder untouched, so its EMA stays equal
-                ema_update(ema, vit, cfg.ema_momentum)
-            for b in targets:
-                ema_update(targets[b], refiner.heads[b].projector, cfg.target_momentum)
+            after_step(queues, first_view, idx, ema, targets, refiner, cfg, phase)
             step += 1
             ips = gb * (step - step0) / (time.perf_counter() - t0)
             bar.update(1)
