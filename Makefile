@@ -11,6 +11,10 @@ venv: .venv/.installed
 test: .venv/.installed
 	$(PY) -m pytest -q tests
 
+# ruff.toml: pyflakes, pycodestyle errors, complexity; the whole tree but .venv and runs/.
+lint: .venv/.installed
+	.venv/bin/ruff check .
+
 # matplotlib draws the demo's plot and nothing else; the stages never need it.
 .venv/.demo-installed: .venv/.installed requirements-demo.txt
 	$(PY) -m pip install -q -r requirements-demo.txt
@@ -27,4 +31,4 @@ demo-full: .venv/.demo-installed
 		--save-every 100 --export runs/demo-full/mae_tiny_digits.pth
 	$(PY) demo.py --ckpt runs/demo-full/mae_tiny_digits.pth --out runs/demo-full
 
-.PHONY: venv test demo demo-full
+.PHONY: venv test lint demo demo-full

@@ -157,8 +157,7 @@ def bench_vit(name, dim, depth, heads, patch, img, batch, device, bf16, rounds, 
                   params=n_params, ours_img_s=reps * batch / statistics.median(t_ours),
                   theirs_img_s=reps * batch / statistics.median(t_theirs), max_abs_diff_fp32=diff, agree_ok=diff < 1e-4,
                   steps_per_round=reps)
-    del vit, theirs, x
-    return res
+    return res  # the models and the batch go with the frame
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,7 +621,7 @@ def machine(device):
                 threads=torch.get_num_threads(), load_avg=os.getloadavg())
     try:
         with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         info["cpu"] = platform.processor()
     info["cpu_count"] = os.cpu_count()
@@ -643,7 +642,32 @@ def print_table(rows):
               f"{({True: 'yes', False: 'NO'}.get(r.get('agree_ok'), '-'))}")
 
 
-def main(cfg: Settings) -> dict:
+def print_refine(details: dict):
+    """The lines under the table: the refinement step per run (img/s, memory, MFU), the largest
+    ViT-L batch, the loader's throughput."""
+    for r in details.get("refine_step", {}).get("runs", []):
+        line = f"refine step {r['preset']:<6} batch {r['batch']:>4}  checkpointing {str(r['grad_checkpointing']):<5}"
+        if r.get("oom"):
+            print(line + "  out of memory")
+            continue
+        line += f" {r['img_s']:>9.1f} img/s"
+        if "peak_mem_gib" in r:
+            line += f"  peak {r['peak_mem_gib']:.2f} GiB"
+        if "mfu" in r:
+            line += f"  MFU {100 * r['mfu']:.1f}%"
+        print(line)
+    if "mfu_formula" in details.get("refine_step", {}):
+        print(details["refine_step"]["mfu_formula"])
+    for r in details.get("refine_step", {}).get("largest_batch", []):
+        print(f"largest ViT-L refinement batch per GPU, checkpointing {r['grad_checkpointing']}: "
+              f"{r['largest']} (peak {r['peak_mem_gib'] or 0:.1f} GiB; {r['first_oom']} ran out of memory)")
+    if "img_s" in details.get("refine_loader", {}):
+        r = details["refine_loader"]
+        print(f"refinement views through the DataLoader: {r['img_s']:.0f} img/s with {r['workers']} workers")
+
+
+def bench_device(cfg) -> torch.device:
+    """The device of --device; the thread count of torch, BLAS and OpenMP set unless --threads 0."""
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise model.UserError(f"unknown --device {cfg.device!r}; use auto, cpu or cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -655,6 +679,11 @@ def main(cfg: Settings) -> dict:
         from threadpoolctl import threadpool_limits  # installed with scikit-learn
         torch.set_num_threads(threads)
         threadpool_limits(threads)  # BLAS and OpenMP of numpy and scikit-learn
+    return device
+
+
+def main(cfg: Settings) -> dict:
+    device = bench_device(cfg)
     known = {"vit", "knn", "kmeans", "probe", "refine", "loader"}
     only = set(cfg.only.split(",")) if cfg.only else known - {"loader"}
     if only - known:
@@ -753,25 +782,7 @@ def main(cfg: Settings) -> dict:
 
     details["wall_s"] = time.perf_counter() - t_start
     print_table(rows)
-    for r in details.get("refine_step", {}).get("runs", []):
-        line = f"refine step {r['preset']:<6} batch {r['batch']:>4}  checkpointing {str(r['grad_checkpointing']):<5}"
-        if r.get("oom"):
-            print(line + "  out of memory")
-            continue
-        line += f" {r['img_s']:>9.1f} img/s"
-        if "peak_mem_gib" in r:
-            line += f"  peak {r['peak_mem_gib']:.2f} GiB"
-        if "mfu" in r:
-            line += f"  MFU {100 * r['mfu']:.1f}%"
-        print(line)
-    if "mfu_formula" in details.get("refine_step", {}):
-        print(details["refine_step"]["mfu_formula"])
-    for r in details.get("refine_step", {}).get("largest_batch", []):
-        print(f"largest ViT-L refinement batch per GPU, checkpointing {r['grad_checkpointing']}: "
-              f"{r['largest']} (peak {r['peak_mem_gib'] or 0:.1f} GiB; {r['first_oom']} ran out of memory)")
-    if "img_s" in details.get("refine_loader", {}):
-        r = details["refine_loader"]
-        print(f"refinement views through the DataLoader: {r['img_s']:.0f} img/s with {r['workers']} workers")
+    print_refine(details)
     print(f"total {details['wall_s']:.1f} s on {details['machine'].get('gpu', details['machine']['cpu'])}")
     result = {"ratios": ratios, "details": details}
     if cfg.out:

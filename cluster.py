@@ -1,4 +1,4 @@
-"""k-means clustering of frozen ViT features, scored against the labels (SPEC §8).
+"""k-means clustering of frozen ViT features, scored against the labels (docs/METHOD.md §11).
 
 As reported by MAE-CT (Lehner et al. 2023) and MIM-Refiner (Alkin et al. 2024): k-means with
 K = number of classes on the L2-normalised validation features; accuracy after the best
@@ -49,9 +49,9 @@ def assign(x, x_sq, c, chunk=None):
 
 
 def kmeans_plusplus(x, x_sq, k, gen):
-    """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007; scikit-learn's variant): each new
-    centre is the best, by resulting inertia, of 2 + ln k candidates drawn with probability
-    proportional to the squared distance to the nearest centre chosen so far."""
+    """Eq. (24) of docs/METHOD.md: greedy k-means++ seeding (Arthur & Vassilvitskii 2007; scikit-learn's
+    variant): each new centre is the best, by resulting inertia, of 2 + ln k candidates drawn with
+    probability proportional to the squared distance to the nearest centre chosen so far."""
     n, trials = len(x), 2 + int(math.log(k))
 
     def sq_dist(rows):  # (t, n) squared distances of x[rows] to every point
@@ -74,7 +74,7 @@ def kmeans_plusplus(x, x_sq, k, gen):
 
 
 def kmeans(x, k, iters=300, seed=0, init="k-means++", tol=1e-4, chunk=None):
-    """Lloyd's k-means on x (n, D), on x's device.
+    """Eq. (23) of docs/METHOD.md: Lloyd's k-means on x (n, D), on x's device.
 
     init 'k-means++' (greedy, as scikit-learn), 'random' (k distinct rows) or (k, D) centres. Stops early when
     the centroids move (summed squared shift) less than tol x the mean per-feature variance, as
@@ -110,7 +110,7 @@ def kmeans(x, k, iters=300, seed=0, init="k-means++", tol=1e-4, chunk=None):
 
 
 def cluster_accuracy(y_true, y_pred) -> float:
-    """Accuracy under the best one-to-one map of clusters to classes (Hungarian algorithm,
+    """Eq. (25) of docs/METHOD.md: accuracy under the best one-to-one map of clusters to classes (Hungarian algorithm,
     scipy.optimize.linear_sum_assignment on the contingency table); clusters left without a
     class (more clusters than classes) count as wrong."""
     from scipy.optimize import linear_sum_assignment

@@ -168,8 +168,8 @@ class EpochKeys:
 
 
 def warmup_cosine(step: int, steps: int, warmup: int, peak: float, floor: float) -> float:
-    """Per-step lr of MAE and MIM-Refiner: linear warm-up to `peak` over `warmup` steps, then half a
-    cosine down to `floor` at step `steps` (step 0 already trains)."""
+    """Eq. (14) of docs/METHOD.md: per-step lr of MAE and the refinement, linear warm-up to `peak` over
+    `warmup` steps, then half a cosine down to `floor` at step `steps` (step 0 already trains)."""
     if step < warmup:
         return peak * (step + 1) / warmup
     t = min(1.0, (step - warmup) / max(1, steps - warmup))
@@ -251,7 +251,7 @@ def seed_everything(seed: int):
 @dataclass
 class FeatureSettings:
     """The flags of every evaluation stage; each stage's Settings adds its own."""
-    ckpt: str = opt("checkpoints/mae_tiny_digits.pth", "encoder checkpoint, any layout of SPEC §3")
+    ckpt: str = opt("checkpoints/mae_tiny_digits.pth", "encoder checkpoint, any layout of docs/METHOD.md §9")
     weights: str = opt("ema", "which encoder of a refine.py checkpoint: ema or online")
     data: str = opt("jittered-digits", "jittered-digits, or a folder with train/ and val/ (ImageFolder)")
     img_size: Optional[int] = opt(None, "input resolution (default: the checkpoint's)")
@@ -366,7 +366,7 @@ def get_features(cfg, d, splits=("train", "val"), keep_classes=None, vit=None) -
                                     cfg.workers, desc=f"{split} features")
             feats[f"{split}_features"], feats[f"{split}_labels"] = f, y
         if cfg.save_features and d.main:
-            one = len(blocks) == 1  # one block: plain (N, D) tensors, as SPEC's file format
+            one = len(blocks) == 1  # one block: plain (N, D) tensors, a bare feature file
             save_atomic({k: (v[blocks[0]] if one and k.endswith("_features") else v)
                          for k, v in feats.items()}, cfg.save_features)
     if keep_classes:

@@ -2,7 +2,7 @@
 
 The committed MAE (checkpoints/mae_tiny_digits.pth, made by pretrain.py) is refined twice, with
 MIM-Refiner (Alkin et al. 2024) and with MAE-CT (Lehner et al. 2023); all three encoders are then
-evaluated with the same protocols (SPEC §8): weighted k-NN on every block, linear probe, 1/2/5-shot
+evaluated with the same protocols (docs/METHOD.md §11): weighted k-NN on every block, linear probe, 1/2/5-shot
 logistic regression, k-means clustering. Each encoder's features are extracted once
 (knn.py --save-features) and the other stages read them (--load-features). The stages run as
 separate processes (`--jobs` at a time, `--threads` torch threads each: on a shared 2-core machine

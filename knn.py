@@ -1,4 +1,4 @@
-"""Weighted k-NN classification of frozen ViT features, per block (SPEC §8).
+"""Weighted k-NN classification of frozen ViT features, per block (docs/METHOD.md §11).
 
 The k-NN protocol of DINO (Caron et al. 2021), used by MAE-CT (Lehner et al. 2023) and
 MIM-Refiner (Alkin et al. 2024): every validation image is classified by the cosine top-k of the
@@ -34,16 +34,16 @@ class Settings(FeatureSettings):
 
 
 def standardize(train: torch.Tensor, test: torch.Tensor, eps: float = 1e-6):
-    """MIM-Refiner's k-NN pre-processing: each dimension shifted and scaled by the train mean and
-    (unbiased) std, the same statistics applied to the test features."""
+    """Eq. (15) of docs/METHOD.md: MIM-Refiner's k-NN pre-processing, each dimension shifted and scaled
+    by the train mean and (unbiased) std, the same statistics applied to the test features."""
     mean, std = train.mean(0), train.std(0)  # (D,), (D,)
     return (train - mean) / (std + eps), (test - mean) / (std + eps)
 
 
 def knn_vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int,
              temperature: float) -> torch.Tensor:
-    """The weighted vote of DINO's k-NN (SPEC §8): score(c) = sum over the k neighbours of class c
-    of exp(sim / temperature). sims, neighbour_labels (M, k) -> class scores (M, C)."""
+    """Eq. (17) of docs/METHOD.md: the weighted vote of DINO's k-NN, score(c) = sum over the k
+    neighbours of class c of exp(sim / temperature). sims, neighbour_labels (M, k) -> class scores (M, C)."""
     weights = (sims / temperature).exp()  # (M, k)
     scores = sims.new_zeros(len(sims), num_classes)
     return scores.scatter_add_(1, neighbour_labels, weights)  # (M, C)
@@ -51,7 +51,8 @@ def knn_vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: in
 
 def knn_predict(train_feats, train_labels, test_feats, k, temperature=0.07, num_classes=None,
                 chunk=None, normalize=True):
-    """Weighted k-NN predictions of test_feats (M, D) from train_feats (N, D), train_labels (N,).
+    """Eq. (16) of docs/METHOD.md: weighted k-NN predictions of test_feats (M, D) from train_feats (N, D),
+    train_labels (N,).
 
     Cosine similarity (rows L2-normalised here unless normalize=False), the top-k neighbours
     vote with weight exp(sim / temperature), the highest class score wins. `k` is an int ->

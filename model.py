@@ -1,9 +1,8 @@
 """The networks of MAE-CT and MIM-Refiner, and the checkpoint formats they come in.
 
-- `ViT`: a plain Vision Transformer in two flavours, pre-norm (MAE, timm) and post-norm
-  (data2vec 2.0), with fixed 2-D sine-cosine positions (SPEC §2).
-- `ContrastiveHead`, `NNQueue`, `nna_loss`, `nnclr_loss`: the refinement machinery (SPEC §4-6).
-- `load_encoder`: reads every public checkpoint layout of SPEC §3 into a `ViT`, strictly.
+- `ViT`: a plain Vision Transformer, pre-norm (MAE, timm) or post-norm (data2vec 2.0) (docs/METHOD.md §2).
+- `ContrastiveHead`, `NNQueue`, `nna_loss`, `nnclr_loss`: the refinement machinery (docs/METHOD.md §4-6).
+- `load_encoder`: reads every public checkpoint layout of docs/METHOD.md §9 into a `ViT`, strictly.
 Importing it has no side effects; it depends on torch alone.
 """
 import functools
@@ -17,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# name: (width, depth, heads, patch). `tiny` is ours, sized for a CPU (SPEC §2 lists the rest).
+# name: (width, depth, heads, patch). `tiny` and `small` are ours, sized for a CPU; the rest are the papers'.
 SIZES = {"tiny": (192, 12, 3, 16), "small": (384, 12, 6, 16), "base": (768, 12, 12, 16),
          "large": (1024, 24, 16, 16), "huge": (1280, 32, 16, 14), "2b": (2560, 24, 32, 14)}
 KNOWN_HEADS = {768: 12, 1024: 16, 1280: 16, 2560: 32}  # head count cannot be read from weights
@@ -38,8 +37,8 @@ def check_divisible(h: int, w: int, patch: int):
 
 
 def sincos_pos_embed(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine positions (SPEC §2), (grid_h * grid_w, dim), tokens row-major. The first
-    dim/2 channels code the column, the last dim/2 the row; each half is [sin(pos * w), cos(pos * w)]
+    """Eq. (1) of docs/METHOD.md: fixed 2-D sine-cosine positions (grid_h * grid_w, dim), row-major. The
+    first dim/2 channels code the column, the last dim/2 the row; each half is [sin(pos * w), cos(pos * w)]
     with w_i = 10000^(-i / (dim/4)); float64, so the table matches checkpoints written from numpy."""
     assert dim % 4 == 0, "sin-cos positions need a width divisible by 4"
     w = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
@@ -76,7 +75,8 @@ class Block(nn.Module):
             fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
 
     def forward(self, x):
-        if self.post_norm:  # data2vec 2.0 (SPEC §2)
+        """Eq. (2) of docs/METHOD.md: pre-norm (MAE, timm) or post-norm (data2vec 2.0) block."""
+        if self.post_norm:
             x = x + self.attn(x)
             r = self.norm1(x)
             return self.norm2(r + self.mlp(r))
@@ -154,8 +154,8 @@ class ViT(nn.Module):
         return x if self.post_norm else self.norm(x)
 
     def forward_blocks(self, x, blocks):
-        """Raw residual stream (B, 1+N, D) after each requested block (1-indexed), in the order
-        asked; blocks past the last one requested are not run."""
+        """Raw residual stream (B, 1+N, D) after each requested block (1-indexed), in the order asked;
+        blocks past the last one requested are not run."""
         blocks = list(blocks)
         if bad := [b for b in blocks if not 1 <= b <= self.depth]:
             raise UserError(f"block {bad[0]} does not exist: this model has blocks 1..{self.depth}")
@@ -219,7 +219,7 @@ def mlp(dims, act, last_bn: bool, bias_last: bool):
 
 
 class ContrastiveHead(nn.Module):
-    """Projector and predictor (SPEC §4). forward(x (B, D)) -> (projection z, prediction p)."""
+    """Eq. (5) of docs/METHOD.md: projector g, predictor q. forward(x (B, D)) -> (projection z, prediction p)."""
 
     def __init__(self, dim_in, proj_hidden=2048, proj_dim=256, pred_hidden=4096, act="gelu", predictor_bn=True):
         super().__init__()
@@ -243,7 +243,7 @@ def fp32(fn):
 
 
 class NNQueue(nn.Module):
-    """FIFO of normalised projections with the dataset index of each (SPEC §5)."""
+    """FIFO of normalised projections with the dataset index of each (docs/METHOD.md §4)."""
 
     def __init__(self, size: int, dim: int = 256):
         super().__init__()
@@ -253,7 +253,7 @@ class NNQueue(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, z, idx):
-        """Write z (n, d) and their dataset indices (n,) over the oldest entries."""
+        """Eq. (7) of docs/METHOD.md: write z (n, d) and their dataset indices (n,) over the oldest entries."""
         n, size = z.shape[0], self.z.shape[0]
         pos = (self.ptr + torch.arange(n, device=z.device)) % size  # wraps around
         self.z[pos] = F.normalize(z.float(), dim=1)
@@ -263,8 +263,8 @@ class NNQueue(nn.Module):
     @torch.no_grad()
     @fp32
     def lookup(self, z, idx, k: int = 1, generator=None):
-        """For each query z (B, d) a stored neighbour (B, d): one of the k most similar entries,
-        picked uniformly; entries holding the query's own image (same dataset index) excluded."""
+        """Eq. (6) of docs/METHOD.md: for each query z (B, d) a stored neighbour (B, d), one of the k
+        most similar entries, picked uniformly; entries of the query's own image (its dataset index) excluded."""
         sim = F.normalize(z.float(), dim=1) @ self.z.T  # (B, Q) cosine similarities
         sim = sim.masked_fill(self.idx[None, :] == idx[:, None], -1.0)  # never oneself
         top = sim.topk(k, dim=1).indices  # (B, k)
@@ -274,10 +274,10 @@ class NNQueue(nn.Module):
 
 @fp32
 def nna_loss(z, nn_z, p_all, tau: float, offset: int = 0):
-    """MIM-Refiner's nearest-neighbour alignment (SPEC §6). z, nn_z: this rank's anchor projections
-    and their queue neighbours (B, d); p_all: predictions of all ranks (W*B, d), gathered with
-    gradient; the positive of row j is column offset + j. Anchors are compared with every prediction,
-    but the positive pair uses the neighbour instead of the anchor itself, so the positive is a
+    """Eq. (8) of docs/METHOD.md: MIM-Refiner's nearest-neighbour alignment. z, nn_z: this rank's anchor
+    projections and their queue neighbours (B, d); p_all: predictions of all ranks (W*B, d), gathered
+    with gradient; the positive of row j is column offset + j. Anchors are compared with every
+    prediction, but the positive pair uses the neighbour instead of the anchor, so the positive is a
     different image while the negatives stay in-batch."""
     z, nn_z = F.normalize(z.detach().float(), dim=1), F.normalize(nn_z.detach().float(), dim=1)
     p = F.normalize(p_all.float(), dim=1)
@@ -290,15 +290,15 @@ def nna_loss(z, nn_z, p_all, tau: float, offset: int = 0):
 
 @fp32
 def nnclr_loss(nn_z, p_all, tau: float, offset: int = 0):
-    """NNCLR as MAE-CT uses it (SPEC §6): the whole row is the anchor's neighbour against every
-    prediction, logit[j, k] = NN(z_j) . p_k / tau; shapes as in `nna_loss`."""
+    """Eq. (10) of docs/METHOD.md: NNCLR as MAE-CT uses it; the whole row is the anchor's neighbour
+    against every prediction, logit[j, k] = NN(z_j) . p_k / tau; shapes as in `nna_loss`."""
     nn_z = F.normalize(nn_z.detach().float(), dim=1)
     p = F.normalize(p_all.float(), dim=1)
     target = torch.arange(nn_z.shape[0], device=nn_z.device) + offset
     return F.cross_entropy(nn_z @ p.T / tau, target)
 
 
-# --- Checkpoints (SPEC §3) ---
+# --- Checkpoints (docs/METHOD.md §9) ---
 
 def _unwrap(obj, weights: str):
     """Container -> (flat state dict, stored ViT arguments or None)."""
@@ -315,7 +315,7 @@ def _unwrap(obj, weights: str):
 
 
 def convert_state_dict(sd: dict) -> dict:
-    """Any layout of SPEC §3 -> our keys (MAE / timm names, pos_embed (1, 1+N, D))."""
+    """Any layout of docs/METHOD.md §9 -> our keys (MAE / timm names, pos_embed (1, 1+N, D))."""
     d2v = "modality_encoders.IMAGE."
     rename = {"module.": "", d2v + "local_encoder.proj.": "patch_embed.proj.", d2v + "extra_tokens": "cls_token",
               d2v + "fixed_positional_encoder.positions": "pos_embed",
@@ -381,7 +381,7 @@ def read_checkpoint(path: str, what: str = "checkpoint", fix: str = "give a torc
 
 
 def load_encoder(path: str, heads=None, weights: str = "ema", img_size=None, **overrides) -> ViT:
-    """Any checkpoint of SPEC §3 -> a ViT, strictly. `heads` overrides the head count (not in the weights);
+    """Any checkpoint of docs/METHOD.md §9 -> a ViT, strictly. `heads` overrides the head count (not in the weights);
     `weights`: ema/online of refine.py checkpoints; `img_size`: new resolution (bicubic positions)."""
     sd, arch = _unwrap(read_checkpoint(path), weights)
     sd = convert_state_dict(sd)  # our keys; arch stored by our scripts, else read from shapes

@@ -119,7 +119,7 @@ class MAE(ViT):
         return super().forward(imgs) if mask_ratio is None else self.forward_loss(imgs, mask_ratio)
 
     def forward_loss(self, imgs, mask_ratio: float = 0.75):
-        """MAE objective: MSE to per-patch normalised pixels, averaged over hidden patches."""
+        """Eq. (3) of docs/METHOD.md: MSE to per-patch normalised pixels, averaged over hidden patches."""
         kept, mask, ids_restore = random_masking(self.patch_tokens(imgs), mask_ratio)
         x = self.prepend_cls(kept)
         for i in range(self.depth):

@@ -1,4 +1,4 @@
-"""Linear probing and low-shot classification of frozen ViT features (SPEC §8).
+"""Linear probing and low-shot classification of frozen ViT features (docs/METHOD.md §11).
 
 Linear probe (MIM-Refiner, Alkin et al. 2024; MAE-CT, Lehner et al. 2023): non-affine BatchNorm1d,
 Linear (init std 0.01), SGD momentum 0.9, no weight decay, batch 1024, 10% warm-up then cosine,
@@ -59,26 +59,29 @@ class StackedProbe(nn.Module):
         self.weight = nn.Parameter(torch.randn(grid, dim, num_classes, generator=generator) * 0.01)
         self.bias = nn.Parameter(torch.zeros(grid, 1, num_classes))
 
-    def forward(self, x):  # (B, D) -> logits (G, B, C)
+    def forward(self, x):
+        """Eq. (18) of docs/METHOD.md: features (B, D) -> logits (G, B, C) of every probe."""
         return torch.einsum("bd,gdc->gbc", self.bn(x), self.weight) + self.bias
 
 
 def grid_loss(logits, y):
-    """Sum over the grid of each probe's mean cross-entropy: logits (G, B, C), y (B,)."""
+    """Eq. (19) of docs/METHOD.md: sum over the grid of each probe's mean cross-entropy.
+    logits (G, B, C), y (B,)."""
     per = F.cross_entropy(logits.permute(1, 2, 0), y[:, None].expand(-1, len(logits)), reduction="none")
     return per.mean(0).sum()  # (B, G) -> mean over the batch, sum over the probes
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay to zero, per step."""
+    """Eq. (21) of docs/METHOD.md: linear warm-up over `warmup` steps, then cosine decay to zero, per step."""
     cosine = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
     return (step + 1) / warmup if step < warmup else cosine
 
 
 @torch.no_grad()
 def sgd_step(probe: StackedProbe, momentum: torch.Tensor, lrs: torch.Tensor, lars: bool = False):
-    """torch.optim.SGD (momentum 0.9, no decay), lr lrs[g] for probe g: b = 0.9 b + grad; w -= lr b. lars
-    (MAE's LARS, You et al. 2017): each probe's weight gradient first scaled by 0.001 |w| / |grad|."""
+    """Eq. (20) of docs/METHOD.md: torch.optim.SGD (momentum 0.9, no decay), lr lrs[g] for probe g:
+    b = 0.9 b + grad; w -= lr b. lars (MAE's LARS, You et al. 2017): each probe's weight gradient first
+    scaled by 0.001 |w| / |grad|."""
     for p, buf in zip((probe.weight, probe.bias), momentum):
         grad = p.grad
         if lars and p is probe.weight:
@@ -166,8 +169,9 @@ def read_split_file(path: str, n: int, samples=None, root: str = "") -> np.ndarr
 
 
 def lowshot_accuracy(train_x, train_y, val_x, val_y) -> float:
-    """SPEC §8 low-shot classifier: logistic regression, L2 penalty lambda = 2.5e-4 / N (scikit-learn
-    C = 1 / (lambda N) = 4000), no intercept, on features centred with the train mean, L2-normalised."""
+    """Eq. (22) of docs/METHOD.md: the low-shot classifier, logistic regression with L2 penalty
+    lambda = 2.5e-4 / N (scikit-learn C = 1 / (lambda N) = 4000), no intercept, on features centred
+    with the train mean, L2-normalised."""
     from sklearn.linear_model import LogisticRegression
     mean = train_x.mean(0)
     prep = lambda x: F.normalize(x.double() - mean.double(), dim=1).numpy()  # noqa: E731

@@ -1,10 +1,10 @@
-"""Contrastive refinement of a masked-image-modeling ViT: MIM-Refiner and MAE-CT (SPEC §4-7).
+"""Contrastive refinement of a masked-image-modeling ViT: MIM-Refiner and MAE-CT (docs/METHOD.md §4-8).
 
 MIM-Refiner (Alkin et al. 2024, arXiv 2402.10093): a contrastive head on every block of the last
 third, nearest-neighbour alignment (NNA) over 2 global + local multi-crop views, whole encoder tuned.
 MAE-CT (Lehner et al. 2023, arXiv 2304.10520): one NNCLR head on the last block, crop & flip views,
 lower half of the encoder frozen, neighbours looked up with an EMA copy of the projector.
-One command runs both phases (SPEC §7): the heads warm up on the frozen encoder (top-1 neighbour),
+One command runs both phases (docs/METHOD.md §7): the heads warm up on the frozen encoder (top-1 neighbour),
 then encoder and heads train together (top-k); the queue carries over. Rerun with the same --out to
 resume from OUT/last.pt. OUT/encoder.pth: the EMA encoder in MAE/timm layout (knn.py, probe.py, timm).
 Settings left at 0, -1 or '' follow the encoder's size (the papers' recipes; ours if small), printed.
@@ -58,7 +58,7 @@ class Settings:
                                         "levels are nuisance)")
     neighbours: bool = opt(True, "positives from the queue's nearest neighbours; --no-neighbours is the "
                                  "control: each anchor is its own positive (augmentation-only)")
-    heads: str = opt("", "blocks with a head, e.g. 17-24 or 18,20,24; '' = by depth (SPEC §7)")
+    heads: str = opt("", "blocks with a head, e.g. 17-24 or 18,20,24; '' = by depth (docs/METHOD.md §8)")
     feature: str = opt("cls", "what the heads read: cls (CLS token) or mean (of the patch tokens)")
     freeze_blocks: int = opt(-1, "lower blocks (+ stem) frozen in phase 2; -1 = by method (MAE-CT half)")
     head_epochs: int = opt(-1, "phase 1: heads on the frozen encoder; 0 skips; -1 = by scale (20, small 1)")
@@ -91,7 +91,7 @@ class Settings:
     grad_checkpointing: bool = opt(False, "recompute block activations in the backward pass (less memory)")
 
 
-# SPEC §6-7 by (encoder size, method): global batch, phase 2 epochs, temperature. The size is read
+# docs/METHOD.md §8 by (encoder size, method): global batch, phase 2 epochs, temperature. The size is read
 # from the encoder's width and depth; every other encoder gets the "small" recipe (ours, for CPUs,
 # sized so that both refinements and three evaluations fit `make demo`'s 10 minutes on 2 cores).
 RECIPES = {
@@ -112,7 +112,7 @@ def scale_of(vit) -> str:
 
 
 def head_blocks(method: str, dim: int, depth: int) -> list:
-    """SPEC §7: MAE-CT one head on the last block; MIM-Refiner one per block of the last third
+    """docs/METHOD.md §8: MAE-CT one head on the last block; MIM-Refiner one per block of the last third
     (ViT-H/14: 21-32, twelve heads as in the paper; otherwise the last ceil(depth / 3))."""
     if method == "mae-ct":
         return [depth]
@@ -121,7 +121,7 @@ def head_blocks(method: str, dim: int, depth: int) -> list:
 
 
 def recipe(cfg: Settings, vit, world: int, n_train: int) -> dict:
-    """The 'by scale' value of every setting that has one (SPEC §6-7; ours for small encoders)."""
+    """The 'by scale' value of every setting that has one (docs/METHOD.md §8; ours for small encoders)."""
     scale, mim = scale_of(vit), cfg.method == "mim-refiner"
     big = scale != "small"
     batch, epochs, tau = RECIPES[scale, cfg.method]
@@ -195,8 +195,9 @@ class Refiner(nn.Module):
         self.heads = nn.ModuleDict({str(b): model.ContrastiveHead(vit.dim, **head_kwargs) for b in blocks})
 
     def forward(self, views):
-        """Views [(B, C, H, W)], global first -> features {block: (V*B, D)}, {block: (z, p)} each
-        (V*B, d), views in order. Views of one resolution run together (local: interpolated positions)."""
+        """Eq. (4) of docs/METHOD.md: views [(B, C, H, W)], global first -> features {block: (V*B, D)},
+        {block: (z, p)} each (V*B, d), views in order. Views of one resolution run together (local:
+        interpolated positions)."""
         h = {b: [] for b in self.blocks}
         for _, same in itertools.groupby(views, key=lambda v: v.shape):
             x = torch.cat(list(same))  # (n*B, C, H, W)
@@ -224,8 +225,8 @@ def set_trainable(refiner: Refiner, phase: int, freeze_blocks: int):
 
 
 def lr_scale(name: str, depth: int, decay: float) -> float:
-    """Layer-wise lr decay (SPEC §7): block j (1..depth) decay^(depth+1-j), the stem (patch
-    embedding, CLS, embedding norm) decay^(depth+1), final norm and heads 1. Names as in Refiner."""
+    """Eq. (13) of docs/METHOD.md: layer-wise lr decay; block j (1..depth) decay^(depth+1-j), the stem
+    (patch embedding, CLS, embedding norm) decay^(depth+1), final norm and heads 1. Names as in Refiner."""
     if name.startswith("vit.blocks."):
         return decay ** (depth - int(name.split(".")[2]))  # the stored index is j - 1
     if name.startswith(("vit.patch_embed.", "vit.cls_token", "vit.embed_norm.")):
@@ -247,8 +248,8 @@ def param_groups(refiner: Refiner, cfg) -> list:
 
 
 def mim_refiner_loss(z, nns, p_all, tau: float, offset: int):
-    """MIM-Refiner objective (SPEC §6): NNA for every pair (anchor = global view i, prediction =
-    view v), v != i, over all 2 + V views; the mean of the 2 * (1 + V) terms. z, nns: this rank's
+    """Eq. (9) of docs/METHOD.md: the MIM-Refiner objective, NNA for every pair (anchor = global view i,
+    prediction = view v), v != i, over all 2 + V views; the mean of the 2 * (1 + V) terms. z, nns: this rank's
     projections and neighbours per view [(B, d)]; p_all: each view's predictions of all ranks [(W*B, d)]."""
     terms = [model.nna_loss(z[i], nns[i], p_all[v], tau, offset)
              for i in range(2) for v in range(len(p_all)) if v != i]
@@ -256,14 +257,72 @@ def mim_refiner_loss(z, nns, p_all, tau: float, offset: int):
 
 
 def mae_ct_loss(nns, p_all, tau: float, offset: int):
-    """MAE-CT objective (SPEC §6): NNCLR of the two views, in both directions, averaged."""
+    """Eq. (11) of docs/METHOD.md: the MAE-CT objective, NNCLR of the two views, both directions, averaged."""
     return sum(model.nnclr_loss(nns[i], p_all[1 - i], tau, offset) for i in range(2)) / 2
 
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, online: nn.Module, momentum: float):
+    """Eq. (12) of docs/METHOD.md: ema <- momentum * ema + (1 - momentum) * online, parameters only
+    (the EMA encoder; MAE-CT's target projector)."""
     for e, o in zip(ema.parameters(), online.parameters()):
         e.lerp_(o.detach(), 1 - momentum)
+
+
+def heads_loss(net, views, idx, queues, targets, mim: bool, phase: int, k: int, tau: float, offset: int, gen,
+               neighbours: bool = True):
+    """One step's loss: Eq. (9) (MIM-Refiner) or Eq. (11) (MAE-CT) per head, summed over the heads,
+    with neighbours drawn from each head's queue by `gen` (neighbours=False, the control: each anchor
+    is its own positive); and per head the projections of the first
+    global view (B, d), what the queue gets. views [(B, C, H, W)], global first; idx (B,) dataset indices."""
+    loss, first_view = 0.0, {}
+    h, zp = net(views)  # h {block: (V*B, D)}, zp {block: (z, p)} each (V*B, d)
+    for b, (z, p) in zp.items():
+        if not mim and phase == 1:  # MAE-CT's refinement: the EMA projector's projections
+            with torch.no_grad():
+                z = targets[str(b)](h[b].detach())
+        z = z.detach().float().chunk(len(views))  # per view (B, d)
+        p_all = [common.all_gather(pv, grad=True) for pv in p.chunk(len(views))]  # [(W*B, d)]
+        nns = [queues[str(b)].lookup(z[i], idx, k, gen) if neighbours else z[i]
+               for i in range(2)]  # (B, d) each
+        loss = loss + (mim_refiner_loss(z, nns, p_all, tau, offset) if mim
+                       else mae_ct_loss(nns, p_all, tau, offset))  # heads summed
+        first_view[b] = z[0]
+    return loss, first_view
+
+
+def after_step(queues, first_view, idx, ema, targets, refiner: Refiner, cfg, phase: int):
+    """What follows each optimizer step: every head's queue gets every rank's first global view
+    (Eq. (7)); from the second phase on (phase == 1) the EMA encoder follows the encoder, and MAE-CT's
+    target projectors always follow theirs (Eq. (12))."""
+    for b, queue in queues.items():  # (W*B, d) and the dataset indices (W*B,)
+        queue.enqueue(common.all_gather(first_view[int(b)]), common.all_gather(idx))
+    if phase == 1:  # the warm-up leaves the encoder untouched, so its EMA stays equal
+        ema_update(ema, refiner.vit, cfg.ema_momentum)
+    for b, target in targets.items():
+        ema_update(target, refiner.heads[b].projector, cfg.target_momentum)
+
+
+def check_same_settings(ck: dict, cfg, world: int, last: str):
+    """A resumed run must have the settings of the one that wrote `last`, but for FREE_ON_RESUME."""
+    old = dict(ck["settings"], batch_size=ck["global_batch"] // world)
+    diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+            if k not in FREE_ON_RESUME and old.get(k) != v]
+    if diff:
+        raise UserError(f"{last} was written with other settings ({'; '.join(diff[:3])}); "
+                        f"rerun with the same flags or give a new --out")
+
+
+def start_phase(refiner: Refiner, cfg, phase: int, d, peak: float, ck):
+    """What trains in `phase`, wrapped for DDP (rebuilt per phase, as what trains changes), and a new
+    AdamW; resuming inside this phase, with the optimizer state of the checkpoint `ck`."""
+    set_trainable(refiner, phase, cfg.freeze_blocks)
+    gc.collect()  # the last phase's DDP wrapper, dropped by the caller, drops its gradient hooks
+    net = refiner if d.world == 1 else DDP(refiner, [d.device] if d.device.type == "cuda" else None)
+    optim = torch.optim.AdamW(param_groups(refiner, cfg), lr=peak, betas=(0.9, 0.95))
+    if ck and ck["phase"] == phase:  # resuming inside this phase
+        optim.load_state_dict(ck["optimizer"])
+    return net, optim
 
 
 # --- Training ---
@@ -283,19 +342,14 @@ def main(cfg: Settings) -> dict:
     gb, mim = cfg.batch_size * d.world, cfg.method == "mim-refiner"
     blocks = [int(b) for b in cfg.heads.split(",")]
     if ck:
-        old = dict(ck["settings"], batch_size=ck["global_batch"] // d.world)
-        diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-                if k not in FREE_ON_RESUME and old.get(k) != v]
-        if diff:
-            raise UserError(f"{last} was written with other settings ({'; '.join(diff[:3])}); "
-                            f"rerun with the same flags or give a new --out")
+        check_same_settings(ck, cfg, d.world, last)
     data, keys = Views(data, make_views(cfg), cfg.seed), common.EpochKeys()  # one loader: workers persist
     loader = DataLoader(data, cfg.batch_size, sampler=keys, drop_last=True, generator=torch.Generator(),
                         **common.loader_kwargs(d.device, cfg.workers))
     refiner = Refiner(vit, blocks, cfg.feature, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
                       pred_hidden=cfg.pred_hidden, act="gelu" if mim else "relu", predictor_bn=mim)
     queues = nn.ModuleDict({str(b): model.NNQueue(cfg.queue_size, cfg.proj_dim) for b in blocks})
-    # MAE-CT looks up and enqueues with an EMA copy of the projector in phase 2 (SPEC §5)
+    # MAE-CT looks up and enqueues with an EMA copy of the projector in phase 2 (docs/METHOD.md §6)
     targets = nn.ModuleDict({} if mim else {b: copy.deepcopy(h.projector) for b, h in refiner.heads.items()})
     ema = copy.deepcopy(vit).requires_grad_(False)
     parts = dict(encoder=vit, ema=ema, heads=refiner.heads, queues=queues, targets=targets)  # in last.pt
@@ -341,49 +395,27 @@ def main(cfg: Settings) -> dict:
             phase = int(epoch >= cfg.head_epochs)
             first, steps, peak, tau, k, ep = phases[phase]
             warm = min(steps, round((cfg.warmup if cfg.warmup >= 1 else cfg.warmup * ep) * spe))
-            set_trainable(refiner, phase, cfg.freeze_blocks)
-            net = None
-            gc.collect()  # the last phase's DDP wrapper drops its gradient hooks
-            net = refiner if d.world == 1 else DDP(  # rebuilt per phase: what trains changes
-                refiner, [d.device] if d.device.type == "cuda" else None)
-            optim = torch.optim.AdamW(param_groups(refiner, cfg), lr=peak, betas=(0.9, 0.95))
-            if ck and ck["phase"] == phase:  # resuming inside this phase
-                optim.load_state_dict(ck["optimizer"])
+            net = None  # the last phase's wrapper goes before the next is built
+            net, optim = start_phase(refiner, cfg, phase, d, peak, ck)
             ck = None
         keys.keys = epoch_keys(data, cfg, d, epoch, step - epoch * spe)
         for views, idx in loader:
-            lr = common.warmup_cosine(step - first, steps, warm, peak, cfg.min_lr)  # SPEC §7
+            lr = common.warmup_cosine(step - first, steps, warm, peak, cfg.min_lr)  # Eq. (14)
             for g in optim.param_groups:
                 g["lr"] = lr * g["lr_scale"]
             views, idx = [to_input(v, d.device) for v in views], idx.to(d.device, non_blocking=True)
             gen.manual_seed((cfg.seed * 10**9 + step) * 10**4 + d.rank)
-            loss, offset, first_view = 0.0, d.rank * cfg.batch_size, {}  # row j's positive: offset + j
+            offset = d.rank * cfg.batch_size  # row j's positive: column offset + j
             with autocast:
-                h, zp = net(views)  # h {block: (V*B, D)}, zp {block: (z, p)} each (V*B, d)
-                for b in blocks:
-                    z, p = zp[b]
-                    if not mim and phase == 1:  # MAE-CT's refinement: the EMA projector's projections
-                        with torch.no_grad():
-                            z = targets[str(b)](h[b].detach())
-                    z = z.detach().float().chunk(len(views))  # per view (B, d)
-                    p_all = [common.all_gather(pv, grad=True) for pv in p.chunk(len(views))]  # [(W*B, d)]
-                    nns = [queues[str(b)].lookup(z[i], idx, k, gen) if cfg.neighbours else z[i]
-                           for i in range(2)]  # (B, d) each
-                    loss = loss + (mim_refiner_loss(z, nns, p_all, tau, offset) if mim
-                                   else mae_ct_loss(nns, p_all, tau, offset))  # heads summed
-                    first_view[b] = z[0]  # what the queue gets
+                loss, first_view = heads_loss(net, views, idx, queues, targets, mim, phase, k, tau, offset, gen,
+                                              cfg.neighbours)
             optim.zero_grad(set_to_none=True)
             loss.backward()  # queued before the one host sync of the step, the loss check below
             loss_value = common.all_gather(loss.detach()[None]).mean().item()  # the same on every rank
             if not math.isfinite(loss_value):
                 raise UserError(f"the loss is not finite at step {step + 1}; {last} keeps the last good state")
             optim.step()
-            for b in blocks:  # every rank's first global view, (W*B, d), and its indices, (W*B,)
-                queues[str(b)].enqueue(common.all_gather(first_view[b]), common.all_gather(idx))
-            if phase == 1:  # the warm-up leaves the encoder untouched, so its EMA stays equal
-                ema_update(ema, vit, cfg.ema_momentum)
-            for b in targets:
-                ema_update(targets[b], refiner.heads[b].projector, cfg.target_momentum)
+            after_step(queues, first_view, idx, ema, targets, refiner, cfg, phase)
             step += 1
             ips = gb * (step - step0) / (time.perf_counter() - t0)
             bar.update(1)

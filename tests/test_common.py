@@ -1,4 +1,4 @@
-"""The shared helpers: settings to flags, the embedded data set (SPEC §9), files."""
+"""The shared helpers: settings to flags, the embedded data set (README, "The embedded data set"), files."""
 import os
 from dataclasses import dataclass
 from typing import Optional

@@ -39,7 +39,8 @@ def test_demo_quick_chain(tmp_path, capsys):
         assert os.path.isfile(os.path.join(out, name, "encoder.pth"))
     # the control starts from fresh weights of the MAE's shape, not from the MAE
     fresh, mae = model.load_encoder(os.path.join(out, "random", "encoder.pth")), model.load_encoder(ckpt)
-    assert fresh.arch() == mae.arch() and not torch.equal(fresh.blocks[0].attn.qkv.weight, mae.blocks[0].attn.qkv.weight)
+    assert fresh.arch() == mae.arch()
+    assert not torch.equal(fresh.blocks[0].attn.qkv.weight, mae.blocks[0].attn.qkv.weight)
     with open(os.path.join(out, "random+mim-refiner", "refine.log")) as f:
         assert os.path.join(out, "random", "encoder.pth") in f.read()
     # the MAE's numbers are what knn.py reports for the checkpoint itself (k = 20, every block)

@@ -1,4 +1,4 @@
-"""Losses (SPEC §6), the queue (SPEC §5), the head (SPEC §4) and their 2-process behaviour."""
+"""Losses, the queue and the head (docs/METHOD.md Eqs. (5)-(10)) and their 2-process behaviour."""
 import math
 import os
 import socket
@@ -37,7 +37,7 @@ def test_nna_with_self_as_neighbour_is_infonce():
     torch.testing.assert_close(model.nnclr_loss(z, p, 0.2), infonce)
 
 
-def test_nna_and_nnclr_differ_exactly_where_spec_says():
+def test_nna_and_nnclr_differ_exactly_where_eqs_8_and_10_say():
     torch.manual_seed(0)
     z, nn_z, p = torch.randn(5, 8), torch.randn(5, 8), torch.randn(5, 8)
     zn, nn_n, pn = F.normalize(z), F.normalize(nn_z), F.normalize(p)

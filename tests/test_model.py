@@ -1,4 +1,4 @@
-"""The ViT against timm and against SPEC §2 written out by hand; checkpoint layouts of SPEC §3."""
+"""The ViT against timm and against docs/METHOD.md §2 written out by hand; checkpoint layouts of its §9."""
 import math
 import subprocess
 import sys
@@ -47,7 +47,7 @@ def test_vit_equals_timm_every_block(shape):
         torch.testing.assert_close(vit(x), t.forward_features(x), atol=1e-5, rtol=1e-5)
 
 
-def test_sincos_table_matches_spec_formula():
+def test_sincos_table_matches_the_formula():
     D, gh, gw = 16, 3, 5
     w = [1 / 10000 ** (i / (D / 4)) for i in range(D // 4)]
     ref = np.zeros((gh * gw, D))
@@ -63,7 +63,7 @@ def test_sincos_table_matches_spec_formula():
 
 
 def transcribed_post_norm(vit, x):
-    """SPEC §2's data2vec 2.0 path written out with functional ops, block by block."""
+    """The data2vec 2.0 path of Eq. (2) of docs/METHOD.md written out with functional ops, block by block."""
     ln = lambda m, t: F.layer_norm(t, (vit.dim,), m.weight, m.bias, 1e-6)  # noqa: E731
     t = F.conv2d(x, vit.patch_embed.proj.weight, vit.patch_embed.proj.bias, stride=vit.patch)
     t = t.flatten(2).transpose(1, 2) + vit.pos_embed[:, 1:]
@@ -129,7 +129,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoint layouts (SPEC §3), each synthesised with its documented key names.
+# Checkpoint layouts (docs/METHOD.md §9), each synthesised with its documented key names.
 
 def outputs(vit, x):
     with torch.no_grad():

@@ -107,7 +107,7 @@ def test_param_groups_and_schedule():
 
 def test_loss_falls(tmp_path, small_digits):
     res = pretrain.main(settings(tmp_path, epochs=6))
-    losses = [json.loads(l)["loss"] for l in open(tmp_path / "log.jsonl")]
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "log.jsonl")]
     assert len(losses) == res["step"] == 24
     assert np.mean(losses[-6:]) < 0.8 * np.mean(losses[:6])
 
@@ -129,8 +129,8 @@ def test_resume_is_bit_identical(tmp_path, small_digits):
     assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
     assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
     assert torch.equal(ra[0]["torch"], rb[0]["torch"])
-    log_a = [json.loads(l) for l in open(tmp_path / "a" / "log.jsonl")]
-    log_b = [json.loads(l) for l in open(tmp_path / "b" / "log.jsonl")]
+    log_a = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
+    log_b = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
     assert [r["step"] for r in log_b] == list(range(1, 7))
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
 

@@ -1,4 +1,4 @@
-"""refine.py: recipe resolution, lr multipliers, views, losses, both phases, resume, DDP (SPEC §4-7, 10-11)."""
+"""refine.py: recipe resolution, lr multipliers, views, losses, both phases, resume, DDP (docs/METHOD.md §4-8)."""
 import copy
 import json
 import os
@@ -66,7 +66,7 @@ def test_recipe_by_scale():
     assert (cfg.temperature, cfg.head_temperature, cfg.warmup) == (0.2, 0.15, 0.2)
 
 
-def test_lr_multipliers_and_weight_decay_follow_spec():
+def test_lr_multipliers_and_weight_decay_follow_eq_13():
     for post_norm in (False, True):
         vit = model.ViT(dim=32, depth=4, patch=4, img_size=32, post_norm=post_norm)
         net = refine.Refiner(vit, [3, 4], "cls", proj_hidden=16, proj_dim=8, pred_hidden=16)
@@ -124,7 +124,7 @@ def test_mim_refiner_pairs_every_global_anchor_with_every_other_view(monkeypatch
 
 def test_mae_ct_phases_freezing_and_resume(tiny_ckpt, tmp_path):
     original = torch.load(tiny_ckpt, weights_only=True)["model"]
-    kw = dict(method="mae-ct", head_epochs=1, epochs=1, head_lr=0.05, lr=0.05, save_every=100)
+    kw = dict(method="mae-ct", views="crop-flip", head_epochs=1, epochs=1, head_lr=0.05, lr=0.05, save_every=100)
     a, b = tmp_path / "a", tmp_path / "b"
     refine.main(settings(tiny_ckpt, a, max_steps=4, **kw))  # the whole head warm-up (4 steps/epoch)
     ck = load(a)
@@ -272,7 +272,8 @@ def test_no_neighbours_control_never_reads_the_queue(tiny_ckpt, tmp_path, monkey
     looked, seen = [], []
     real_lookup, real_nna = model.NNQueue.lookup, model.nna_loss
     monkeypatch.setattr(model.NNQueue, "lookup", lambda *a, **k: looked.append(1) or real_lookup(*a, **k))
-    monkeypatch.setattr(model, "nna_loss", lambda z, nn_z, *a: seen.append(torch.equal(z, nn_z)) or real_nna(z, nn_z, *a))
+    monkeypatch.setattr(model, "nna_loss",
+                        lambda z, nn_z, *a: seen.append(torch.equal(z, nn_z)) or real_nna(z, nn_z, *a))
     refine.main(settings(tiny_ckpt, tmp_path, head_epochs=1, epochs=0, max_steps=2, neighbours=neighbours))
     assert bool(looked) == neighbours and len(seen) == 2 * 2 * 4  # 2 steps x 2 heads x 4 pairs
     assert all(seen) == (not neighbours) and any(seen) == (not neighbours)

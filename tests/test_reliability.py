@@ -1,5 +1,5 @@
 """Kill -9 and restart equals an uninterrupted run; bad output paths and non-finite losses never
-cost a good checkpoint (SPEC §11)."""
+cost a good checkpoint (README, "Resuming and failures")."""
 import json
 import os
 import signal
@@ -70,7 +70,7 @@ def test_pretrain_killed_and_restarted_equals_uninterrupted(folder, tmp_path):
     assert a["step"] == b["step"] == 12
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    steps = [json.loads(l)["step"] for l in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))  # the log has every step once
 
 
@@ -113,5 +113,5 @@ def test_refine_rank_killed_and_restarted_by_torchrun_equals_uninterrupted(folde
     for part in ("encoder", "ema"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
-    steps = [json.loads(l)["step"] for l in (killed / "log.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))  # lines logged after the last save are dropped on restart
