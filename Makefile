@@ -15,20 +15,20 @@ test: .venv/.installed
 lint: .venv/.installed
 	.venv/bin/ruff check .
 
-# matplotlib draws the demo's plot and nothing else; the stages never need it.
+# matplotlib draws the demo's pictures and nothing else; the stages never need it.
 .venv/.demo-installed: .venv/.installed requirements-demo.txt
 	$(PY) -m pip install -q -r requirements-demo.txt
 	touch $@
 
-# Refine the committed MAE twice, evaluate all three: runs/demo/summary.json, knn_per_block.png.
+# Refine the committed MAE twice, evaluate all three: runs/demo/summary.json and three pictures.
 demo: .venv/.demo-installed
 	$(PY) demo.py --out runs/demo
 
-# The same chain from an MAE pre-trained here (pretrain.py's docstring command, ~35 min on one
+# The same chain from an MAE pre-trained here (pretrain.py's docstring command, ~65 min on one
 # thread, into runs/ so that the committed checkpoint stays as it is).
 demo-full: .venv/.demo-installed
-	OMP_NUM_THREADS=1 $(PY) pretrain.py --out runs/demo-full/pretrain --base-lr 1.5e-3 --epochs 60 \
-		--save-every 100 --export runs/demo-full/mae_tiny_digits.pth
+	OMP_NUM_THREADS=1 $(PY) pretrain.py --out runs/demo-full/pretrain --base-lr 1.5e-3 --epochs 150 \
+		--crop-min 0.5 --save-every 100 --export runs/demo-full/mae_tiny_digits.pth
 	$(PY) demo.py --ckpt runs/demo-full/mae_tiny_digits.pth --out runs/demo-full
 
 .PHONY: venv test lint demo demo-full

@@ -6,13 +6,13 @@ the loss is the MSE to per-patch normalised pixels on hidden patches (`MAE.forwa
 AdamW (0.9, 0.95), lr = base 1.5e-4 x global batch / 256, weight decay 0.05 on weight matrices
 only, per-step linear warm-up then cosine; augmentation RandomResizedCrop + flip, nothing else.
 `--crop-min 0.35` by default, not MAE's 0.2: at 32 px a 20% crop is ~14 px blown up 2.3x, blur that
-neighbours predict trivially, and it often cuts away the 12-20 px digit of jittered-digits.
+neighbours predict trivially, and it often cuts away the 14-26 px digit of jittered-digits.
 
 CPU, the committed checkpoints/mae_tiny_digits.pth (ViT 128 wide, 6 deep, 2 heads, patch 4 on 32 px;
-decoder 64 x 2; 1200 steps, 33 min on one thread, final loss 0.32, crops then drawn by numpy, now by
-torch: the same distribution, other draws; base lr 10x the paper's, for 1200 steps, not ~250k):
-    OMP_NUM_THREADS=1 python pretrain.py --out runs/mae_tiny_digits --base-lr 1.5e-3 --epochs 60 \
-        --save-every 100 --export checkpoints/mae_tiny_digits.pth
+decoder 64 x 2; 5850 steps of 256 = 1.5M images, ~65 min on one thread; base lr 10x the paper's for a
+run 40x shorter; crops of at least half the image keep most of the digit). Into runs/, equal to it:
+    OMP_NUM_THREADS=1 python pretrain.py --out runs/mae_tiny_digits --base-lr 1.5e-3 --epochs 150 \
+        --crop-min 0.5 --save-every 100 --export runs/mae_tiny_digits/mae_tiny_digits.pth
 GPU nodes, the paper's ViT-L/16 recipe (global batch 4096) on an ImageNet folder with train/:
     torchrun --nproc_per_node=8 pretrain.py --data /data/imagenet --img-size 224 --patch 16 \
         --dim 1024 --depth 24 --dec-dim 512 --dec-depth 8 --dec-heads 16 --batch-size 512 \

@@ -172,7 +172,8 @@ def test_two_processes_equal_one(tiny_ckpt, tmp_path):
     refine.main(settings(tiny_ckpt, tmp_path / "one", **kw))
     two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
     assert list(two) == list(range(1, 7))
-    assert [two[s] for s in two] == pytest.approx([one[s] for s in two], rel=1e-4)
+    # rel 1e-3: from the second step on, Adam amplifies float noise (below); measured up to 1.4e-4
+    assert [two[s] for s in two] == pytest.approx([one[s] for s in two], rel=1e-3)
     c2, c1 = load(tmp_path / "two"), load(tmp_path / "one")
     # Adam turns directions whose gradient is zero up to float noise (key biases, a bias in front of
     # a BatchNorm) into +-lr steps, so after a few steps the runs agree to ~1e-3, not to float
