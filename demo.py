@@ -121,9 +121,9 @@ def chain(name: str, cfg: Settings, flags: dict) -> str:
 
 
 def random_encoder(cfg: Settings):
-    """The control's starting point: the MAE's architecture with fresh weights (seed 0)."""
+    """The control's starting point: the MAE's architecture with fresh weights (seed 1)."""
     vit = load_encoder(cfg.ckpt)
-    torch.manual_seed(0)
+    torch.manual_seed(1)
     fresh = ViT(**vit.arch())
     os.makedirs(os.path.join(cfg.out, "random"), exist_ok=True)
     common.save_atomic(export_encoder(fresh), os.path.join(cfg.out, "random", "encoder.pth"))
