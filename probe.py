@@ -18,7 +18,6 @@ Several GPUs, ImageNet, ViT-L/16 (MIM-Refiner reports 77.5% -> 82.8% linear, 14.
     torchrun --nproc_per_node=8 probe.py --ckpt refined/last.pt --data /imagenet --shots 1,2,5 --percent 1
 """
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,9 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, cli, extract_features, opt,
-                    parse_blocks, setup_distributed)
+from common import build_dataset, cli, extract_features, opt, parse_blocks, setup_distributed
 from common import FeatureSettings, get_features, load_model, parse_ints, report, select_blocks
+from labelled import draw_split, split_file_indices, train_transform
 from model import UserError
 
 LR_GRID = "1e-4,2e-4,5e-4,1e-3,2e-3,5e-3,0.01,0.02,0.05,0.1,0.2,0.3,0.5"  # MIM-Refiner's grid
@@ -131,43 +130,6 @@ def linear_probe(x, y, val_x, val_y, lrs, epochs=50, batch=1024, warmup=0.1, see
     return trainer.accuracy(val_x, val_y)
 
 
-def train_transform(img_size: int):
-    """The probe's train augmentation (MAE, MIM-Refiner): RandomResizedCrop (bicubic) + flip."""
-    from torchvision import transforms as T  # here: its import costs seconds that only --augment needs
-    return T.Compose([T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-def draw_split(labels, seed: int, shots: int = 0, percent: float = 0.0) -> np.ndarray:
-    """Sorted indices of a labelled subset: exactly `shots` images of every class, or `percent`%
-    of every class's images (at least one); the same draw for the same seed."""
-    labels, rng, out = np.asarray(labels), np.random.default_rng(seed), []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        n = shots or max(1, round(len(idx) * percent / 100))
-        if n > len(idx):
-            raise UserError(f"class {c} has only {len(idx)} train images, fewer than --shots {n}")
-        out.append(rng.choice(idx, n, replace=False))
-    return np.sort(np.concatenate(out))
-
-
-def read_split_file(path: str, n: int, samples=None, root: str = "") -> np.ndarray:
-    """Indices of the train images in an MSN/SimCLRv2 split file: one file name or path a line
-    (n01440764_10026.JPEG); a bare number is an index (for jittered-digits)."""
-    if not os.path.isfile(path):
-        raise UserError(f"split file {path!r} does not exist; give a file with one image per line")
-    index = {}  # file name and path under train/ -> index
-    for i, (p, _) in enumerate(samples or []):
-        index[os.path.basename(p)] = index[os.path.relpath(p, root)] = i
-    with open(path) as f:
-        lines = [ln.strip() for ln in f if ln.strip()]
-    out = [index.get(ln, index.get(os.path.basename(ln), int(ln) if ln.isdigit() else -1)) for ln in lines]
-    if bad := [ln for ln, i in zip(lines, out) if not 0 <= i < n]:  # neither a train image nor an index
-        raise UserError(f"split file {path!r}: {bad[0]!r} is not a train image of --data; "
-                        f"give file names of its train/ folder (or indices)")
-    return np.array(sorted(set(out)))
-
-
 def lowshot_accuracy(train_x, train_y, val_x, val_y) -> float:
     """Eq. (22) of docs/METHOD.md: the low-shot classifier, logistic regression with L2 penalty
     lambda = 2.5e-4 / N (scikit-learn C = 1 / (lambda N) = 4000), no intercept, on features centred
@@ -187,9 +149,7 @@ def lowshot(cfg, feats) -> list:
     draws += [("percent", cfg.percent, seed, draw_split(y, seed, percent=cfg.percent))
               for seed in range(cfg.splits) if cfg.percent > 0]
     if cfg.split_file:  # the image paths of an ImageFolder (not of the feature file)
-        ds = None if cfg.data == "jittered-digits" else build_dataset(cfg.data, "train")
-        draws.append(("split_file", cfg.split_file, 0, read_split_file(
-            cfg.split_file, len(y), getattr(ds, "samples", None), getattr(ds, "root", ""))))
+        draws.append(("split_file", cfg.split_file, 0, split_file_indices(cfg.split_file, cfg.data, len(y))))
     for b in feats["blocks"]:
         x, vx = feats["train_features"][b], feats["val_features"][b]
         runs = {}

@@ -1,11 +1,12 @@
 """probe.py: the stacked lr grid against torch.optim.SGD one lr at a time, a separable problem,
-low-shot draws and split files, the logistic regression, and the script end to end."""
+low-shot draws and split files (labelled.py), the logistic regression, and the script end to end."""
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import labelled
 import probe
 from model import UserError
 from test_knn import make_checkpoint, make_image_folder, settings
@@ -96,14 +97,14 @@ def test_lr_schedule_warmup_then_cosine():
 def test_draw_split_exact_shots_and_deterministic():
     labels = np.repeat(np.arange(5), [7, 3, 9, 4, 5])
     for shots in (1, 2, 3):
-        idx = probe.draw_split(labels, seed=0, shots=shots)
+        idx = labelled.draw_split(labels, seed=0, shots=shots)
         assert np.all(np.bincount(labels[idx], minlength=5) == shots) and len(set(idx)) == len(idx)
-        assert np.array_equal(idx, probe.draw_split(labels, seed=0, shots=shots))
-    assert not np.array_equal(probe.draw_split(labels, 0, shots=2), probe.draw_split(labels, 1, shots=2))
-    pct = probe.draw_split(labels, seed=0, percent=50)  # half of every class, at least one
+        assert np.array_equal(idx, labelled.draw_split(labels, seed=0, shots=shots))
+    assert not np.array_equal(labelled.draw_split(labels, 0, shots=2), labelled.draw_split(labels, 1, shots=2))
+    pct = labelled.draw_split(labels, seed=0, percent=50)  # half of every class, at least one
     assert np.bincount(labels[pct]).tolist() == [4, 2, 4, 2, 2]
     with pytest.raises(UserError, match="fewer"):
-        probe.draw_split(labels, 0, shots=4)
+        labelled.draw_split(labels, 0, shots=4)
 
 
 def test_read_split_file(tmp_path):
@@ -111,13 +112,13 @@ def test_read_split_file(tmp_path):
     from torchvision import datasets
     ds = datasets.ImageFolder(f"{data}/train")
     (tmp_path / "s.txt").write_text("a_0.png\nb/b_1.png\n\n/some/where/c/c_2.png\n")
-    idx = probe.read_split_file(str(tmp_path / "s.txt"), len(ds), ds.samples, ds.root)
+    idx = labelled.read_split_file(str(tmp_path / "s.txt"), len(ds), ds.samples, ds.root)
     assert [ds.samples[i][0].split("/")[-1] for i in idx] == ["a_0.png", "b_1.png", "c_2.png"]
     (tmp_path / "n.txt").write_text("0\n4\n")  # indices, for data sets without files
-    assert probe.read_split_file(str(tmp_path / "n.txt"), 9).tolist() == [0, 4]
+    assert labelled.read_split_file(str(tmp_path / "n.txt"), 9).tolist() == [0, 4]
     (tmp_path / "bad.txt").write_text("zzz.png\n")
     with pytest.raises(UserError, match="zzz.png"):
-        probe.read_split_file(str(tmp_path / "bad.txt"), len(ds), ds.samples, ds.root)
+        labelled.read_split_file(str(tmp_path / "bad.txt"), len(ds), ds.samples, ds.root)
 
 
 def test_lowshot_accuracy_preprocessing_and_reference():
