@@ -8,7 +8,8 @@ RandomResizedCrop + flip views every epoch (the paper protocol). MAE's recipe (H
 `--augment --optimizer lars --lrs 0.1 --probe-batch-size 16384 --epochs 90 --warmup 10` (50 epochs
 for ViT-L/H; `--feature cls-norm`, MAE's own feature). Low-shot (`--shots 1,2,5`, `--percent 1` or
 `--split-file F`, instead of the probe): logistic regression (scikit-learn C = 4000, no intercept) on
-features centred with the labelled mean and L2-normalised; `--splits` seeded draws, mean reported.
+train rows each centred on its own mean and L2-normalised (cyanure's preprocessing, as in the papers);
+`--splits` seeded draws, mean reported.
 
 CPU, the embedded data set (under a minute each on 2 cores; random weights score about 10%):
     python probe.py --ckpt checkpoints/mae_tiny_digits.pth --data jittered-digits
@@ -132,14 +133,15 @@ def linear_probe(x, y, val_x, val_y, lrs, epochs=50, batch=1024, warmup=0.1, see
 
 def lowshot_accuracy(train_x, train_y, val_x, val_y) -> float:
     """Eq. (22) of docs/METHOD.md: the low-shot classifier, logistic regression with L2 penalty
-    lambda = 2.5e-4 / N (scikit-learn C = 1 / (lambda N) = 4000), no intercept, on features centred
-    with the train mean, L2-normalised."""
+    lambda = 2.5e-4 / N (scikit-learn C = 1 / (lambda N) = 4000), no intercept, fitted on train rows
+    each centred on its own scalar mean over its D features, then L2-normalised (cyanure's
+    preprocess(centering=True, normalize=True, columns=False), as in both papers' code); the
+    validation rows are scored as they are, as there (a row's scale never changes its argmax)."""
     from sklearn.linear_model import LogisticRegression
-    mean = train_x.mean(0)
-    prep = lambda x: F.normalize(x.double() - mean.double(), dim=1).numpy()  # noqa: E731
-    clf = LogisticRegression(C=4000, fit_intercept=False, max_iter=1000)
-    clf.fit(prep(train_x), train_y.numpy())
-    return float((clf.predict(prep(val_x)) == val_y.numpy()).mean())
+    x = train_x.double()
+    x = F.normalize(x - x.mean(1, keepdim=True), dim=1)  # (N, D): each row its own mean and norm
+    clf = LogisticRegression(C=4000, fit_intercept=False, max_iter=1000).fit(x.numpy(), train_y.numpy())
+    return float((clf.predict(val_x.double().numpy()) == val_y.numpy()).mean())
 
 
 def lowshot(cfg, feats) -> list:

@@ -122,15 +122,28 @@ def test_read_split_file(tmp_path):
 
 
 def test_lowshot_accuracy_preprocessing_and_reference():
+    """Each train row centred on its own mean and L2-normalised (cyanure, columns=False), validation
+    rows as they are: scikit-learn on the same arrays gives the same accuracy."""
     from sklearn.linear_model import LogisticRegression
     x, y = blobs(40, dim=8, classes=4, spread=2.0, seed=3)
     vx, vy = blobs(60, dim=8, classes=4, spread=2.0, seed=3, noise_seed=4)
     xn, vn = x.double().numpy(), vx.double().numpy()
-    mean = xn.mean(0)
-    prep = lambda a: (a - mean) / np.linalg.norm(a - mean, axis=1, keepdims=True)  # noqa: E731
-    clf = LogisticRegression(C=4000, fit_intercept=False, max_iter=1000).fit(prep(xn), y.numpy())
-    want = (clf.predict(prep(vn)) == vy.numpy()).mean()
-    assert probe.lowshot_accuracy(x, y, vx, vy) == pytest.approx(want)
+    rows = xn - xn.mean(1, keepdims=True)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    clf = LogisticRegression(C=4000, fit_intercept=False, max_iter=1000).fit(rows, y.numpy())
+    assert probe.lowshot_accuracy(x, y, vx, vy) == pytest.approx((clf.predict(vn) == vy.numpy()).mean())
+
+
+def test_lowshot_row_centring_differs_from_the_labelled_mean():
+    """A known answer. Train rows a = (1, 0, 0) (class 0) and b = (0, 1, 3) (class 1). Row centring maps
+    them to a' ~ (2, -1, -1) and b' ~ (-4, -1, 5); the symmetric two-sample logistic regression scores
+    class 0 against class 1 by v . (a'/|a'| - b'/|b'|) ~ v . (1.43, -0.25, -1.18), so v = (0, 0, 1)
+    is class 1. Centring with the labelled mean (0.5, 0.5, 1.5) instead gives the direction (1, -1, -3)
+    with offset 4.5, and v = (0, 0, 1) would be class 0."""
+    x, y = torch.tensor([[1.0, 0, 0], [0, 1, 3]]), torch.tensor([0, 1])
+    vx, vy = torch.tensor([[0.0, 0, 1], [2, 0, 1], [0, 2, 0]]), torch.tensor([1, 0, 1])
+    assert probe.lowshot_accuracy(x, y, vx, vy) == 1.0
+    assert probe.lowshot_accuracy(x, y, vx[:1], torch.tensor([0])) == 0.0  # not the labelled-mean answer
 
 
 def test_main_linear_lowshot_augment(tmp_path):
