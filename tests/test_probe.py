@@ -131,7 +131,7 @@ def test_lowshot_accuracy_preprocessing_and_reference():
     rows = xn - xn.mean(1, keepdims=True)
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)
     clf = LogisticRegression(C=4000, fit_intercept=False, max_iter=1000).fit(rows, y.numpy())
-    assert probe.lowshot_accuracy(x, y, vx, vy) == pytest.approx((clf.predict(vn) == vy.numpy()).mean())
+    assert labelled.lowshot_accuracy(x, y, vx, vy) == pytest.approx((clf.predict(vn) == vy.numpy()).mean())
 
 
 def test_lowshot_row_centring_differs_from_the_labelled_mean():
@@ -142,8 +142,8 @@ def test_lowshot_row_centring_differs_from_the_labelled_mean():
     with offset 4.5, and v = (0, 0, 1) would be class 0."""
     x, y = torch.tensor([[1.0, 0, 0], [0, 1, 3]]), torch.tensor([0, 1])
     vx, vy = torch.tensor([[0.0, 0, 1], [2, 0, 1], [0, 2, 0]]), torch.tensor([1, 0, 1])
-    assert probe.lowshot_accuracy(x, y, vx, vy) == 1.0
-    assert probe.lowshot_accuracy(x, y, vx[:1], torch.tensor([0])) == 0.0  # not the labelled-mean answer
+    assert labelled.lowshot_accuracy(x, y, vx, vy) == 1.0
+    assert labelled.lowshot_accuracy(x, y, vx[:1], torch.tensor([0])) == 0.0  # not the labelled-mean answer
 
 
 def test_main_linear_lowshot_augment(tmp_path):
