@@ -1,11 +1,15 @@
-"""probe.py: the stacked lr grid against torch.optim.SGD one lr at a time, a separable problem,
-low-shot draws and split files (labelled.py), the logistic regression, and the script end to end."""
+"""probe.py: the stacked lr grid against torch.optim.SGD one lr at a time, a separable problem, the
+feature sets of MIM-Refiner's 52-probe search, low-shot draws and split files (labelled.py), the
+logistic regression, and the script end to end."""
+import json
+
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import labelled
 import probe
 from model import UserError
@@ -150,17 +154,62 @@ def test_main_linear_lowshot_augment(tmp_path):
     data = make_image_folder(tmp_path / "d", per_class=(4, 2))
     ckpt = str(tmp_path / "e.pth")
     make_checkpoint(ckpt, depth=2)
-    res = probe.main(settings(probe.Settings, ckpt=ckpt, data=data, epochs=3, lrs="0.01,0.1",
+    res = probe.main(settings(probe.Settings, ckpt=ckpt, data=data, epochs=3, lrs="0.01,0.1", search="lr",
                               save_features=str(tmp_path / "f.pt")))["results"]
     assert [r["lr"] for r in res] == [0.01, 0.1] and sum(r["best"] for r in res) == 1
+    assert {r["mode"] for r in res} == {"features-once"}
     feats = str(tmp_path / "f.pt")
-    again = probe.main(settings(probe.Settings, load_features=feats, epochs=3, lrs="0.01,0.1"))
+    again = probe.main(settings(probe.Settings, load_features=feats, epochs=3, lrs="0.01,0.1", search="lr"))
     assert again["results"] == res
     low = probe.main(settings(probe.Settings, load_features=feats, shots="1,2", splits=2))["results"]
     assert [(r["shots"], r["split"]) for r in low] == [(1, 0), (1, 1), (2, 0), (2, 1), (1, "mean"),
                                                        (2, "mean")]
     assert low[4]["top1"] == pytest.approx((low[0]["top1"] + low[1]["top1"]) / 2)
     aug = probe.main(settings(probe.Settings, ckpt=ckpt, data=data, epochs=2, lrs="0.1", augment=True))
-    assert len(aug["results"]) == 1 and 0 <= aug["results"][0]["top1"] <= 1
+    assert [(r["block"], r["feature"], r["mode"]) for r in aug["results"]] == [
+        (2, "cls", "augment"), (2, "cls+mean", "augment"), ("1+2", "cls", "augment"), ("1+2", "cls+mean", "augment")]
+    # a feature file of CLS tokens alone (knn.py's, as demo.py shares it): the part of the grid it allows
+    every = str(tmp_path / "all.pt")
+    probe.main(settings(probe.Settings, ckpt=ckpt, data=data, blocks="all", search="lr", lrs="0.1", epochs=1,
+                        save_features=every))
+    part = probe.main(settings(probe.Settings, load_features=every, epochs=2, lrs="0.01,0.1"))["results"]
+    assert [(r["block"], r["feature"]) for r in part[::2]] == [(2, "cls"), ("1+2", "cls")]
     with pytest.raises(UserError, match="--augment"):
         probe.main(settings(probe.Settings, load_features=feats, augment=True))
+    with pytest.raises(UserError, match="--search lr"):
+        probe.main(settings(probe.Settings, load_features=feats, concat=True))
+
+
+def test_grid_feature_sets():
+    """The grid reads the top block and the top 4 concatenated, each as CLS and as CLS + mean patch
+    token, from 'cls+mean' features (N, 2D) (CLS first), without copying the train set."""
+    f = {b: torch.randn(5, 6) for b in (2, 3, 4, 5)}  # D = 3
+    sets = probe.feature_sets(f, "cls+mean", grid=True)
+    assert list(sets) == [(5, "cls"), (5, "cls+mean"), ("2+3+4+5", "cls"), ("2+3+4+5", "cls+mean")]
+    assert [s.dim for s in sets.values()] == [3, 6, 12, 24]
+    torch.testing.assert_close(sets["2+3+4+5", "cls"][1:3], torch.cat([f[b][1:3, :3] for b in (2, 3, 4, 5)], 1))
+    torch.testing.assert_close(sets[5, "cls+mean"][torch.tensor([4, 0])], f[5][[4, 0]])
+    assert list(probe.feature_sets(f, "cls", grid=False)) == [(b, "cls") for b in (2, 3, 4, 5)]
+
+
+def test_default_search_is_mim_refiners_52_probes(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "d", per_class=(4, 2))
+    ckpt, feats, out = str(tmp_path / "e.pth"), str(tmp_path / "f.pt"), str(tmp_path / "r.json")
+    vit = make_checkpoint(ckpt, depth=5)
+    res = probe.main(settings(probe.Settings, ckpt=ckpt, data=data, epochs=1, save_features=feats, out=out))
+    recs = res["results"]
+    assert len(recs) == 52 and [r["lr"] for r in recs[:13]] == [float(v) for v in probe.LR_GRID.split(",")]
+    assert [(r["block"], r["feature"]) for r in recs[::13]] == [
+        (5, "cls"), (5, "cls+mean"), ("2+3+4+5", "cls"), ("2+3+4+5", "cls+mean")]
+    best = [r for r in recs if r["best"]]
+    assert len(best) == 1 and best[0]["top1"] == max(r["top1"] for r in recs)
+    assert json.load(open(out))["results"] == recs and {r["mode"] for r in recs} == {"features-once"}
+    text = capsys.readouterr().out
+    assert "52 probes" in text and "features-once" in text and f"best: block {best[0]['block']}" in text
+    # what was extracted: blocks 2-5, each the CLS token then the mean of the patch tokens
+    saved = torch.load(feats)["val_features"]
+    ds = common.build_dataset(data, "val", common.eval_transform(32))
+    want, _ = common.extract_features(vit, ds, [2, 5], "cls")
+    assert sorted(saved) == [2, 3, 4, 5] and saved[5].shape == (6, 64)
+    torch.testing.assert_close(saved[2][:, :32], want[2])
+    torch.testing.assert_close(saved[5][:, 32:], common.extract_features(vit, ds, [5], "mean")[0][5])
