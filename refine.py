@@ -187,17 +187,19 @@ def epoch_keys(data: Views, cfg, d, epoch: int, skip: int) -> list:
 # --- Model, optimiser, objectives ---
 
 class Refiner(nn.Module):
-    """What trains, one module for DDP: the encoder and one contrastive head per chosen block."""
+    """What trains, one module for DDP: the encoder and one contrastive head per chosen block. per_view
+    (MAE-CT): each view goes through the heads alone, so their BatchNorms normalise with one view's
+    statistics; otherwise (MIM-Refiner) all views go through together."""
 
-    def __init__(self, vit, blocks, feature: str, **head_kwargs):
+    def __init__(self, vit, blocks, feature: str, per_view: bool = False, **head_kwargs):
         super().__init__()
-        self.vit, self.blocks, self.feature = vit, blocks, feature
+        self.vit, self.blocks, self.feature, self.per_view = vit, blocks, feature, per_view
         self.heads = nn.ModuleDict({str(b): model.ContrastiveHead(vit.dim, **head_kwargs) for b in blocks})
 
     def forward(self, views):
         """Eq. (4) of docs/METHOD.md: views [(B, C, H, W)], global first -> features {block: (V*B, D)},
-        {block: (z, p)} each (V*B, d), views in order. Views of one resolution run together (local:
-        interpolated positions)."""
+        {block: (z, p)} each (V*B, d), views in order. Views of one resolution run together through the
+        encoder (local: interpolated positions); through the heads, see per_view."""
         h = {b: [] for b in self.blocks}
         for _, same in itertools.groupby(views, key=lambda v: v.shape):
             x = torch.cat(list(same))  # (n*B, C, H, W)
@@ -205,8 +207,9 @@ class Refiner(nn.Module):
                 if b == self.vit.depth:  # the last block's head reads the final-normed output
                     t = self.vit.final_norm(t)
                 h[b].append(t[:, 0] if self.feature == "cls" else t[:, 1:].mean(1))  # (n*B, D)
-        h = {b: torch.cat(f) for b, f in h.items()}
-        return h, {b: self.heads[str(b)](h[b]) for b in self.blocks}
+        h, n = {b: torch.cat(f) for b, f in h.items()}, len(views) if self.per_view else 1
+        # each head on n row blocks: all views at once (n = 1, MIM-Refiner) or each view alone (MAE-CT)
+        return h, {b: tuple(map(torch.cat, zip(*map(self.heads[str(b)], h[b].chunk(n))))) for b in self.blocks}
 
 
 def set_trainable(refiner: Refiner, phase: int, freeze_blocks: int):
@@ -278,9 +281,9 @@ def heads_loss(net, views, idx, queues, targets, mim: bool, phase: int, k: int, 
     loss, first_view = 0.0, {}
     h, zp = net(views)  # h {block: (V*B, D)}, zp {block: (z, p)} each (V*B, d)
     for b, (z, p) in zp.items():
-        if not mim and phase == 1:  # MAE-CT's refinement: the EMA projector's projections
+        if not mim and phase == 1:  # MAE-CT's refinement: the EMA projector's projections, view by view
             with torch.no_grad():
-                z = targets[str(b)](h[b].detach())
+                z = torch.cat([targets[str(b)](x) for x in h[b].detach().chunk(len(views))])
         z = z.detach().float().chunk(len(views))  # per view (B, d)
         p_all = [common.all_gather(pv, grad=True) for pv in p.chunk(len(views))]  # [(W*B, d)]
         nns = [queues[str(b)].lookup(z[i], idx, k, gen) if neighbours else z[i]
@@ -346,7 +349,7 @@ def main(cfg: Settings) -> dict:
     data, keys = Views(data, make_views(cfg), cfg.seed), common.EpochKeys()  # one loader: workers persist
     loader = DataLoader(data, cfg.batch_size, sampler=keys, drop_last=True, generator=torch.Generator(),
                         **common.loader_kwargs(d.device, cfg.workers))
-    refiner = Refiner(vit, blocks, cfg.feature, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
+    refiner = Refiner(vit, blocks, cfg.feature, not mim, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
                       pred_hidden=cfg.pred_hidden, act="gelu" if mim else "relu", predictor_bn=mim)
     queues = nn.ModuleDict({str(b): model.NNQueue(cfg.queue_size, cfg.proj_dim) for b in blocks})
     # MAE-CT looks up and enqueues with an EMA copy of the projector in phase 2 (docs/METHOD.md §6)

@@ -122,6 +122,41 @@ def test_mim_refiner_pairs_every_global_anchor_with_every_other_view(monkeypatch
     assert got == [(i, v) for i in range(2) for v in range(5) if v != i]  # 2 * (1 + 3) terms
 
 
+def test_mae_ct_heads_normalise_each_view_alone_mim_refiner_all_views(tiny_ckpt, tmp_path, monkeypatch):
+    """MAE-CT's head, and in phase 2 its EMA target projector, run once per view: each BatchNorm sees
+    one view's statistics. MIM-Refiner's heads see all views together. (Two views of different
+    statistics, so the joint statistics would give other outputs.)"""
+    torch.manual_seed(0)
+    vit = model.ViT(dim=32, depth=2, patch=4, img_size=32)
+    views = [torch.randn(4, 3, 32, 32), 3 * torch.randn(4, 3, 32, 32) + 1]
+    h = torch.cat([vit.final_norm(vit.forward_blocks(v, [2])[0])[:, 0] for v in views])  # (2B, D)
+    seen = {}
+    zero = torch.tensor(0.0)
+    monkeypatch.setattr(refine, "mae_ct_loss", lambda nns, p, *a: seen.update(z=nns, p=p) or zero)
+    monkeypatch.setattr(refine, "mim_refiner_loss", lambda z, nns, p, *a, **k: seen.update(z=z, p=p) or zero)
+    kw = dict(proj_hidden=16, proj_dim=8, pred_hidden=16)
+    for mim in (False, True):
+        net = refine.Refiner(vit, [2], "cls", not mim, act="gelu" if mim else "relu", predictor_bn=mim, **kw)
+        head = net.heads["2"]
+        targets = torch.nn.ModuleDict({"2": copy.deepcopy(head.projector)})
+        queues = torch.nn.ModuleDict({"2": model.NNQueue(16, 8)})
+        for phase in (0, 1):
+            refine.heads_loss(net, views, torch.arange(4), queues, targets, mim, phase, 1, 0.2, 0, None, False)
+            proj = targets["2"] if phase == 1 and not mim else head.projector
+            want_z = torch.cat([proj(x) for x in h.chunk(2)]) if not mim else head(h)[0]
+            want_p = torch.cat([head(x)[1] for x in h.chunk(2)]) if not mim else head(h)[1]
+            torch.testing.assert_close(torch.cat(seen["z"][:2]), want_z.detach(), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(torch.cat(seen["p"]), want_p.detach(), atol=1e-5, rtol=1e-4)
+            joint = head(h)[1] if not mim else torch.cat([head(x)[1] for x in h.chunk(2)])
+            assert not torch.allclose(torch.cat(seen["p"]), joint, atol=1e-3)
+    built = []  # refine.main builds MAE-CT's Refiner per view, MIM-Refiner's not
+    monkeypatch.setattr(refine.Refiner, "forward", lambda self, v: built.append(self.per_view) or 1 / 0)
+    for method in ("mae-ct", "mim-refiner"):
+        with pytest.raises(ZeroDivisionError):
+            refine.main(settings(tiny_ckpt, tmp_path / method, method=method, views="crop-flip", local_crops=0))
+    assert built == [True, False]
+
+
 def test_mae_ct_phases_freezing_and_resume(tiny_ckpt, tmp_path):
     original = torch.load(tiny_ckpt, weights_only=True)["model"]
     kw = dict(method="mae-ct", views="crop-flip", head_epochs=1, epochs=1, head_lr=0.05, lr=0.05, save_every=100)
