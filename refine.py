@@ -89,6 +89,8 @@ class Settings:
     device: str = opt("auto", "auto, cpu or cuda")
     compile: bool = opt(False, "torch.compile the model")
     grad_checkpointing: bool = opt(False, "recompute block activations in the backward pass (less memory)")
+    pairing: str = opt("intended", "MIM-Refiner's view pairs: intended (each global view with every other view, "
+                                   "Eq. (9)) or official (the public code's terms, Eq. (9'); 22 for 10 locals)")
 
 
 # docs/METHOD.md §8 by (encoder size, method): global batch, phase 2 epochs, temperature. The size is read
@@ -148,7 +150,7 @@ def recipe(cfg: Settings, vit, world: int, n_train: int) -> dict:
 def resolve(cfg: Settings, vit, world: int, n_train: int) -> Settings:
     """Settings left at their 'by scale' default take the recipe's value; then checks."""
     for name, allowed in (("method", ("mim-refiner", "mae-ct")), ("views", ("", "multicrop", "crop-flip")),
-                          ("feature", ("cls", "mean"))):
+                          ("feature", ("cls", "mean")), ("pairing", ("intended", "official"))):
         if getattr(cfg, name) not in allowed:
             raise UserError(f"unknown --{name} {getattr(cfg, name)!r}; use one of {allowed[-2:]}")
     default = {f.name: f.default for f in dataclasses.fields(Settings)}
@@ -250,12 +252,16 @@ def param_groups(refiner: Refiner, cfg) -> list:
     return list(groups.values())
 
 
-def mim_refiner_loss(z, nns, p_all, tau: float, offset: int):
+def mim_refiner_loss(z, nns, p_all, tau: float, offset: int, pairing: str = "intended"):
     """Eq. (9) of docs/METHOD.md: the MIM-Refiner objective, NNA for every pair (anchor = global view i,
     prediction = view v), v != i, over all 2 + V views; the mean of the 2 * (1 + V) terms. z, nns: this rank's
-    projections and neighbours per view [(B, d)]; p_all: each view's predictions of all ranks [(W*B, d)]."""
-    terms = [model.nna_loss(z[i], nns[i], p_all[v], tau, offset)
-             for i in range(2) for v in range(len(p_all)) if v != i]
+    projections and neighbours per view [(B, d)]; p_all: each view's predictions of all ranks [(W*B, d)].
+    pairing="official", Eq. (9'): the public code's terms, the cross-global pairs, then each global anchor
+    with views 0..V-1 (its local predictions indexed from 0, without skipping the globals), averaged."""
+    v = len(p_all)
+    pairs = ([(i, 1 - i) for i in range(2)] + [(i, j) for i in range(2) for j in range(v - 2)] if pairing == "official"
+             else [(i, j) for i in range(2) for j in range(v) if j != i])
+    terms = [model.nna_loss(z[i], nns[i], p_all[j], tau, offset) for i, j in pairs]
     return sum(terms) / len(terms)
 
 
@@ -273,7 +279,7 @@ def ema_update(ema: nn.Module, online: nn.Module, momentum: float):
 
 
 def heads_loss(net, views, idx, queues, targets, mim: bool, phase: int, k: int, tau: float, offset: int, gen,
-               neighbours: bool = True):
+               neighbours: bool = True, pairing: str = "intended"):
     """One step's loss: Eq. (9) (MIM-Refiner) or Eq. (11) (MAE-CT) per head, summed over the heads,
     with neighbours drawn from each head's queue by `gen` (neighbours=False, the control: each anchor
     is its own positive); and per head the projections of the first
@@ -288,7 +294,7 @@ def heads_loss(net, views, idx, queues, targets, mim: bool, phase: int, k: int, 
         p_all = [common.all_gather(pv, grad=True) for pv in p.chunk(len(views))]  # [(W*B, d)]
         nns = [queues[str(b)].lookup(z[i], idx, k, gen) if neighbours else z[i]
                for i in range(2)]  # (B, d) each
-        loss = loss + (mim_refiner_loss(z, nns, p_all, tau, offset) if mim
+        loss = loss + (mim_refiner_loss(z, nns, p_all, tau, offset, pairing) if mim
                        else mae_ct_loss(nns, p_all, tau, offset))  # heads summed
         first_view[b] = z[0]
     return loss, first_view
@@ -411,7 +417,7 @@ def main(cfg: Settings) -> dict:
             offset = d.rank * cfg.batch_size  # row j's positive: column offset + j
             with autocast:
                 loss, first_view = heads_loss(net, views, idx, queues, targets, mim, phase, k, tau, offset, gen,
-                                              cfg.neighbours)
+                                              cfg.neighbours, cfg.pairing)
             optim.zero_grad(set_to_none=True)
             loss.backward()  # queued before the one host sync of the step, the loss check below
             loss_value = common.all_gather(loss.detach()[None]).mean().item()  # the same on every rank

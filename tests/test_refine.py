@@ -122,6 +122,33 @@ def test_mim_refiner_pairs_every_global_anchor_with_every_other_view(monkeypatch
     assert got == [(i, v) for i in range(2) for v in range(5) if v != i]  # 2 * (1 + 3) terms
 
 
+def test_official_pairing_has_the_public_codes_22_terms(tiny_ckpt, tmp_path, monkeypatch):
+    """--pairing official with 2 global + 10 local views (0, 1 global; 2-11 local), written out: each
+    cross-global pair twice, each global view with its own prediction, and locals 1-8 (views 2-9);
+    locals 9-10 (views 10, 11) get no term. The loss is the mean of the 22."""
+    pairs, value = [], {}
+    monkeypatch.setattr(model, "nna_loss", lambda z, nn_z, p, tau, offset: pairs.append((z, p)) or value[len(pairs)])
+    z, p = [torch.randn(2, 4) for _ in range(2)], [torch.randn(2, 4) for _ in range(12)]
+    value.update({i: torch.tensor(float(i * i)) for i in range(1, 23)})
+    loss = refine.mim_refiner_loss(z, z, p, 0.2, 0, "official")
+    got = [(next(i for i in range(2) if a is z[i]), next(v for v in range(12) if b is p[v])) for a, b in pairs]
+    want = [(0, 1), (1, 0),  # the global loss: each anchor with the other global view
+            (0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (0, 5), (0, 6), (0, 7), (0, 8), (0, 9),
+            (1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (1, 6), (1, 7), (1, 8), (1, 9)]
+    assert got == want and loss == pytest.approx(sum(i * i for i in range(1, 23)) / 22)
+    pairs.clear()
+    refine.mim_refiner_loss(z, z, p, 0.2, 0)  # the intended pairing: 2 x 11, every other view once
+    assert len(pairs) == 22 and {id(p[10]), id(p[11])} <= {id(b) for _, b in pairs}
+    vit = model.ViT(dim=32, depth=4, patch=4, img_size=32)
+    with pytest.raises(model.UserError, match="unknown --pairing"):
+        refine.resolve(refine.Settings(pairing="public", batch_size=4), vit, 1, 100)
+    used = []  # refine.main hands --pairing to the loss
+    monkeypatch.setattr(refine, "mim_refiner_loss", lambda *a: used.append(a[-1]) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        refine.main(settings(tiny_ckpt, tmp_path, pairing="official"))
+    assert used == ["official"]
+
+
 def test_mae_ct_heads_normalise_each_view_alone_mim_refiner_all_views(tiny_ckpt, tmp_path, monkeypatch):
     """MAE-CT's head, and in phase 2 its EMA target projector, run once per view: each BatchNorm sees
     one view's statistics. MIM-Refiner's heads see all views together. (Two views of different
