@@ -105,6 +105,27 @@ def test_views_are_a_function_of_seed_epoch_index():
     assert not torch.equal(views[0], data[1, 3][0][0])
 
 
+def test_blur_sigma_follows_the_global_side_for_every_view():
+    """BYOL's blur draws sigma from U(0.1, 2.0) px at 224 px for every view, the 96 px local crops
+    included (the papers' code); at other sizes the range scales with the global side only."""
+    from torchvision import transforms as T
+    vit = model.ViT(dim=32, depth=4, patch=4, img_size=32)
+
+    def ranges(cfg):  # (lo, hi) of the blur of each view, global views first
+        out = []
+        for view in refine.make_views(cfg):
+            for t in view.transforms:
+                for u in getattr(t, "transforms", [t]):
+                    if isinstance(u, T.Lambda):
+                        out.append((u.lambd.keywords["lo"], u.lambd.keywords["hi"]))
+        return out
+
+    cfg = refine.resolve(refine.Settings(batch_size=4, global_size=224, local_size=96, local_crops=3), vit, 1, 100)
+    assert ranges(cfg) == [(0.1, 2.0)] * 5
+    cfg = refine.resolve(refine.Settings(batch_size=4, local_crops=2), vit, 1, 100)  # 32 px globals, 16 px locals
+    assert ranges(cfg) == [(pytest.approx(0.1 * 32 / 224), pytest.approx(2.0 * 32 / 224))] * 4
+
+
 def test_uint8_views_normalised_on_the_device_equal_totensor_normalize():
     from torchvision import transforms as T
     img = refine.train_set(refine.Settings(limit_train=2))[1][0]
