@@ -190,8 +190,7 @@ def epoch_keys(data: Views, cfg, d, epoch: int, skip: int) -> list:
 
 class Refiner(nn.Module):
     """What trains, one module for DDP: the encoder and one contrastive head per chosen block. per_view
-    (MAE-CT): each view goes through the heads alone, so their BatchNorms normalise with one view's
-    statistics; otherwise (MIM-Refiner) all views go through together."""
+    (MAE-CT): each view through the heads alone, BatchNorm statistics of one view (MIM-Refiner: all)."""
 
     def __init__(self, vit, blocks, feature: str, per_view: bool = False, **head_kwargs):
         super().__init__()
@@ -209,8 +208,7 @@ class Refiner(nn.Module):
                 if b == self.vit.depth:  # the last block's head reads the final-normed output
                     t = self.vit.final_norm(t)
                 h[b].append(t[:, 0] if self.feature == "cls" else t[:, 1:].mean(1))  # (n*B, D)
-        h, n = {b: torch.cat(f) for b, f in h.items()}, len(views) if self.per_view else 1
-        # each head on n row blocks: all views at once (n = 1, MIM-Refiner) or each view alone (MAE-CT)
+        h, n = {b: torch.cat(f) for b, f in h.items()}, len(views) if self.per_view else 1  # n row blocks
         return h, {b: tuple(map(torch.cat, zip(*map(self.heads[str(b)], h[b].chunk(n))))) for b in self.blocks}
 
 
@@ -256,8 +254,7 @@ def mim_refiner_loss(z, nns, p_all, tau: float, offset: int, pairing: str = "int
     """Eq. (9) of docs/METHOD.md: the MIM-Refiner objective, NNA for every pair (anchor = global view i,
     prediction = view v), v != i, over all 2 + V views; the mean of the 2 * (1 + V) terms. z, nns: this rank's
     projections and neighbours per view [(B, d)]; p_all: each view's predictions of all ranks [(W*B, d)].
-    pairing="official", Eq. (9'): the public code's terms, the cross-global pairs, then each global anchor
-    with views 0..V-1 (its local predictions indexed from 0, without skipping the globals), averaged."""
+    pairing="official", Eq. (9'): the public code's, cross-global pairs, then each anchor with views 0..V-1."""
     v = len(p_all)
     pairs = ([(i, 1 - i) for i in range(2)] + [(i, j) for i in range(2) for j in range(v - 2)] if pairing == "official"
              else [(i, j) for i in range(2) for j in range(v) if j != i])
@@ -302,14 +299,14 @@ def heads_loss(net, views, idx, queues, targets, mim: bool, phase: int, k: int, 
 
 def after_step(queues, first_view, idx, ema, targets, refiner: Refiner, cfg, phase: int):
     """What follows each optimizer step: every head's queue gets every rank's first global view
-    (Eq. (7)); from the second phase on (phase == 1) the EMA encoder follows the encoder, and MAE-CT's
-    target projectors always follow theirs (Eq. (12))."""
+    (Eq. (7)); in the second phase (phase == 1) the EMA encoder follows the encoder, and MAE-CT's
+    target projectors follow theirs (Eq. (12)), from the copies start_phase made."""
     for b, queue in queues.items():  # (W*B, d) and the dataset indices (W*B,)
         queue.enqueue(common.all_gather(first_view[int(b)]), common.all_gather(idx))
     if phase == 1:  # the warm-up leaves the encoder untouched, so its EMA stays equal
         ema_update(ema, refiner.vit, cfg.ema_momentum)
-    for b, target in targets.items():
-        ema_update(target, refiner.heads[b].projector, cfg.target_momentum)
+        for b, target in targets.items():
+            ema_update(target, refiner.heads[b].projector, cfg.target_momentum)
 
 
 def check_same_settings(ck: dict, cfg, world: int, last: str):
@@ -322,10 +319,14 @@ def check_same_settings(ck: dict, cfg, world: int, last: str):
                         f"rerun with the same flags or give a new --out")
 
 
-def start_phase(refiner: Refiner, cfg, phase: int, d, peak: float, ck):
+def start_phase(refiner: Refiner, cfg, phase: int, d, peak: float, ck, targets):
     """What trains in `phase`, wrapped for DDP (rebuilt per phase, as what trains changes), and a new
-    AdamW; resuming inside this phase, with the optimizer state of the checkpoint `ck`."""
+    AdamW; resuming inside this phase, with the optimizer state of the checkpoint `ck`. As the second
+    phase starts (not resumes), MAE-CT's target projectors become exact copies of the projectors."""
     set_trainable(refiner, phase, cfg.freeze_blocks)
+    if phase == 1 and not (ck and ck["phase"] == 1):
+        for b, target in targets.items():  # weights and BatchNorm statistics
+            target.load_state_dict(refiner.heads[b].projector.state_dict())
     gc.collect()  # the last phase's DDP wrapper, dropped by the caller, drops its gradient hooks
     net = refiner if d.world == 1 else DDP(refiner, [d.device] if d.device.type == "cuda" else None)
     optim = torch.optim.AdamW(param_groups(refiner, cfg), lr=peak, betas=(0.9, 0.95))
@@ -405,7 +406,7 @@ def main(cfg: Settings) -> dict:
             first, steps, peak, tau, k, ep = phases[phase]
             warm = min(steps, round((cfg.warmup if cfg.warmup >= 1 else cfg.warmup * ep) * spe))
             net = None  # the last phase's wrapper goes before the next is built
-            net, optim = start_phase(refiner, cfg, phase, d, peak, ck)
+            net, optim = start_phase(refiner, cfg, phase, d, peak, ck, targets)
             ck = None
         keys.keys = epoch_keys(data, cfg, d, epoch, step - epoch * spe)
         for views, idx in loader:

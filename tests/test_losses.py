@@ -113,14 +113,20 @@ def test_queue_random_pick_only_among_top_k():
 # Head
 
 def test_head_shapes_and_layout():
+    """MAE-CT's head (ReLU, predictor ends in a Linear) and MIM-Refiner's (GELU, a final BN): in both
+    no Linear has a bias, as in the papers' code."""
     h = model.ContrastiveHead(32, proj_hidden=64, proj_dim=16, pred_hidden=48, act="relu", predictor_bn=False)
     z, p = h(torch.randn(5, 32))
     assert z.shape == p.shape == (5, 16)
     kinds = [type(m).__name__ for m in h.projector]
     assert kinds == ["Linear", "SyncBatchNorm1d", "ReLU"] * 2 + ["Linear", "SyncBatchNorm1d"]
-    assert all(m.bias is None for m in h.projector if isinstance(m, torch.nn.Linear))
     assert [type(m).__name__ for m in h.predictor] == ["Linear", "SyncBatchNorm1d", "ReLU", "Linear"]
-    assert h.predictor[-1].bias is not None and h.predictor[-1].bias.abs().sum() == 0
+    mim = model.ContrastiveHead(32, proj_hidden=64, proj_dim=16, pred_hidden=48)
+    assert [type(m).__name__ for m in mim.predictor] == ["Linear", "SyncBatchNorm1d", "GELU", "Linear",
+                                                         "SyncBatchNorm1d"]
+    for head in (h, mim):
+        linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+        assert len(linears) == 5 and all(m.bias is None for m in linears)
 
 
 # ---------------------------------------------------------------------------------------------

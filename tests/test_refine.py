@@ -240,6 +240,23 @@ def test_mae_ct_phases_freezing_and_resume(tiny_ckpt, tmp_path):
     assert not torch.equal(ours.blocks[3].mlp.fc1.weight, original["blocks.3.mlp.fc1.weight"])
 
 
+def test_mae_ct_target_projector_is_copied_when_phase_2_starts(tiny_ckpt, tmp_path):
+    """MAE-CT's EMA target projector is not tracked during the warm-up: when the encoder starts to
+    train it becomes an exact copy of the projector, so after the first step of phase 2 it is
+    m * P + (1 - m) * P' (P, P' the projector before and after that step). Resumed there, as here."""
+    kw = dict(method="mae-ct", views="crop-flip", head_epochs=1, epochs=1, head_lr=0.05, lr=0.05,
+              target_momentum=0.9)
+    refine.main(settings(tiny_ckpt, tmp_path, max_steps=4, **kw))  # the warm-up: 4 steps
+    before = load(tmp_path)["heads"]
+    refine.main(settings(tiny_ckpt, tmp_path, max_steps=5, **kw))  # the first step of phase 2
+    after = load(tmp_path)
+    for name, t in after["targets"].items():
+        if not name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            p0, p1 = before["4.projector." + name[2:]], after["heads"]["4.projector." + name[2:]]
+            assert not torch.equal(p0, p1), name
+            torch.testing.assert_close(t, p0.lerp(p1, 0.1), atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_two_processes_equal_one(tiny_ckpt, tmp_path):
     """Same global batch of 8: 2 x 4 under torchrun (gloo) vs 1 x 8, across both phases, with
     top-1 neighbours (the pick is then deterministic)."""
