@@ -177,7 +177,7 @@ def test_two_processes_equal_one_on_the_whole_batch(tmp_path):
                for s in (slice(0, 4), slice(4, 8))) / 2
     loss.backward()
     torch.testing.assert_close(got["loss"], loss.detach(), atol=1e-6, rtol=1e-5)
-    for n, p in head.named_parameters():
-        torch.testing.assert_close(got["grads"][n], p.grad, atol=1e-6, rtol=1e-4, msg=n)
+    for n, p in head.named_parameters():  # float32 sums in another order: ~1e-6 of the largest gradients (~10)
+        torch.testing.assert_close(got["grads"][n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
     for n, b in head.named_buffers():  # running BN statistics over the global batch
         torch.testing.assert_close(got["buffers"][n], b, atol=1e-6, rtol=1e-5, msg=n)
