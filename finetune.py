@@ -15,7 +15,7 @@ CPU, the embedded data set (10% of the labels, 2 epochs; about 30 s on 2 cores; 
 tiny MAE's features hold little digit information, README):
     python finetune.py --percent 10 --epochs 2 --batch-size 64
     torchrun --standalone --nproc_per_node=2 finetune.py --device cpu --percent 10 --epochs 2 --batch-size 64
-ImageNet on 8 GPUs, MSN's 1% split file, a refined ViT-L/16 (MIM-Refiner reports 75.4):
+ImageNet on 8 GPUs, MSN's 1% split file (one image name a line), a refined ViT-L/16:
     torchrun --nproc_per_node=8 finetune.py --ckpt runs/l16/encoder.pth --data /imagenet --split-file 1percent.txt
 """
 import math
