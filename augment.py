@@ -31,7 +31,7 @@ def make_views(cfg) -> list:
         return [v, v]
 
     def byol(size, scale, blur_p, solarize_p):
-        s = size / 224  # blur sigma 0.1-2.0 at 224 px, scaled with the side
+        s = cfg.global_size / 224  # blur sigma 0.1-2.0 px at 224, scaled with the global side for every view
         return T.Compose([
             T.RandomResizedCrop(size, scale, interpolation=bicubic), T.RandomHorizontalFlip(),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomInvert(cfg.invert),

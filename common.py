@@ -258,7 +258,7 @@ class FeatureSettings:
     blocks: str = opt("last", "blocks to evaluate: last, all, a list 18,20,24 or a range 17-24")
     concat: bool = opt(False, "evaluate the chosen blocks concatenated into one feature")
     feature: str = opt("cls", "cls (block output, no final norm), cls-norm (after the final norm) "
-                              "or mean (of the patch tokens)")
+                              "or mean (of the patch tokens); cls+mean, cls-norm+mean: with the mean appended")
     batch_size: int = opt(256, "images per extraction batch, per process")
     workers: int = opt(4, "data-loading processes per process")
     device: str = opt("auto", "auto, cpu or cuda")
@@ -300,11 +300,14 @@ def load_model(cfg):
 
 
 def pool(vit, tokens, feature: str):
-    """One block's tokens (B, 1+N, D) -> (B, D): cls, cls-norm (after the final norm) or mean."""
+    """One block's tokens (B, 1+N, D) -> (B, D): cls, cls-norm (after the final norm) or mean; with
+    '+mean' appended, (B, 2D): that feature, then the mean of the patch tokens (probe.py's grid)."""
+    if feature in ("cls+mean", "cls-norm+mean"):
+        return torch.cat([pool(vit, tokens, feature[:-5]), tokens[:, 1:].mean(1)], dim=1)
     if feature == "mean":
         return tokens[:, 1:].mean(1)
     if feature not in ("cls", "cls-norm"):
-        raise UserError(f"unknown --feature {feature!r}; use cls, cls-norm or mean")
+        raise UserError(f"unknown --feature {feature!r}; use cls, cls-norm, mean, cls+mean or cls-norm+mean")
     return (vit.final_norm(tokens) if feature == "cls-norm" else tokens)[:, 0]
 
 

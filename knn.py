@@ -3,8 +3,9 @@
 The k-NN protocol of DINO (Caron et al. 2021), used by MAE-CT (Lehner et al. 2023) and
 MIM-Refiner (Alkin et al. 2024): every validation image is classified by the cosine top-k of the
 L2-normalised train features, each neighbour voting for its class with weight exp(sim / 0.07).
-MIM-Refiner first standardises every feature dimension with the train mean and std
-(`--standardize`, the default); DINO and MAE-CT do not (`--no-standardize`). `--blocks all`
+MIM-Refiner and MAE-CT first standardise every feature dimension with the train mean and std
+(`--standardize`, the default; MAE-CT on the final-normed CLS, `--feature cls-norm`); DINO does
+not (`--no-standardize`). Both papers report k = 10. `--blocks all`
 gives the per-block curve, the core evidence of MIM-Refiner (`--plot curve.png` draws it).
 
 CPU, the embedded data set, every block (about 1 minute on 2 cores; an encoder of random weights
@@ -29,12 +30,12 @@ class Settings(FeatureSettings):
     k: str = opt("10,20", "neighbour counts, comma-separated")
     temperature: float = opt(0.07, "vote weight exp(similarity / temperature)")
     standardize: bool = opt(True, "standardise each dimension with the train mean/std first "
-                                  "(MIM-Refiner); --no-standardize for DINO / MAE-CT")
+                                  "(MIM-Refiner, MAE-CT); --no-standardize for DINO")
     plot: str = opt("", "draw top-1 per block into this image file (needs matplotlib)")
 
 
 def standardize(train: torch.Tensor, test: torch.Tensor, eps: float = 1e-6):
-    """Eq. (15) of docs/METHOD.md: MIM-Refiner's k-NN pre-processing, each dimension shifted and scaled
+    """Eq. (15) of docs/METHOD.md: MIM-Refiner's and MAE-CT's k-NN pre-processing, each dimension shifted and scaled
     by the train mean and (unbiased) std, the same statistics applied to the test features."""
     mean, std = train.mean(0), train.std(0)  # (D,), (D,)
     return (train - mean) / (std + eps), (test - mean) / (std + eps)

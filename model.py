@@ -205,13 +205,13 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
         return (y * self.weight + self.bias).to(x.dtype)
 
 
-def mlp(dims, act, last_bn: bool, bias_last: bool):
-    """Linear-BN-act stack; the last Linear optionally with bias and/or followed by BN."""
+def mlp(dims, act, last_bn: bool):
+    """Linear-BN-act stack, the last Linear optionally followed by BN. No Linear has a bias, as in both
+    papers' heads (where a BN follows, it would cancel one anyway)."""
     layers = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        last = i == len(dims) - 2
-        layers.append(nn.Linear(a, b, bias=last and bias_last))
-        if not last:
+        layers.append(nn.Linear(a, b, bias=False))
+        if i < len(dims) - 2:
             layers += [SyncBatchNorm1d(b), act()]
         elif last_bn:
             layers.append(SyncBatchNorm1d(b))
@@ -224,8 +224,8 @@ class ContrastiveHead(nn.Module):
     def __init__(self, dim_in, proj_hidden=2048, proj_dim=256, pred_hidden=4096, act="gelu", predictor_bn=True):
         super().__init__()
         act_cls = {"gelu": nn.GELU, "relu": nn.ReLU}[act]
-        self.projector = mlp([dim_in, proj_hidden, proj_hidden, proj_dim], act_cls, True, False)
-        self.predictor = mlp([proj_dim, pred_hidden, proj_dim], act_cls, predictor_bn, True)
+        self.projector = mlp([dim_in, proj_hidden, proj_hidden, proj_dim], act_cls, True)
+        self.predictor = mlp([proj_dim, pred_hidden, proj_dim], act_cls, predictor_bn)
         self.apply(init_weights)
 
     def forward(self, x):

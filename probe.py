@@ -1,37 +1,44 @@
-"""Linear probing and low-shot classification of frozen ViT features (docs/METHOD.md §11).
+"""Linear probing of frozen ViT features, and low-shot classification (docs/METHOD.md §11).
 
 Linear probe (MIM-Refiner, Alkin et al. 2024; MAE-CT, Lehner et al. 2023): non-affine BatchNorm1d,
-Linear (init std 0.01), SGD momentum 0.9, no weight decay, batch 1024, 10% warm-up then cosine,
-50 epochs, best top-1 over a 13-point lr grid (x batch/256), all grid points trained together as
-one stacked layer. Trains on features extracted once (fast), or with `--augment` re-embeds
-RandomResizedCrop + flip views every epoch (the paper protocol). MAE's recipe (He et al. 2022):
-`--augment --optimizer lars --lrs 0.1 --probe-batch-size 16384 --epochs 90 --warmup 10` (50 epochs
-for ViT-L/H; `--feature cls-norm`, MAE's own feature). Low-shot (`--shots 1,2,5`, `--percent 1` or
-`--split-file F`, instead of the probe): logistic regression (scikit-learn C = 4000, no intercept) on
-features centred with the labelled mean and L2-normalised; `--splits` seeded draws, mean reported.
+Linear (init std 0.01), SGD momentum 0.9, no weight decay, batch 1024, 10% warm-up then cosine, 50
+epochs, all probes trained together as stacked layers in one pass over the data. `--search grid`
+(default) is MIM-Refiner's search, the best of 52 probes: 13 lrs (x batch/256) x {CLS, CLS and the
+mean patch token concatenated} x {the top block of --blocks, its last 4 blocks concatenated}; the
+table lists all 52 and the winner is marked. `--search lr`: the 13 lrs alone, on each of --blocks
+(or --concat) with --feature. Mode `features-once` (default, fast): train features extracted once,
+no augmentation; mode `augment` (`--augment`, both papers' protocol): RandomResizedCrop(0.08-1,
+bicubic) + flip views re-embedded every epoch. The output and the JSON name the mode. MAE's recipe
+(He et al. 2022): `--search lr --augment --optimizer lars --lrs 0.1 --probe-batch-size 16384
+--epochs 90 --warmup 10 --feature cls-norm` (50 epochs for ViT-L/H).
+Low-shot (`--shots 1,2,5`, `--percent 1` or `--split-file F`, instead of the probe): logistic
+regression (scikit-learn C = 4000, no intercept) on train rows each centred on its own mean and
+L2-normalised (cyanure's preprocessing, as in the papers); `--splits` seeded draws, mean reported.
+The papers' 1% column is fine-tuning (finetune.py); `--percent 1` here is the logistic-regression variant.
 
-CPU, the embedded data set (under a minute each on 2 cores; random weights score about 10%):
+CPU, the embedded data set (about a minute each on 2 cores; random weights score about 10%):
     python probe.py --ckpt checkpoints/mae_tiny_digits.pth --data jittered-digits
     python probe.py --ckpt checkpoints/mae_tiny_digits.pth --shots 1,2,5
 Several GPUs, ImageNet, ViT-L/16 (MIM-Refiner reports 77.5% -> 82.8% linear, 14.3% -> 57.8% 1-shot):
-    torchrun --nproc_per_node=8 probe.py --ckpt refined/last.pt --data /imagenet --augment
-    torchrun --nproc_per_node=8 probe.py --ckpt refined/last.pt --data /imagenet --shots 1,2,5 --percent 1
+    torchrun --nproc_per_node=8 probe.py --ckpt refined/encoder.pth --data /imagenet --augment
+    torchrun --nproc_per_node=8 probe.py --ckpt refined/encoder.pth --data /imagenet --shots 1,2,5
 """
+import dataclasses
 import math
-import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, build_dataset, cli, extract_features, opt,
-                    parse_blocks, setup_distributed)
-from common import FeatureSettings, get_features, load_model, parse_ints, report, select_blocks
+from common import build_dataset, cli, extract_features, opt, parse_blocks, setup_distributed
+from common import FeatureSettings, get_features, load_model, report, select_blocks
+from labelled import lowshot, train_transform
 from model import UserError
 
 LR_GRID = "1e-4,2e-4,5e-4,1e-3,2e-3,5e-3,0.01,0.02,0.05,0.1,0.2,0.3,0.5"  # MIM-Refiner's grid
+MODES = {"augment": "RandomResizedCrop + flip views re-embedded every epoch, the papers' protocol",
+         "features-once": "train features extracted once, no augmentation"}
 
 
 @dataclass
@@ -41,7 +48,11 @@ class Settings(FeatureSettings):
     lrs: str = opt(LR_GRID, "linear-probe base learning rates, all trained together")
     warmup: float = opt(0.1, "linear lr warm-up: < 1 a fraction of the probe steps, >= 1 epochs")
     optimizer: str = opt("sgd", "sgd (MIM-Refiner) or lars (MAE); momentum 0.9, no weight decay, either")
-    augment: bool = opt(False, "re-embed the train images every epoch with RandomResizedCrop + flip")
+    augment: bool = opt(False, "re-embed the train images every epoch with RandomResizedCrop + flip (the "
+                               "papers' mode, 'augment'); default: features extracted once ('features-once')")
+    search: str = opt("grid", "grid: MIM-Refiner's search, the --lrs x {--feature, it + the mean patch "
+                              "token} x {top block of --blocks, its last 4 concatenated} (52 probes); lr: "
+                              "the --lrs alone on each of --blocks (or --concat) with --feature")
     shots: str = opt("", "low-shot: images per class, e.g. 1,2,5 (replaces the linear probe)")
     percent: float = opt(0.0, "low-shot: percent of the train images of every class, e.g. 1")
     splits: int = opt(3, "low-shot: seeded random draws of the labelled images (seeds 0..splits-1)")
@@ -131,122 +142,106 @@ def linear_probe(x, y, val_x, val_y, lrs, epochs=50, batch=1024, warmup=0.1, see
     return trainer.accuracy(val_x, val_y)
 
 
-def train_transform(img_size: int):
-    """The probe's train augmentation (MAE, MIM-Refiner): RandomResizedCrop (bicubic) + flip."""
-    from torchvision import transforms as T  # here: its import costs seconds that only --augment needs
-    return T.Compose([T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+class Columns:
+    """Rows of several (N, D_i) feature tensors side by side, joined a batch at a time: the grid's
+    concatenated feature sets without a copy of the whole train set."""
+
+    def __init__(self, parts):
+        self.parts, self.dim, self.device = parts, sum(p.shape[1] for p in parts), parts[0].device
+
+    def __len__(self):
+        return len(self.parts[0])
+
+    def __getitem__(self, rows):
+        return torch.cat([p[rows] for p in self.parts], dim=1)
 
 
-def draw_split(labels, seed: int, shots: int = 0, percent: float = 0.0) -> np.ndarray:
-    """Sorted indices of a labelled subset: exactly `shots` images of every class, or `percent`%
-    of every class's images (at least one); the same draw for the same seed."""
-    labels, rng, out = np.asarray(labels), np.random.default_rng(seed), []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        n = shots or max(1, round(len(idx) * percent / 100))
-        if n > len(idx):
-            raise UserError(f"class {c} has only {len(idx)} train images, fewer than --shots {n}")
-        out.append(rng.choice(idx, n, replace=False))
-    return np.sort(np.concatenate(out))
+def feature_sets(f: dict, feature: str, grid: bool) -> dict:
+    """What the probes read, {(block, feature): Columns}. `--search lr`: each entry of f as it is.
+    The grid (docs/METHOD.md §11): the top block of f and its top (up to) 4 blocks concatenated, each
+    as F alone and, when f holds 'F+mean' features ((N, 2D), F first), as F with the mean patch token."""
+    if not grid:
+        return {(b, feature): Columns([t]) for b, t in f.items()}
+    blocks, base = sorted(f)[-4:], feature.removesuffix("+mean")
+    sets = {}
+    for name, bs in [(blocks[-1], blocks[-1:])] + ([("+".join(map(str, blocks)), blocks)] if blocks[1:] else []):
+        sets[name, base] = Columns([f[b][:, :f[b].shape[1] // 2] if base != feature else f[b] for b in bs])
+        if base != feature:
+            sets[name, feature] = Columns([f[b] for b in bs])
+    return sets
 
 
-def read_split_file(path: str, n: int, samples=None, root: str = "") -> np.ndarray:
-    """Indices of the train images in an MSN/SimCLRv2 split file: one file name or path a line
-    (n01440764_10026.JPEG); a bare number is an index (for jittered-digits)."""
-    if not os.path.isfile(path):
-        raise UserError(f"split file {path!r} does not exist; give a file with one image per line")
-    index = {}  # file name and path under train/ -> index
-    for i, (p, _) in enumerate(samples or []):
-        index[os.path.basename(p)] = index[os.path.relpath(p, root)] = i
-    with open(path) as f:
-        lines = [ln.strip() for ln in f if ln.strip()]
-    out = [index.get(ln, index.get(os.path.basename(ln), int(ln) if ln.isdigit() else -1)) for ln in lines]
-    if bad := [ln for ln, i in zip(lines, out) if not 0 <= i < n]:  # neither a train image nor an index
-        raise UserError(f"split file {path!r}: {bad[0]!r} is not a train image of --data; "
-                        f"give file names of its train/ folder (or indices)")
-    return np.array(sorted(set(out)))
-
-
-def lowshot_accuracy(train_x, train_y, val_x, val_y) -> float:
-    """Eq. (22) of docs/METHOD.md: the low-shot classifier, logistic regression with L2 penalty
-    lambda = 2.5e-4 / N (scikit-learn C = 1 / (lambda N) = 4000), no intercept, on features centred
-    with the train mean, L2-normalised."""
-    from sklearn.linear_model import LogisticRegression
-    mean = train_x.mean(0)
-    prep = lambda x: F.normalize(x.double() - mean.double(), dim=1).numpy()  # noqa: E731
-    clf = LogisticRegression(C=4000, fit_intercept=False, max_iter=1000)
-    clf.fit(prep(train_x), train_y.numpy())
-    return float((clf.predict(prep(val_x)) == val_y.numpy()).mean())
-
-
-def lowshot(cfg, feats) -> list:
-    y, records = feats["train_labels"], []
-    draws = [("shots", s, seed, draw_split(y, seed, shots=s))
-             for s in (parse_ints(cfg.shots, "--shots") if cfg.shots else []) for seed in range(cfg.splits)]
-    draws += [("percent", cfg.percent, seed, draw_split(y, seed, percent=cfg.percent))
-              for seed in range(cfg.splits) if cfg.percent > 0]
-    if cfg.split_file:  # the image paths of an ImageFolder (not of the feature file)
-        ds = None if cfg.data == "jittered-digits" else build_dataset(cfg.data, "train")
-        draws.append(("split_file", cfg.split_file, 0, read_split_file(
-            cfg.split_file, len(y), getattr(ds, "samples", None), getattr(ds, "root", ""))))
-    for b in feats["blocks"]:
-        x, vx = feats["train_features"][b], feats["val_features"][b]
-        runs = {}
-        for kind, value, seed, idx in draws:  # a record names its setting: shots, percent or split_file
-            top1 = lowshot_accuracy(x[idx], y[idx], vx, feats["val_labels"])
-            setting = {"block": b, "feature": cfg.feature, "shots": None, "percent": None,
-                       "split_file": None, kind: value}
-            runs.setdefault(kind + str(value), (setting, []))[1].append(top1)
-            records.append({**setting, "split": seed, "images": len(idx), "top1": top1})
-        for setting, accs in runs.values():
-            if len(accs) > 1:  # the reported number: mean over the draws
-                records.append({**setting, "split": "mean", "top1": float(np.mean(accs)),
-                                "top1_std": float(np.std(accs))})
-    return records
-
-
-def linear(cfg, d, feats, vit=None, aug_ds=None) -> list:
-    lrs = [float(v) for v in cfg.lrs.split(",")]
+def linear(cfg, d, feats, vit=None, aug_ds=None, grid=False) -> list:
+    """Every probe of the search trained together, one pass over the (re-embedded) train set per epoch;
+    one record per probe, `best` marking the best of the grid (--search lr: of each feature set)."""
+    lrs, feature = [float(v) for v in cfg.lrs.split(",")], feats.get("feature") or cfg.feature
     y, vy = feats["train_labels"].to(d.device), feats["val_labels"].to(d.device)
-    num_classes = int(max(y.max(), vy.max())) + 1
-    n, batch, blocks = len(y), min(cfg.probe_batch_size, len(y)), feats["blocks"]  # batch <= n
-    trainers = {b: GridTrainer(feats["val_features"][b].shape[1], num_classes, lrs, batch, cfg.epochs,
-                               n, cfg.warmup, cfg.seed, d.device, cfg.optimizer == "lars") for b in blocks}
+    num_classes, mode = int(max(y.max(), vy.max())) + 1, "augment" if cfg.augment else "features-once"
+    val = feature_sets({b: t.to(d.device) for b, t in feats["val_features"].items()}, feature, grid)
+    n, batch = len(y), min(cfg.probe_batch_size, len(y))  # batch <= n
+    trainers = {k: GridTrainer(s.dim, num_classes, lrs, batch, cfg.epochs, n, cfg.warmup, cfg.seed, d.device,
+                               cfg.optimizer == "lars") for k, s in val.items()}
     ints = parse_blocks(cfg.blocks, vit.depth) if aug_ds is not None else None
+    train = {b: t.to(d.device) for b, t in feats.get("train_features", {}).items()}
     for epoch in range(cfg.epochs):
-        train = feats.get("train_features")
         if aug_ds is not None:  # the frozen encoder embeds a new random crop of every image
             f, _ = extract_features(vit, aug_ds, ints, cfg.feature, cfg.batch_size, d.device,
                                     cfg.workers, desc=f"epoch {epoch + 1}/{cfg.epochs}")
-            train = select_blocks(f, ints, cfg.concat)
-        for b in blocks:
-            trainers[b].train_epoch(train[b].to(d.device), y)
+            train = {b: t.to(d.device) for b, t in select_blocks(f, ints, cfg.concat).items()}
+        sets = feature_sets({b: train[b] for b in feats["val_features"]}, feature, grid)
+        for k, trainer in trainers.items():
+            trainer.train_epoch(sets[k], y)
     records = []
-    for b in blocks:  # one record per lr; `best` marks the best of the grid, the reported number
-        accs = trainers[b].accuracy(feats["val_features"][b].to(d.device), vy)
-        best = int(np.argmax(accs))
-        records += [{"block": b, "feature": cfg.feature, "lr": lr, "top1": a, "best": i == best}
-                    for i, (lr, a) in enumerate(zip(lrs, accs))]
+    for (b, feat), trainer in trainers.items():
+        records += [{"block": b, "feature": feat, "lr": lr, "top1": a, "mode": mode, "best": False}
+                    for lr, a in zip(lrs, trainer.accuracy(val[b, feat], vy))]
+    for part in ([records] if grid else [records[i:i + len(lrs)] for i in range(0, len(records), len(lrs))]):
+        max(part, key=lambda r: r["top1"])["best"] = True  # the first of equals
     return records
+
+
+def grid_settings(cfg, vit):
+    """The extraction behind the grid: the top block of --blocks and the 3 below it, each as --feature
+    with the mean patch token ('F+mean'); from a feature file, its blocks up to that top one."""
+    if cfg.concat:
+        raise UserError("--concat belongs to --search lr; the grid concatenates the last 4 blocks itself")
+    if cfg.load_features:
+        return dataclasses.replace(cfg, blocks="all")
+    top = parse_blocks(cfg.blocks, vit.depth)[-1]
+    return dataclasses.replace(cfg, blocks=f"{max(1, top - 3)}-{top}",
+                               feature=cfg.feature if cfg.feature.endswith("mean") else cfg.feature + "+mean")
 
 
 def main(cfg: Settings) -> dict:
     if cfg.epochs < 1 or cfg.probe_batch_size < 1 or cfg.splits < 1 or cfg.optimizer not in ("sgd", "lars"):
         raise UserError("--epochs, --probe-batch-size and --splits must be positive, --optimizer sgd or lars")
+    if cfg.search not in ("grid", "lr"):
+        raise UserError(f"unknown --search {cfg.search!r}; use grid (MIM-Refiner's 52 probes) or lr")
     low = bool(cfg.shots or cfg.percent > 0 or cfg.split_file)
     if cfg.augment and (low or cfg.load_features):
         raise UserError("--augment re-embeds images every epoch: it needs --ckpt, not --load-features, "
                         "and the linear probe, not --shots/--percent/--split-file")
-    d = setup_distributed(cfg.device)
-    vit = load_model(cfg) if cfg.augment else None  # --augment: train features re-embedded every epoch
-    aug_ds = build_dataset(cfg.data, "train", train_transform(vit.img_size)) if vit else None
-    feats = get_features(cfg, d, ("val",) if cfg.augment else ("train", "val"), vit=vit)
+    d, grid = setup_distributed(cfg.device), cfg.search == "grid" and not low
+    vit = load_model(cfg) if cfg.augment or grid and not cfg.load_features else None
+    ecfg = grid_settings(cfg, vit) if grid else cfg  # what is extracted (and re-embedded under --augment)
+    aug_ds = build_dataset(cfg.data, "train", train_transform(vit.img_size)) if cfg.augment else None
+    feats = get_features(ecfg, d, ("val",) if cfg.augment else ("train", "val"), vit=vit)
     feats.setdefault("train_labels", torch.as_tensor(getattr(aug_ds, "targets", [])))  # (N,) --augment
     if low:  # rank 0 alone fits the classifiers
         return report(cfg, d, lowshot(cfg, feats) if d.main else [], "low-shot logistic regression top-1")
+    if grid and cfg.load_features:  # the file's blocks up to the top one of --blocks
+        ints = [b for b in feats["blocks"] if isinstance(b, int)]
+        top = parse_blocks(cfg.blocks, max(ints))[-1] if ints else feats["blocks"][-1]
+        feats["val_features"] = {b: t for b, t in feats["val_features"].items() if b == top or
+                                 b in ints and top - 3 <= b < top}
     # every rank trains the same probes on the same features (cheap); rank 0 reports
-    return report(cfg, d, linear(cfg, d, feats, vit, aug_ds), f"linear probe top-1, {cfg.epochs} epochs")
+    records = linear(ecfg, d, feats, vit, aug_ds, grid)
+    mode = records[0]["mode"]
+    what = f"MIM-Refiner's grid, {len(records)} probes" if grid else f"{len(cfg.lrs.split(','))} lrs per feature set"
+    result = report(cfg, d, records, f"linear probe top-1, {what}, {cfg.epochs} epochs, {mode} ({MODES[mode]})")
+    for w in (r for r in records if r["best"] and d.main):  # the reported number(s)
+        print(f"best: block {w['block']}, {w['feature']}, lr {w['lr']:g}: top-1 {w['top1']:.4f} ({mode})")
+    return result
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Settings left at 0, -1 or '' follow the encoder's size (the papers' recipes; our
 CPU, the embedded default (~5 min each on a busy core; the loss falls, k-NN stays near chance: README):
     python refine.py --out runs/mim-refiner
     torchrun --standalone --nproc_per_node=2 refine.py --method mae-ct --device cpu --out runs/mae-ct
-ImageNet on 8 GPUs (MAE ViT-L/16: k-NN 60.6 -> 81.5 with MIM-Refiner, -> 78.0 with MAE-CT):
+ImageNet on 8 GPUs (k-NN from public MAEs: MIM-Refiner ViT-L/16 60.6 -> 81.5; MAE-CT ViT-H/14 58.9 -> 79.1):
     torchrun --nproc_per_node=8 refine.py --ckpt mae_pretrain_vit_large.pth --data /imagenet --out runs/l16
 """
 import copy
@@ -89,6 +89,8 @@ class Settings:
     device: str = opt("auto", "auto, cpu or cuda")
     compile: bool = opt(False, "torch.compile the model")
     grad_checkpointing: bool = opt(False, "recompute block activations in the backward pass (less memory)")
+    pairing: str = opt("intended", "MIM-Refiner's view pairs: intended (each global view with every other view, "
+                                   "Eq. (9)) or official (the public code's terms, Eq. (9'); 22 for 10 locals)")
 
 
 # docs/METHOD.md §8 by (encoder size, method): global batch, phase 2 epochs, temperature. The size is read
@@ -148,7 +150,7 @@ def recipe(cfg: Settings, vit, world: int, n_train: int) -> dict:
 def resolve(cfg: Settings, vit, world: int, n_train: int) -> Settings:
     """Settings left at their 'by scale' default take the recipe's value; then checks."""
     for name, allowed in (("method", ("mim-refiner", "mae-ct")), ("views", ("", "multicrop", "crop-flip")),
-                          ("feature", ("cls", "mean"))):
+                          ("feature", ("cls", "mean")), ("pairing", ("intended", "official"))):
         if getattr(cfg, name) not in allowed:
             raise UserError(f"unknown --{name} {getattr(cfg, name)!r}; use one of {allowed[-2:]}")
     default = {f.name: f.default for f in dataclasses.fields(Settings)}
@@ -187,17 +189,18 @@ def epoch_keys(data: Views, cfg, d, epoch: int, skip: int) -> list:
 # --- Model, optimiser, objectives ---
 
 class Refiner(nn.Module):
-    """What trains, one module for DDP: the encoder and one contrastive head per chosen block."""
+    """What trains, one module for DDP: the encoder and one contrastive head per chosen block. per_view
+    (MAE-CT): each view through the heads alone, BatchNorm statistics of one view (MIM-Refiner: all)."""
 
-    def __init__(self, vit, blocks, feature: str, **head_kwargs):
+    def __init__(self, vit, blocks, feature: str, per_view: bool = False, **head_kwargs):
         super().__init__()
-        self.vit, self.blocks, self.feature = vit, blocks, feature
+        self.vit, self.blocks, self.feature, self.per_view = vit, blocks, feature, per_view
         self.heads = nn.ModuleDict({str(b): model.ContrastiveHead(vit.dim, **head_kwargs) for b in blocks})
 
     def forward(self, views):
         """Eq. (4) of docs/METHOD.md: views [(B, C, H, W)], global first -> features {block: (V*B, D)},
-        {block: (z, p)} each (V*B, d), views in order. Views of one resolution run together (local:
-        interpolated positions)."""
+        {block: (z, p)} each (V*B, d), views in order. Views of one resolution run together through the
+        encoder (local: interpolated positions); through the heads, see per_view."""
         h = {b: [] for b in self.blocks}
         for _, same in itertools.groupby(views, key=lambda v: v.shape):
             x = torch.cat(list(same))  # (n*B, C, H, W)
@@ -205,8 +208,8 @@ class Refiner(nn.Module):
                 if b == self.vit.depth:  # the last block's head reads the final-normed output
                     t = self.vit.final_norm(t)
                 h[b].append(t[:, 0] if self.feature == "cls" else t[:, 1:].mean(1))  # (n*B, D)
-        h = {b: torch.cat(f) for b, f in h.items()}
-        return h, {b: self.heads[str(b)](h[b]) for b in self.blocks}
+        h, n = {b: torch.cat(f) for b, f in h.items()}, len(views) if self.per_view else 1  # n row blocks
+        return h, {b: tuple(map(torch.cat, zip(*map(self.heads[str(b)], h[b].chunk(n))))) for b in self.blocks}
 
 
 def set_trainable(refiner: Refiner, phase: int, freeze_blocks: int):
@@ -247,12 +250,15 @@ def param_groups(refiner: Refiner, cfg) -> list:
     return list(groups.values())
 
 
-def mim_refiner_loss(z, nns, p_all, tau: float, offset: int):
+def mim_refiner_loss(z, nns, p_all, tau: float, offset: int, pairing: str = "intended"):
     """Eq. (9) of docs/METHOD.md: the MIM-Refiner objective, NNA for every pair (anchor = global view i,
     prediction = view v), v != i, over all 2 + V views; the mean of the 2 * (1 + V) terms. z, nns: this rank's
-    projections and neighbours per view [(B, d)]; p_all: each view's predictions of all ranks [(W*B, d)]."""
-    terms = [model.nna_loss(z[i], nns[i], p_all[v], tau, offset)
-             for i in range(2) for v in range(len(p_all)) if v != i]
+    projections and neighbours per view [(B, d)]; p_all: each view's predictions of all ranks [(W*B, d)].
+    pairing="official", Eq. (9'): the public code's, cross-global pairs, then each anchor with views 0..V-1."""
+    v = len(p_all)
+    pairs = ([(i, 1 - i) for i in range(2)] + [(i, j) for i in range(2) for j in range(v - 2)] if pairing == "official"
+             else [(i, j) for i in range(2) for j in range(v) if j != i])
+    terms = [model.nna_loss(z[i], nns[i], p_all[j], tau, offset) for i, j in pairs]
     return sum(terms) / len(terms)
 
 
@@ -270,7 +276,7 @@ def ema_update(ema: nn.Module, online: nn.Module, momentum: float):
 
 
 def heads_loss(net, views, idx, queues, targets, mim: bool, phase: int, k: int, tau: float, offset: int, gen,
-               neighbours: bool = True):
+               neighbours: bool = True, pairing: str = "intended"):
     """One step's loss: Eq. (9) (MIM-Refiner) or Eq. (11) (MAE-CT) per head, summed over the heads,
     with neighbours drawn from each head's queue by `gen` (neighbours=False, the control: each anchor
     is its own positive); and per head the projections of the first
@@ -278,14 +284,14 @@ def heads_loss(net, views, idx, queues, targets, mim: bool, phase: int, k: int, 
     loss, first_view = 0.0, {}
     h, zp = net(views)  # h {block: (V*B, D)}, zp {block: (z, p)} each (V*B, d)
     for b, (z, p) in zp.items():
-        if not mim and phase == 1:  # MAE-CT's refinement: the EMA projector's projections
+        if not mim and phase == 1:  # MAE-CT's refinement: the EMA projector's projections, view by view
             with torch.no_grad():
-                z = targets[str(b)](h[b].detach())
+                z = torch.cat([targets[str(b)](x) for x in h[b].detach().chunk(len(views))])
         z = z.detach().float().chunk(len(views))  # per view (B, d)
         p_all = [common.all_gather(pv, grad=True) for pv in p.chunk(len(views))]  # [(W*B, d)]
         nns = [queues[str(b)].lookup(z[i], idx, k, gen) if neighbours else z[i]
                for i in range(2)]  # (B, d) each
-        loss = loss + (mim_refiner_loss(z, nns, p_all, tau, offset) if mim
+        loss = loss + (mim_refiner_loss(z, nns, p_all, tau, offset, pairing) if mim
                        else mae_ct_loss(nns, p_all, tau, offset))  # heads summed
         first_view[b] = z[0]
     return loss, first_view
@@ -293,14 +299,14 @@ def heads_loss(net, views, idx, queues, targets, mim: bool, phase: int, k: int, 
 
 def after_step(queues, first_view, idx, ema, targets, refiner: Refiner, cfg, phase: int):
     """What follows each optimizer step: every head's queue gets every rank's first global view
-    (Eq. (7)); from the second phase on (phase == 1) the EMA encoder follows the encoder, and MAE-CT's
-    target projectors always follow theirs (Eq. (12))."""
+    (Eq. (7)); in the second phase (phase == 1) the EMA encoder follows the encoder, and MAE-CT's
+    target projectors follow theirs (Eq. (12)), from the copies start_phase made."""
     for b, queue in queues.items():  # (W*B, d) and the dataset indices (W*B,)
         queue.enqueue(common.all_gather(first_view[int(b)]), common.all_gather(idx))
     if phase == 1:  # the warm-up leaves the encoder untouched, so its EMA stays equal
         ema_update(ema, refiner.vit, cfg.ema_momentum)
-    for b, target in targets.items():
-        ema_update(target, refiner.heads[b].projector, cfg.target_momentum)
+        for b, target in targets.items():
+            ema_update(target, refiner.heads[b].projector, cfg.target_momentum)
 
 
 def check_same_settings(ck: dict, cfg, world: int, last: str):
@@ -313,10 +319,14 @@ def check_same_settings(ck: dict, cfg, world: int, last: str):
                         f"rerun with the same flags or give a new --out")
 
 
-def start_phase(refiner: Refiner, cfg, phase: int, d, peak: float, ck):
+def start_phase(refiner: Refiner, cfg, phase: int, d, peak: float, ck, targets):
     """What trains in `phase`, wrapped for DDP (rebuilt per phase, as what trains changes), and a new
-    AdamW; resuming inside this phase, with the optimizer state of the checkpoint `ck`."""
+    AdamW; resuming inside this phase, with the optimizer state of the checkpoint `ck`. As the second
+    phase starts (not resumes), MAE-CT's target projectors become exact copies of the projectors."""
     set_trainable(refiner, phase, cfg.freeze_blocks)
+    if phase == 1 and not (ck and ck["phase"] == 1):
+        for b, target in targets.items():  # weights and BatchNorm statistics
+            target.load_state_dict(refiner.heads[b].projector.state_dict())
     gc.collect()  # the last phase's DDP wrapper, dropped by the caller, drops its gradient hooks
     net = refiner if d.world == 1 else DDP(refiner, [d.device] if d.device.type == "cuda" else None)
     optim = torch.optim.AdamW(param_groups(refiner, cfg), lr=peak, betas=(0.9, 0.95))
@@ -346,7 +356,7 @@ def main(cfg: Settings) -> dict:
     data, keys = Views(data, make_views(cfg), cfg.seed), common.EpochKeys()  # one loader: workers persist
     loader = DataLoader(data, cfg.batch_size, sampler=keys, drop_last=True, generator=torch.Generator(),
                         **common.loader_kwargs(d.device, cfg.workers))
-    refiner = Refiner(vit, blocks, cfg.feature, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
+    refiner = Refiner(vit, blocks, cfg.feature, not mim, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
                       pred_hidden=cfg.pred_hidden, act="gelu" if mim else "relu", predictor_bn=mim)
     queues = nn.ModuleDict({str(b): model.NNQueue(cfg.queue_size, cfg.proj_dim) for b in blocks})
     # MAE-CT looks up and enqueues with an EMA copy of the projector in phase 2 (docs/METHOD.md §6)
@@ -396,7 +406,7 @@ def main(cfg: Settings) -> dict:
             first, steps, peak, tau, k, ep = phases[phase]
             warm = min(steps, round((cfg.warmup if cfg.warmup >= 1 else cfg.warmup * ep) * spe))
             net = None  # the last phase's wrapper goes before the next is built
-            net, optim = start_phase(refiner, cfg, phase, d, peak, ck)
+            net, optim = start_phase(refiner, cfg, phase, d, peak, ck, targets)
             ck = None
         keys.keys = epoch_keys(data, cfg, d, epoch, step - epoch * spe)
         for views, idx in loader:
@@ -408,7 +418,7 @@ def main(cfg: Settings) -> dict:
             offset = d.rank * cfg.batch_size  # row j's positive: column offset + j
             with autocast:
                 loss, first_view = heads_loss(net, views, idx, queues, targets, mim, phase, k, tau, offset, gen,
-                                              cfg.neighbours)
+                                              cfg.neighbours, cfg.pairing)
             optim.zero_grad(set_to_none=True)
             loss.backward()  # queued before the one host sync of the step, the loss check below
             loss_value = common.all_gather(loss.detach()[None]).mean().item()  # the same on every rank

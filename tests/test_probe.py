@@ -1,11 +1,16 @@
-"""probe.py: the stacked lr grid against torch.optim.SGD one lr at a time, a separable problem,
-low-shot draws and split files, the logistic regression, and the script end to end."""
+"""probe.py: the stacked lr grid against torch.optim.SGD one lr at a time, a separable problem, the
+feature sets of MIM-Refiner's 52-probe search, low-shot draws and split files (labelled.py), the
+logistic regression, and the script end to end."""
+import json
+
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
+import labelled
 import probe
 from model import UserError
 from test_knn import make_checkpoint, make_image_folder, settings
@@ -96,14 +101,14 @@ def test_lr_schedule_warmup_then_cosine():
 def test_draw_split_exact_shots_and_deterministic():
     labels = np.repeat(np.arange(5), [7, 3, 9, 4, 5])
     for shots in (1, 2, 3):
-        idx = probe.draw_split(labels, seed=0, shots=shots)
+        idx = labelled.draw_split(labels, seed=0, shots=shots)
         assert np.all(np.bincount(labels[idx], minlength=5) == shots) and len(set(idx)) == len(idx)
-        assert np.array_equal(idx, probe.draw_split(labels, seed=0, shots=shots))
-    assert not np.array_equal(probe.draw_split(labels, 0, shots=2), probe.draw_split(labels, 1, shots=2))
-    pct = probe.draw_split(labels, seed=0, percent=50)  # half of every class, at least one
+        assert np.array_equal(idx, labelled.draw_split(labels, seed=0, shots=shots))
+    assert not np.array_equal(labelled.draw_split(labels, 0, shots=2), labelled.draw_split(labels, 1, shots=2))
+    pct = labelled.draw_split(labels, seed=0, percent=50)  # half of every class, at least one
     assert np.bincount(labels[pct]).tolist() == [4, 2, 4, 2, 2]
     with pytest.raises(UserError, match="fewer"):
-        probe.draw_split(labels, 0, shots=4)
+        labelled.draw_split(labels, 0, shots=4)
 
 
 def test_read_split_file(tmp_path):
@@ -111,42 +116,100 @@ def test_read_split_file(tmp_path):
     from torchvision import datasets
     ds = datasets.ImageFolder(f"{data}/train")
     (tmp_path / "s.txt").write_text("a_0.png\nb/b_1.png\n\n/some/where/c/c_2.png\n")
-    idx = probe.read_split_file(str(tmp_path / "s.txt"), len(ds), ds.samples, ds.root)
+    idx = labelled.read_split_file(str(tmp_path / "s.txt"), len(ds), ds.samples, ds.root)
     assert [ds.samples[i][0].split("/")[-1] for i in idx] == ["a_0.png", "b_1.png", "c_2.png"]
     (tmp_path / "n.txt").write_text("0\n4\n")  # indices, for data sets without files
-    assert probe.read_split_file(str(tmp_path / "n.txt"), 9).tolist() == [0, 4]
+    assert labelled.read_split_file(str(tmp_path / "n.txt"), 9).tolist() == [0, 4]
     (tmp_path / "bad.txt").write_text("zzz.png\n")
     with pytest.raises(UserError, match="zzz.png"):
-        probe.read_split_file(str(tmp_path / "bad.txt"), len(ds), ds.samples, ds.root)
+        labelled.read_split_file(str(tmp_path / "bad.txt"), len(ds), ds.samples, ds.root)
 
 
 def test_lowshot_accuracy_preprocessing_and_reference():
+    """Each train row centred on its own mean and L2-normalised (cyanure, columns=False), validation
+    rows as they are: scikit-learn on the same arrays gives the same accuracy."""
     from sklearn.linear_model import LogisticRegression
     x, y = blobs(40, dim=8, classes=4, spread=2.0, seed=3)
     vx, vy = blobs(60, dim=8, classes=4, spread=2.0, seed=3, noise_seed=4)
     xn, vn = x.double().numpy(), vx.double().numpy()
-    mean = xn.mean(0)
-    prep = lambda a: (a - mean) / np.linalg.norm(a - mean, axis=1, keepdims=True)  # noqa: E731
-    clf = LogisticRegression(C=4000, fit_intercept=False, max_iter=1000).fit(prep(xn), y.numpy())
-    want = (clf.predict(prep(vn)) == vy.numpy()).mean()
-    assert probe.lowshot_accuracy(x, y, vx, vy) == pytest.approx(want)
+    rows = xn - xn.mean(1, keepdims=True)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    clf = LogisticRegression(C=4000, fit_intercept=False, max_iter=1000).fit(rows, y.numpy())
+    assert labelled.lowshot_accuracy(x, y, vx, vy) == pytest.approx((clf.predict(vn) == vy.numpy()).mean())
+
+
+def test_lowshot_row_centring_differs_from_the_labelled_mean():
+    """A known answer. Train rows a = (1, 0, 0) (class 0) and b = (0, 1, 3) (class 1). Row centring maps
+    them to a' ~ (2, -1, -1) and b' ~ (-4, -1, 5); the symmetric two-sample logistic regression scores
+    class 0 against class 1 by v . (a'/|a'| - b'/|b'|) ~ v . (1.43, -0.25, -1.18), so v = (0, 0, 1)
+    is class 1. Centring with the labelled mean (0.5, 0.5, 1.5) instead gives the direction (1, -1, -3)
+    with offset 4.5, and v = (0, 0, 1) would be class 0."""
+    x, y = torch.tensor([[1.0, 0, 0], [0, 1, 3]]), torch.tensor([0, 1])
+    vx, vy = torch.tensor([[0.0, 0, 1], [2, 0, 1], [0, 2, 0]]), torch.tensor([1, 0, 1])
+    assert labelled.lowshot_accuracy(x, y, vx, vy) == 1.0
+    assert labelled.lowshot_accuracy(x, y, vx[:1], torch.tensor([0])) == 0.0  # not the labelled-mean answer
 
 
 def test_main_linear_lowshot_augment(tmp_path):
     data = make_image_folder(tmp_path / "d", per_class=(4, 2))
     ckpt = str(tmp_path / "e.pth")
     make_checkpoint(ckpt, depth=2)
-    res = probe.main(settings(probe.Settings, ckpt=ckpt, data=data, epochs=3, lrs="0.01,0.1",
+    res = probe.main(settings(probe.Settings, ckpt=ckpt, data=data, epochs=3, lrs="0.01,0.1", search="lr",
                               save_features=str(tmp_path / "f.pt")))["results"]
     assert [r["lr"] for r in res] == [0.01, 0.1] and sum(r["best"] for r in res) == 1
+    assert {r["mode"] for r in res} == {"features-once"}
     feats = str(tmp_path / "f.pt")
-    again = probe.main(settings(probe.Settings, load_features=feats, epochs=3, lrs="0.01,0.1"))
+    again = probe.main(settings(probe.Settings, load_features=feats, epochs=3, lrs="0.01,0.1", search="lr"))
     assert again["results"] == res
     low = probe.main(settings(probe.Settings, load_features=feats, shots="1,2", splits=2))["results"]
     assert [(r["shots"], r["split"]) for r in low] == [(1, 0), (1, 1), (2, 0), (2, 1), (1, "mean"),
                                                        (2, "mean")]
     assert low[4]["top1"] == pytest.approx((low[0]["top1"] + low[1]["top1"]) / 2)
     aug = probe.main(settings(probe.Settings, ckpt=ckpt, data=data, epochs=2, lrs="0.1", augment=True))
-    assert len(aug["results"]) == 1 and 0 <= aug["results"][0]["top1"] <= 1
+    assert [(r["block"], r["feature"], r["mode"]) for r in aug["results"]] == [
+        (2, "cls", "augment"), (2, "cls+mean", "augment"), ("1+2", "cls", "augment"), ("1+2", "cls+mean", "augment")]
+    # a feature file of CLS tokens alone (knn.py's, as demo.py shares it): the part of the grid it allows
+    every = str(tmp_path / "all.pt")
+    probe.main(settings(probe.Settings, ckpt=ckpt, data=data, blocks="all", search="lr", lrs="0.1", epochs=1,
+                        save_features=every))
+    part = probe.main(settings(probe.Settings, load_features=every, epochs=2, lrs="0.01,0.1"))["results"]
+    assert [(r["block"], r["feature"]) for r in part[::2]] == [(2, "cls"), ("1+2", "cls")]
     with pytest.raises(UserError, match="--augment"):
         probe.main(settings(probe.Settings, load_features=feats, augment=True))
+    with pytest.raises(UserError, match="--search lr"):
+        probe.main(settings(probe.Settings, load_features=feats, concat=True))
+
+
+def test_grid_feature_sets():
+    """The grid reads the top block and the top 4 concatenated, each as CLS and as CLS + mean patch
+    token, from 'cls+mean' features (N, 2D) (CLS first), without copying the train set."""
+    f = {b: torch.randn(5, 6) for b in (2, 3, 4, 5)}  # D = 3
+    sets = probe.feature_sets(f, "cls+mean", grid=True)
+    assert list(sets) == [(5, "cls"), (5, "cls+mean"), ("2+3+4+5", "cls"), ("2+3+4+5", "cls+mean")]
+    assert [s.dim for s in sets.values()] == [3, 6, 12, 24]
+    torch.testing.assert_close(sets["2+3+4+5", "cls"][1:3], torch.cat([f[b][1:3, :3] for b in (2, 3, 4, 5)], 1))
+    torch.testing.assert_close(sets[5, "cls+mean"][torch.tensor([4, 0])], f[5][[4, 0]])
+    assert list(probe.feature_sets(f, "cls", grid=False)) == [(b, "cls") for b in (2, 3, 4, 5)]
+
+
+def test_default_search_is_mim_refiners_52_probes(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "d", per_class=(4, 2))
+    ckpt, feats, out = str(tmp_path / "e.pth"), str(tmp_path / "f.pt"), str(tmp_path / "r.json")
+    vit = make_checkpoint(ckpt, depth=5)
+    res = probe.main(settings(probe.Settings, ckpt=ckpt, data=data, epochs=1, save_features=feats, out=out))
+    recs = res["results"]
+    assert len(recs) == 52 and [r["lr"] for r in recs[:13]] == [float(v) for v in probe.LR_GRID.split(",")]
+    assert [(r["block"], r["feature"]) for r in recs[::13]] == [
+        (5, "cls"), (5, "cls+mean"), ("2+3+4+5", "cls"), ("2+3+4+5", "cls+mean")]
+    best = [r for r in recs if r["best"]]
+    assert len(best) == 1 and best[0]["top1"] == max(r["top1"] for r in recs)
+    assert json.load(open(out))["results"] == recs and {r["mode"] for r in recs} == {"features-once"}
+    text = capsys.readouterr().out
+    assert "52 probes" in text and "features-once" in text and f"best: block {best[0]['block']}" in text
+    # what was extracted: blocks 2-5, each the CLS token then the mean of the patch tokens
+    saved = torch.load(feats)["val_features"]
+    ds = common.build_dataset(data, "val", common.eval_transform(32))
+    want, _ = common.extract_features(vit, ds, [2, 5], "cls")
+    assert sorted(saved) == [2, 3, 4, 5] and saved[5].shape == (6, 64)
+    torch.testing.assert_close(saved[2][:, :32], want[2])
+    torch.testing.assert_close(saved[5][:, 32:], common.extract_features(vit, ds, [5], "mean")[0][5])

@@ -105,6 +105,27 @@ def test_views_are_a_function_of_seed_epoch_index():
     assert not torch.equal(views[0], data[1, 3][0][0])
 
 
+def test_blur_sigma_follows_the_global_side_for_every_view():
+    """BYOL's blur draws sigma from U(0.1, 2.0) px at 224 px for every view, the 96 px local crops
+    included (the papers' code); at other sizes the range scales with the global side only."""
+    from torchvision import transforms as T
+    vit = model.ViT(dim=32, depth=4, patch=4, img_size=32)
+
+    def ranges(cfg):  # (lo, hi) of the blur of each view, global views first
+        out = []
+        for view in refine.make_views(cfg):
+            for t in view.transforms:
+                for u in getattr(t, "transforms", [t]):
+                    if isinstance(u, T.Lambda):
+                        out.append((u.lambd.keywords["lo"], u.lambd.keywords["hi"]))
+        return out
+
+    cfg = refine.resolve(refine.Settings(batch_size=4, global_size=224, local_size=96, local_crops=3), vit, 1, 100)
+    assert ranges(cfg) == [(0.1, 2.0)] * 5
+    cfg = refine.resolve(refine.Settings(batch_size=4, local_crops=2), vit, 1, 100)  # 32 px globals, 16 px locals
+    assert ranges(cfg) == [(pytest.approx(0.1 * 32 / 224), pytest.approx(2.0 * 32 / 224))] * 4
+
+
 def test_uint8_views_normalised_on_the_device_equal_totensor_normalize():
     from torchvision import transforms as T
     img = refine.train_set(refine.Settings(limit_train=2))[1][0]
@@ -120,6 +141,68 @@ def test_mim_refiner_pairs_every_global_anchor_with_every_other_view(monkeypatch
     refine.mim_refiner_loss(z, z, p, 0.2, 0)
     got = sorted((next(i for i in range(2) if a is z[i]), next(v for v in range(5) if b is p[v])) for a, b in pairs)
     assert got == [(i, v) for i in range(2) for v in range(5) if v != i]  # 2 * (1 + 3) terms
+
+
+def test_official_pairing_has_the_public_codes_22_terms(tiny_ckpt, tmp_path, monkeypatch):
+    """--pairing official with 2 global + 10 local views (0, 1 global; 2-11 local), written out: each
+    cross-global pair twice, each global view with its own prediction, and locals 1-8 (views 2-9);
+    locals 9-10 (views 10, 11) get no term. The loss is the mean of the 22."""
+    pairs, value = [], {}
+    monkeypatch.setattr(model, "nna_loss", lambda z, nn_z, p, tau, offset: pairs.append((z, p)) or value[len(pairs)])
+    z, p = [torch.randn(2, 4) for _ in range(2)], [torch.randn(2, 4) for _ in range(12)]
+    value.update({i: torch.tensor(float(i * i)) for i in range(1, 23)})
+    loss = refine.mim_refiner_loss(z, z, p, 0.2, 0, "official")
+    got = [(next(i for i in range(2) if a is z[i]), next(v for v in range(12) if b is p[v])) for a, b in pairs]
+    want = [(0, 1), (1, 0),  # the global loss: each anchor with the other global view
+            (0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (0, 5), (0, 6), (0, 7), (0, 8), (0, 9),
+            (1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (1, 6), (1, 7), (1, 8), (1, 9)]
+    assert got == want and loss == pytest.approx(sum(i * i for i in range(1, 23)) / 22)
+    pairs.clear()
+    refine.mim_refiner_loss(z, z, p, 0.2, 0)  # the intended pairing: 2 x 11, every other view once
+    assert len(pairs) == 22 and {id(p[10]), id(p[11])} <= {id(b) for _, b in pairs}
+    vit = model.ViT(dim=32, depth=4, patch=4, img_size=32)
+    with pytest.raises(model.UserError, match="unknown --pairing"):
+        refine.resolve(refine.Settings(pairing="public", batch_size=4), vit, 1, 100)
+    used = []  # refine.main hands --pairing to the loss
+    monkeypatch.setattr(refine, "mim_refiner_loss", lambda *a: used.append(a[-1]) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        refine.main(settings(tiny_ckpt, tmp_path, pairing="official"))
+    assert used == ["official"]
+
+
+def test_mae_ct_heads_normalise_each_view_alone_mim_refiner_all_views(tiny_ckpt, tmp_path, monkeypatch):
+    """MAE-CT's head, and in phase 2 its EMA target projector, run once per view: each BatchNorm sees
+    one view's statistics. MIM-Refiner's heads see all views together. (Two views of different
+    statistics, so the joint statistics would give other outputs.)"""
+    torch.manual_seed(0)
+    vit = model.ViT(dim=32, depth=2, patch=4, img_size=32)
+    views = [torch.randn(4, 3, 32, 32), 3 * torch.randn(4, 3, 32, 32) + 1]
+    h = torch.cat([vit.final_norm(vit.forward_blocks(v, [2])[0])[:, 0] for v in views])  # (2B, D)
+    seen = {}
+    zero = torch.tensor(0.0)
+    monkeypatch.setattr(refine, "mae_ct_loss", lambda nns, p, *a: seen.update(z=nns, p=p) or zero)
+    monkeypatch.setattr(refine, "mim_refiner_loss", lambda z, nns, p, *a, **k: seen.update(z=z, p=p) or zero)
+    kw = dict(proj_hidden=16, proj_dim=8, pred_hidden=16)
+    for mim in (False, True):
+        net = refine.Refiner(vit, [2], "cls", not mim, act="gelu" if mim else "relu", predictor_bn=mim, **kw)
+        head = net.heads["2"]
+        targets = torch.nn.ModuleDict({"2": copy.deepcopy(head.projector)})
+        queues = torch.nn.ModuleDict({"2": model.NNQueue(16, 8)})
+        for phase in (0, 1):
+            refine.heads_loss(net, views, torch.arange(4), queues, targets, mim, phase, 1, 0.2, 0, None, False)
+            proj = targets["2"] if phase == 1 and not mim else head.projector
+            want_z = torch.cat([proj(x) for x in h.chunk(2)]) if not mim else head(h)[0]
+            want_p = torch.cat([head(x)[1] for x in h.chunk(2)]) if not mim else head(h)[1]
+            torch.testing.assert_close(torch.cat(seen["z"][:2]), want_z.detach(), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(torch.cat(seen["p"]), want_p.detach(), atol=1e-5, rtol=1e-4)
+            joint = head(h)[1] if not mim else torch.cat([head(x)[1] for x in h.chunk(2)])
+            assert not torch.allclose(torch.cat(seen["p"]), joint, atol=1e-3)
+    built = []  # refine.main builds MAE-CT's Refiner per view, MIM-Refiner's not
+    monkeypatch.setattr(refine.Refiner, "forward", lambda self, v: built.append(self.per_view) or 1 / 0)
+    for method in ("mae-ct", "mim-refiner"):
+        with pytest.raises(ZeroDivisionError):
+            refine.main(settings(tiny_ckpt, tmp_path / method, method=method, views="crop-flip", local_crops=0))
+    assert built == [True, False]
 
 
 def test_mae_ct_phases_freezing_and_resume(tiny_ckpt, tmp_path):
@@ -155,6 +238,23 @@ def test_mae_ct_phases_freezing_and_resume(tiny_ckpt, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ref.eval().forward_features(x), ours.eval()(x), atol=1e-5, rtol=1e-5)
     assert not torch.equal(ours.blocks[3].mlp.fc1.weight, original["blocks.3.mlp.fc1.weight"])
+
+
+def test_mae_ct_target_projector_is_copied_when_phase_2_starts(tiny_ckpt, tmp_path):
+    """MAE-CT's EMA target projector is not tracked during the warm-up: when the encoder starts to
+    train it becomes an exact copy of the projector, so after the first step of phase 2 it is
+    m * P + (1 - m) * P' (P, P' the projector before and after that step). Resumed there, as here."""
+    kw = dict(method="mae-ct", views="crop-flip", head_epochs=1, epochs=1, head_lr=0.05, lr=0.05,
+              target_momentum=0.9)
+    refine.main(settings(tiny_ckpt, tmp_path, max_steps=4, **kw))  # the warm-up: 4 steps
+    before = load(tmp_path)["heads"]
+    refine.main(settings(tiny_ckpt, tmp_path, max_steps=5, **kw))  # the first step of phase 2
+    after = load(tmp_path)
+    for name, t in after["targets"].items():
+        if not name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            p0, p1 = before["4.projector." + name[2:]], after["heads"]["4.projector." + name[2:]]
+            assert not torch.equal(p0, p1), name
+            torch.testing.assert_close(t, p0.lerp(p1, 0.1), atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_two_processes_equal_one(tiny_ckpt, tmp_path):

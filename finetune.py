@@ -1,0 +1,163 @@
+"""Fine-tuning on a labelled part of the train set: the papers' 1% column (docs/METHOD.md §11).
+
+MIM-Refiner (Alkin et al. 2024, arXiv 2402.10093) reports ImageNet top-1 with 1% of the labels from
+full fine-tuning, not from a classifier on frozen features: the encoder and a linear head on its
+final-normed CLS token (init std 2e-5) train for 50 epochs with AdamW (lr 3e-5 per 256 images, betas
+0.9 / 0.999, weight decay 0.4), layer-wise lr decay 0.75 (Eq. (13)), 5 warm-up epochs then cosine to
+0 (Eq. (14)), global batch 512, RandomResizedCrop(0.08-1, bicubic) + flip, label smoothing 0.1, the
+positions trained too (Eq. (26)). The labelled images: `--split-file` (the MSN/SimCLRv2 file the
+papers use, one image a line) or `--percent` of every class, drawn with `--seed`. Validation top-1
+after every `--eval-every` epochs; the last and the best are reported. Logistic regression on frozen
+features of the same split, a different protocol, is `probe.py --split-file F` (or `--percent 1`).
+Image i of epoch e is augmented from (seed, e, i) alone, so N processes train as one does.
+
+CPU, the embedded data set (10% of the labels, 2 epochs; about 30 s on 2 cores; near chance, as the
+tiny MAE's features hold little digit information, README):
+    python finetune.py --percent 10 --epochs 2 --batch-size 64
+    torchrun --standalone --nproc_per_node=2 finetune.py --device cpu --percent 10 --epochs 2 --batch-size 64
+ImageNet on 8 GPUs, MSN's 1% split file (one image name a line), a refined ViT-L/16:
+    torchrun --nproc_per_node=8 finetune.py --ckpt runs/l16/encoder.pth --data /imagenet --split-file 1percent.txt
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+
+import common
+from augment import Views
+from common import opt
+from labelled import draw_split, split_file_indices, train_transform
+from model import UserError, load_encoder
+
+
+@dataclass
+class Settings:
+    ckpt: str = opt("checkpoints/mae_tiny_digits.pth", "encoder checkpoint, any layout of docs/METHOD.md §9")
+    weights: str = opt("ema", "which encoder of a refine.py checkpoint: ema or online")
+    data: str = opt("jittered-digits", "jittered-digits, or a folder with train/ and val/ (ImageFolder)")
+    img_size: Optional[int] = opt(None, "input resolution; unset = the checkpoint's")
+    split_file: Optional[str] = opt(None, "the labelled train images, one a line (MSN/SimCLRv2); unset = --percent")
+    percent: float = opt(1.0, "without --split-file: percent of every class's train images, drawn with --seed")
+    epochs: int = opt(50, "fine-tuning epochs")
+    batch_size: int = opt(512, "global batch, divided over the processes")
+    lr: float = opt(3e-5, "AdamW peak lr per 256 images (x global batch / 256)")
+    weight_decay: float = opt(0.4, "AdamW weight decay; none on biases, norms, the CLS token and positions")
+    layer_decay: float = opt(0.75, "layer-wise lr decay: block j gets decay^(depth+1-j), the stem decay^(depth+1)")
+    warmup: float = opt(5.0, "linear warm-up epochs, then cosine to 0")
+    label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy")
+    crop_min: float = opt(0.08, "smallest area fraction of the RandomResizedCrop")
+    eval_every: int = opt(1, "validation top-1 every N epochs (and after the last)")
+    seed: int = opt(0, "seed of the head, the --percent draw, data order and augmentation")
+    workers: int = opt(4, "data-loading processes per process")
+    device: str = opt("auto", "auto, cpu or cuda")
+    out: Optional[str] = opt(None, "also write the results as JSON to this file")
+
+
+class Classifier(nn.Module):
+    """The encoder and a linear head on its final-normed CLS token, the positions made trainable."""
+
+    def __init__(self, vit, num_classes: int):
+        super().__init__()
+        pos = vit.pos_embed
+        del vit.pos_embed  # a buffer while the encoder is frozen; fine-tuning trains it (Eq. (26))
+        vit.pos_embed = nn.Parameter(pos.clone())
+        self.vit, self.head = vit, nn.Linear(vit.dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x):
+        """Eq. (26) of docs/METHOD.md: images (B, C, H, W) -> logits (B, classes)."""
+        return self.head(self.vit(x)[:, 0])
+
+
+def param_groups(net: Classifier, cfg) -> list:
+    """Eq. (13) of docs/METHOD.md with decay cfg.layer_decay: AdamW groups by (lr scale, weight decay),
+    block j decay^(depth+1-j); patch embedding, CLS token, positions, embedding norm decay^(depth+1);
+    final norm and head 1. No weight decay on 1-D parameters, the CLS token and the positions."""
+    depth, groups = net.vit.depth, {}
+    for name, p in net.named_parameters():
+        if name.startswith("vit.blocks."):
+            scale = cfg.layer_decay ** (depth - int(name.split(".")[2]))  # the stored index is j - 1
+        elif name.startswith(("vit.patch_embed.", "vit.cls_token", "vit.pos_embed", "vit.embed_norm.")):
+            scale = cfg.layer_decay ** (depth + 1)
+        else:
+            scale = 1.0
+        wd = 0.0 if p.ndim <= 1 or name in ("vit.cls_token", "vit.pos_embed") else cfg.weight_decay
+        groups.setdefault((scale, wd), dict(params=[], lr_scale=scale, weight_decay=wd))["params"].append(p)
+    return list(groups.values())
+
+
+def labelled_indices(cfg, train) -> list:
+    """Indices of the labelled train images: those of --split-file, or --percent of every class."""
+    if cfg.split_file:
+        return split_file_indices(cfg.split_file, cfg.data, len(train), train).tolist()
+    if not 0 < cfg.percent <= 100:
+        raise UserError(f"--percent {cfg.percent}: give a percentage in (0, 100], or --split-file")
+    return draw_split(train.targets, cfg.seed, percent=cfg.percent).tolist()
+
+
+@torch.no_grad()
+def accuracy(net: Classifier, val, cfg, d) -> float:
+    """Validation top-1: every process embeds a shard (common.extract_features), all score all."""
+    feats, labels = common.extract_features(net.vit, val, [net.vit.depth], "cls-norm", cfg.batch_size // d.world,
+                                            d.device, cfg.workers, desc="val")  # the head's input, (N, D)
+    net.vit.train()  # extract_features leaves it in eval mode
+    return (net.head(feats[net.vit.depth].to(d.device)).argmax(1).cpu() == labels).float().mean().item()
+
+
+def main(cfg: Settings) -> dict:
+    if min(cfg.epochs, cfg.batch_size, cfg.eval_every) < 1 or not 0 <= cfg.label_smoothing < 1:
+        raise UserError("--epochs, --batch-size and --eval-every must be positive, --label-smoothing in [0, 1)")
+    d = common.setup_distributed(cfg.device)
+    common.seed_everything(cfg.seed)  # the same head on every rank (DDP also broadcasts rank 0's)
+    if cfg.batch_size % d.world:
+        raise UserError(f"--batch-size {cfg.batch_size} does not divide over {d.world} processes; use a multiple")
+    vit = load_encoder(cfg.ckpt, weights=cfg.weights, img_size=cfg.img_size)
+    train = common.build_dataset(cfg.data, "train")
+    idx, targets = labelled_indices(cfg, train), torch.as_tensor(train.targets)
+    if cfg.batch_size > len(idx):
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(idx)} labelled images; lower it")
+    net = Classifier(vit, len(train.classes)).to(d.device)
+    ddp = net if d.world == 1 else DDP(net, [d.device] if d.device.type == "cuda" else None)
+    data, keys = Views(train, [train_transform(vit.img_size, cfg.crop_min)], cfg.seed), common.EpochKeys()
+    loader = DataLoader(data, cfg.batch_size // d.world, sampler=keys, drop_last=True,
+                        **common.loader_kwargs(d.device, cfg.workers))
+    sampler = DistributedSampler(idx, d.world, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    spe = len(sampler) // (cfg.batch_size // d.world)  # steps per epoch
+    total, warm, peak = cfg.epochs * spe, round(cfg.warmup * spe), cfg.lr * cfg.batch_size / 256
+    optim = torch.optim.AdamW(param_groups(net, cfg), lr=peak, betas=(0.9, 0.999))
+    val = common.build_dataset(cfg.data, "val", common.eval_transform(vit.img_size))
+    autocast = torch.autocast(d.device.type, torch.bfloat16, enabled=d.device.type == "cuda")
+    records, step = [], 0
+    for epoch in range(cfg.epochs):
+        sampler.set_epoch(epoch)
+        keys.keys, losses = [(epoch, idx[j]) for j in sampler], []
+        for (x,), i in loader:
+            for g in optim.param_groups:  # Eq. (14), floor 0
+                g["lr"] = common.warmup_cosine(step, total, warm, peak, 0.0) * g["lr_scale"]
+            with autocast:
+                logits = ddp(x.to(d.device, non_blocking=True))
+            loss = F.cross_entropy(logits.float(), targets[i].to(d.device), label_smoothing=cfg.label_smoothing)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            losses.append(common.all_gather(loss.detach()[None]).mean().item())  # the same on every rank
+            if not math.isfinite(losses[-1]):
+                raise UserError(f"the loss is not finite at step {step + 1}; lower --lr")
+            step += 1
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            records.append(dict(epoch=epoch + 1, step=step, images=len(idx), loss=sum(losses) / len(losses),
+                                top1=accuracy(net, val, cfg, d), best=False))
+    max(records, key=lambda r: r["top1"])["best"] = True
+    what = f"--split-file {cfg.split_file}" if cfg.split_file else f"{cfg.percent:g}% of every class"
+    return common.report(cfg, d, records, f"fine-tuning top-1 on {len(idx)} labelled images ({what}), "
+                                          f"{cfg.epochs} epochs of {spe} steps, global batch {cfg.batch_size}")
+
+
+if __name__ == "__main__":
+    common.cli(main, Settings)
