@@ -38,9 +38,7 @@ def draw(glyph: np.ndarray, rng: np.random.Generator, size: int = 32) -> np.ndar
     alpha = Image.fromarray((glyph / 16).astype(np.float32), "F").transform(
         (size, size), Image.AFFINE, inverse, resample=Image.BILINEAR)
     alpha = np.clip(np.asarray(alpha) * 1.5, 0, 1)  # crisper strokes than the soft 8x8 scan
-    bg = rng.uniform(0, 1)
-    lo, hi = (bg + 0.5, 1.0) if bg < 0.5 else (0.0, bg - 0.5)  # the digit at least 0.5 away
-    fg = rng.uniform(lo, hi)
+    bg, fg = rng.uniform(0, 0.4), rng.uniform(0.6, 1.0)  # a brighter digit on a darker background
     img = bg * (1 - alpha) + fg * alpha  # (size, size)
     return np.repeat(np.round(255 * img).astype(np.uint8)[..., None], 3, axis=2)
 
