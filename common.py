@@ -21,6 +21,8 @@ from tqdm import tqdm
 
 from digits import JitteredDigits
 from model import UserError, load_encoder, read_checkpoint
+from runfiles import rng_state, save_atomic, set_rng_state, trim_log  # noqa: F401 (moved there)
+from runguard import quiet_worker
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -149,7 +151,11 @@ def eval_transform(img_size: int):
 
 
 def loader_kwargs(device: torch.device, workers: int) -> dict:
-    return dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    """workers < 0: by the cores this process may use, at most 4 (PyTorch warns above the cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = workers if workers >= 0 else min(4, cores - 1)
+    return dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                worker_init_fn=quiet_worker)
 
 
 class EpochKeys:
@@ -178,14 +184,6 @@ def warmup_cosine(step: int, steps: int, warmup: int, peak: float, floor: float)
 
 # --- Files ---
 
-def save_atomic(obj, path: str):
-    """torch.save to a temporary file, then rename: a kill never leaves a torn checkpoint."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def make_out_dir(path: str):
     """--out of a training run: a folder, created if missing; never an existing file."""
     if os.path.exists(path) and not os.path.isdir(path):
@@ -198,46 +196,12 @@ def all_finite(module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in module.state_dict().values() if t.is_floating_point())
 
 
-def trim_log(path: str, step: int):
-    """Keep the log lines up to `step`: a killed run may have logged past its last checkpoint;
-    a fresh run (step 0) keeps none."""
-    def before(line):
-        try:
-            return json.loads(line)["step"] <= step
-        except (ValueError, KeyError):  # a line torn by the kill
-            return False
-    if os.path.exists(path):
-        with open(path) as f:
-            keep = [line for line in f if before(line)]
-        with open(path, "w") as f:
-            f.writelines(keep)
-
-
 def write_json(path: str, obj):
     if os.path.isdir(path):
         raise UserError(f"--out {path!r} is a folder; give a file name such as results.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
-
-
-def rng_state() -> dict:
-    """Every random generator a run draws from, as tensors and plain values (weights_only-safe)."""
-    _, keys, pos, gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": (torch.from_numpy(keys.astype(np.int64)), pos, gauss, cached),
-             "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict):
-    keys, pos, gauss, cached = state["numpy"]
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, gauss, cached))
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def seed_everything(seed: int):
