@@ -92,7 +92,7 @@ class Settings:
 
 
 # docs/METHOD.md §8 by (encoder size, method): global batch, phase 2 epochs, temperature. The size is read
-# from the encoder's width and depth; every other encoder gets the "small" recipe (ours, for CPUs,
+# from the encoder's width and depth, else see scale_of; the "small" recipe is ours (for CPUs,
 # sized so that both refinements and three evaluations fit `make demo`'s 10 minutes on 2 cores).
 RECIPES = {
     ("base", "mim-refiner"): (1024, 30, 0.2),  # no ViT-B in the paper: the large recipe (our choice)
@@ -106,9 +106,14 @@ FREE_ON_RESUME = {"ckpt", "out", "max_steps", "save_every", "log_every", "device
                   "compile", "grad_checkpointing"}  # run may change without changing the result
 
 
-def scale_of(vit) -> str:
-    sizes = {model.SIZES[n][:2]: n for n in ("base", "large", "huge", "2b")}
-    return sizes.get((vit.dim, vit.depth), "small")
+def scale_of(vit, n_train: int = 0) -> tuple:
+    """(recipe, why): the papers' for their sizes; 'small' under 384 wide on < 50k images; else the nearest width's."""
+    sizes, size = {model.SIZES[n][:2]: n for n in ("base", "large", "huge", "2b")}, f"{vit.dim} wide, {vit.depth} deep"
+    if (vit.dim, vit.depth) in sizes or (vit.dim < 384 and n_train < 50_000):
+        return (sizes[vit.dim, vit.depth], f"the papers' for {size}") if (vit.dim, vit.depth) in sizes else (
+            "small", f"ours for CPUs: {size} (under 384 wide) on {n_train} images (under 50000)")
+    near = min(sizes.values(), key=lambda n: abs(math.log(model.SIZES[n][0] / vit.dim)))
+    return near, f"{size} is no paper size: the recipe of the nearest width, scaled to the data"
 
 
 def head_blocks(method: str, dim: int, depth: int) -> list:
@@ -122,9 +127,10 @@ def head_blocks(method: str, dim: int, depth: int) -> list:
 
 def recipe(cfg: Settings, vit, world: int, n_train: int) -> dict:
     """The 'by scale' value of every setting that has one (docs/METHOD.md §8; ours for small encoders)."""
-    scale, mim = scale_of(vit), cfg.method == "mim-refiner"
+    (scale, _), mim = scale_of(vit, n_train), cfg.method == "mim-refiner"
     big = scale != "small"
     batch, epochs, tau = RECIPES[scale, cfg.method]
+    batch = min(batch, 2 ** int(math.log2(max(1, n_train // 32)))) if big else batch  # >= 32 steps per epoch
     gb = (cfg.batch_size or max(1, batch // world)) * world
     g = cfg.global_size or vit.img_size
     return dict(
@@ -140,8 +146,9 @@ def recipe(cfg: Settings, vit, world: int, n_train: int) -> dict:
         # whole global batches, at least top-k entries, at most half the train set
         queue_size=min(65536 if big else 1024, max(gb * math.ceil(cfg.topk / gb), n_train // 2 // gb * gb)),
         proj_hidden=2048 if big else 512, proj_dim=256 if big else 128, pred_hidden=4096 if big else 1024,
-        # EMA horizon 1/(1-m) steps << the run (0.99 leaves 45% of an 80-step run's EMA at the MAE)
-        ema_momentum=0.9999 if big else 0.95, target_momentum=0.995 if scale == "huge" else 0.99,
+        # EMA horizon 1/(1-m) steps << the run (0.99 leaves 45% of an 80-step run's EMA at the MAE): at most half
+        ema_momentum=min(0.9999, max(0.95, 1 - 2 / (n_train // gb * (cfg.epochs if cfg.epochs >= 0 else epochs) or 1)))
+        if big else 0.95, target_momentum=0.995 if scale == "huge" else 0.99,  # of phase 2 (ImageNet: 0.9999)
         workers=10 if cfg.device != "cpu" and torch.cuda.is_available() else 0)
 
 
@@ -369,8 +376,9 @@ def main(cfg: Settings) -> dict:
               (p1, total - p1, cfg.lr * mult, cfg.temperature, cfg.topk, cfg.epochs)]
     stop = min(total, cfg.max_steps or total)
     if d.main:
-        print(f"refine.py: {cfg.method} on {cfg.data} ({len(data)} images), {scale_of(vit)} encoder "
-              f"{vit.arch()}, world {d.world} x {d.device}, torch {torch.__version__}\n"
+        print(f"refine.py: {cfg.method} on {cfg.data} ({len(data)} images), encoder {vit.arch()}, "
+              f"world {d.world} x {d.device}, torch {torch.__version__}\n"
+              f"recipe: {' ('.join(scale_of(vit, len(data)))})\n"
               f"heads on blocks {blocks}; views 2x{cfg.global_size} + {cfg.local_crops}x{cfg.local_size} px; "
               f"global batch {gb}; lr {phases[0][2]:.3g} / {phases[1][2]:.3g} for {cfg.head_epochs} + "
               f"{cfg.epochs} epochs of {spe} steps" + (f"; resuming at step {step}" if ck else "")

@@ -66,6 +66,25 @@ def test_recipe_by_scale():
     assert (cfg.temperature, cfg.head_temperature, cfg.warmup) == (0.2, 0.15, 0.2)
 
 
+def test_recipe_for_other_sizes_scales_with_the_data():
+    """Not a paper size: 'small' (ours, CPUs) only for an encoder under 384 wide on under 50k images, else the
+    nearest paper size's recipe with the global batch and the EMA horizon scaled to the data set."""
+    vit_s = SimpleNamespace(dim=384, depth=12, patch=16, img_size=224, post_norm=False)  # ViT-S/16
+    assert refine.scale_of(vit_s, 100_000)[0] == "base" and "no paper size" in refine.scale_of(vit_s, 100_000)[1]
+    cfg = refine.resolve(refine.Settings(), vit_s, 1, 100_000)
+    assert (cfg.batch_size, cfg.head_epochs, cfg.epochs, cfg.queue_size) == (1024, 20, 30, 49152)
+    assert cfg.ema_momentum == pytest.approx(1 - 2 / (30 * 97)) and cfg.local_crops == 10
+    cfg = refine.resolve(refine.Settings(), vit_s, 1, 10_000)  # fewer images: a smaller batch, a shorter horizon
+    assert cfg.batch_size == 256 and cfg.ema_momentum == pytest.approx(1 - 2 / (30 * 39))
+    tiny = SimpleNamespace(dim=128, depth=6, patch=4, img_size=32, post_norm=False)
+    assert refine.scale_of(tiny, 10_000) == ("small", "ours for CPUs: 128 wide, 6 deep (under 384 wide) on 10000 "
+                                                      "images (under 50000)")
+    assert refine.resolve(refine.Settings(), tiny, 1, 10_000).ema_momentum == 0.95
+    assert refine.scale_of(tiny, 1_281_167)[0] == "base"  # a small encoder on much data: not the toy recipe
+    large = SimpleNamespace(dim=1024, depth=24, patch=16, img_size=224, post_norm=False)
+    assert refine.resolve(refine.Settings(), large, 8, 1_281_167).ema_momentum == 0.9999  # ImageNet: the paper's
+
+
 def test_lr_multipliers_and_weight_decay_follow_eq_13():
     for post_norm in (False, True):
         vit = model.ViT(dim=32, depth=4, patch=4, img_size=32, post_norm=post_norm)
