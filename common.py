@@ -115,24 +115,48 @@ def all_gather(x: torch.Tensor, grad: bool = False) -> torch.Tensor:
 
 # --- Data: `--data jittered-digits` (digits.py, embedded) or a folder with train/ and val/ (ImageFolder) ---
 
-def build_dataset(data: str, split: str, transform=None) -> Dataset:
-    """The `split` ('train' or 'val') of `--data`; the result has `.targets` and `.classes`."""
+def build_dataset(data: str, split: str, transform=None, labels: bool = True) -> Dataset:
+    """The `split` ('train' or 'val') of `--data`; the result has `.targets` and `.classes`. labels=False
+    (the trainers, which read train/ only): also a folder of images without classes, with or without train/."""
     if data == "jittered-digits":
         return JitteredDigits(split, transform=transform)
     from torchvision import datasets  # here: torchvision's import costs seconds
     root = os.path.join(data, split)
     if not os.path.isdir(data):
-        raise UserError(f"data folder {data!r} does not exist; give --data jittered-digits "
-                        f"or a folder with train/ and val/ in ImageFolder layout")
-    for s in ("train", "val"):  # both checked up front: fail before minutes of work, not after
-        if not os.path.isdir(os.path.join(data, s)):
-            raise UserError(f"{data!r} has no {s}/ folder; an ImageFolder data set needs "
-                            f"train/ and val/, each with one folder per class")
+        raise UserError(f"data folder {data!r} does not exist; give --data jittered-digits, a folder with "
+                        f"train/ and val/ in ImageFolder layout" + (" or a folder of images" if not labels else ""))
+    if not labels:  # class folders (ImageFolder, as before) or any images below
+        root = root if os.path.isdir(root) else data
+        if not any(e.is_dir() for e in os.scandir(root)):
+            return ImageList(root)
+    else:
+        for s in ("train", "val"):  # both checked up front: fail before minutes of work, not after
+            if not os.path.isdir(os.path.join(data, s)):
+                raise UserError(f"{data!r} has no {s}/ folder; an ImageFolder data set needs "
+                                f"train/ and val/, each with one folder per class")
     try:
         return datasets.ImageFolder(root, transform=transform, loader=read_image)
     except (FileNotFoundError, RuntimeError) as e:  # e.g. an empty class folder
         raise UserError(f"cannot use {root!r}: {str(e).splitlines()[0]}; every class folder "
                         f"needs at least one image") from None
+
+
+class ImageList(Dataset):
+    """The images in `root`, sorted by name, unlabelled (target -1): a trainer's --data without classes."""
+
+    def __init__(self, root: str):
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+        self.samples = sorted(os.path.join(root, f) for f in os.listdir(root) if f.lower().endswith(IMG_EXTENSIONS))
+        self.root, self.classes, self.targets = root, [], [-1] * len(self.samples)
+        if not self.samples:
+            raise UserError(f"{root!r} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, ...); give a folder "
+                            f"of images or --data jittered-digits")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return read_image(self.samples[i]), -1
 
 
 def read_image(path: str) -> Image.Image:
@@ -183,13 +207,6 @@ def warmup_cosine(step: int, steps: int, warmup: int, peak: float, floor: float)
 
 
 # --- Files ---
-
-def make_out_dir(path: str):
-    """--out of a training run: a folder, created if missing; never an existing file."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--out {path!r} is a file; give a folder for last.pt, encoder.pth and log.jsonl")
-    os.makedirs(path, exist_ok=True)
-
 
 def all_finite(module) -> bool:
     """Checked before every checkpoint write, so a diverged update never overwrites a good file."""

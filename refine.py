@@ -5,9 +5,9 @@ third, nearest-neighbour alignment (NNA) over 2 global + local multi-crop views,
 MAE-CT (Lehner et al. 2023, arXiv 2304.10520): one NNCLR head on the last block, crop & flip views,
 lower half of the encoder frozen, neighbours looked up with an EMA copy of the projector.
 One command runs both phases (docs/METHOD.md §7): the heads warm up on the frozen encoder (top-1 neighbour),
-then encoder and heads train together (top-k); the queue carries over. Rerun with the same --out to
-resume from OUT/last.pt. OUT/encoder.pth: the EMA encoder in MAE/timm layout (knn.py, probe.py, timm).
-Settings left at 0, -1 or '' follow the encoder's size (the papers' recipes; ours if small), printed.
+then encoder and heads train together (top-k); the queue carries over. Rerun with the same --out to resume from
+OUT/last.pt (on SIGTERM/SIGUSR1/SIGINT written after the step, then exit code 3). OUT/encoder.pth, .safetensors:
+the EMA encoder in MAE/timm layout. Settings left at 0, -1 or '' follow the encoder and data (recipe), printed.
 
 CPU, the embedded default (~5 min each on a busy core; the loss falls, k-NN stays near chance: README):
     python refine.py --out runs/mim-refiner
@@ -24,6 +24,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -34,6 +35,7 @@ from tqdm import tqdm
 
 import common
 import model
+import runfiles
 from augment import Views, make_views, to_input
 from common import opt
 from model import UserError
@@ -42,8 +44,9 @@ from model import UserError
 @dataclass
 class Settings:
     ckpt: str = opt("checkpoints/mae_tiny_digits.pth", "pre-trained encoder, any layout load_encoder reads")
-    data: str = opt("jittered-digits", "jittered-digits or an ImageFolder root with train/")
-    out: str = opt("runs/refine", "output folder: last.pt (resumable), encoder.pth, log.jsonl")
+    num_heads: int = opt(0, "attention heads of --ckpt; 0 = as the file stores them, else by width (printed)")
+    data: str = opt("jittered-digits", "jittered-digits, a folder of images, or one with train/ (class folders)")
+    out: str = opt("runs/refine", "output folder: last.pt (resumable), encoder.pth/.safetensors, log.jsonl")
     method: str = opt("mim-refiner", "mim-refiner or mae-ct")
     views: str = opt("", "multicrop (2 global + local crops, BYOL) or crop-flip; '' = by method")
     local_crops: int = opt(-1, "local crops of multicrop; -1 = by scale (10, small 2)")
@@ -179,7 +182,7 @@ def resolve(cfg: Settings, vit, world: int, n_train: int) -> Settings:
 def train_set(cfg):
     if cfg.data == "jittered-digits" and cfg.limit_train:  # drawn per index: the same first N, faster
         return common.JitteredDigits("train", n=cfg.limit_train)
-    ds = common.build_dataset(cfg.data, "train")
+    ds = common.build_dataset(cfg.data, "train", labels=False)
     n = min(cfg.limit_train, len(ds)) or len(ds)  # evenly spaced: an ImageFolder is sorted by class
     return Subset(ds, [i * len(ds) // n for i in range(n)]) if cfg.limit_train else ds
 
@@ -299,9 +302,8 @@ def heads_loss(net, views, idx, queues, targets, mim: bool, phase: int, k: int, 
 
 
 def after_step(queues, first_view, idx, ema, targets, refiner: Refiner, cfg, phase: int):
-    """What follows each optimizer step: every head's queue gets every rank's first global view
-    (Eq. (7)); from the second phase on (phase == 1) the EMA encoder follows the encoder, and MAE-CT's
-    target projectors always follow theirs (Eq. (12))."""
+    """What follows each optimizer step: every head's queue gets every rank's first global view (Eq. (7)); from the
+    second phase on (phase == 1) the EMA encoder follows the encoder, MAE-CT's target projectors always (Eq. (12))."""
     for b, queue in queues.items():  # (W*B, d) and the dataset indices (W*B,)
         queue.enqueue(common.all_gather(first_view[int(b)]), common.all_gather(idx))
     if phase == 1:  # the warm-up leaves the encoder untouched, so its EMA stays equal
@@ -310,11 +312,11 @@ def after_step(queues, first_view, idx, ema, targets, refiner: Refiner, cfg, pha
         ema_update(target, refiner.heads[b].projector, cfg.target_momentum)
 
 
-def check_same_settings(ck: dict, cfg, world: int, last: str):
-    """A resumed run must have the settings of the one that wrote `last`, but for FREE_ON_RESUME."""
-    old = dict(ck["settings"], batch_size=ck["global_batch"] // world)
+def check_same_settings(ck: dict, cfg, world: int, last: str, n_train: int = 0):
+    """A resumed run has the settings of the one that wrote `last`, but for FREE_ON_RESUME (and a moved --data)."""
+    old = dict(ck["settings"], batch_size=ck["global_batch"] // world, data=runfiles.data_of(ck, cfg.data, n_train))
     diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-            if k not in FREE_ON_RESUME and old.get(k) != v]
+            if k not in FREE_ON_RESUME and k in old and old[k] != v]
     if diff:
         raise UserError(f"{last} was written with other settings ({'; '.join(diff[:3])}); "
                         f"rerun with the same flags or give a new --out")
@@ -334,22 +336,21 @@ def start_phase(refiner: Refiner, cfg, phase: int, d, peak: float, ck):
 
 # --- Training ---
 
+@runfiles.managed
 def main(cfg: Settings) -> dict:
-    common.make_out_dir(cfg.out)
     d = common.setup_distributed(cfg.device)
+    run = runfiles.Run(cfg.out, d)  # the folder, its lock; SIGTERM/SIGUSR1/SIGINT: checkpoint after the step
     common.seed_everything(cfg.seed)  # the same heads and queues on every rank
-    last = os.path.join(cfg.out, "last.pt")
-    ck = model.read_checkpoint(last) if os.path.isfile(last) else None
+    data = train_set(cfg)
+    ck, last = run.resume(lambda ck, path: check_same_settings(  # last.pt, or last.prev.pt if it cannot be used
+        ck, resolve(cfg, SimpleNamespace(**ck["arch"]), d.world, len(data)), d.world, path, len(data))), run.last
     vit = (model.ViT(**ck["arch"], grad_checkpointing=cfg.grad_checkpointing) if ck
-           else model.load_encoder(cfg.ckpt, grad_checkpointing=cfg.grad_checkpointing))
+           else model.load_encoder(cfg.ckpt, cfg.num_heads or None, grad_checkpointing=cfg.grad_checkpointing))
     for blk in vit.blocks if cfg.compile else []:  # per block, in place: keys stay, memory as checkpointed
         blk.compile()
-    data = train_set(cfg)
     cfg = resolve(cfg, vit, d.world, len(data))
     gb, mim = cfg.batch_size * d.world, cfg.method == "mim-refiner"
     blocks = [int(b) for b in cfg.heads.split(",")]
-    if ck:
-        check_same_settings(ck, cfg, d.world, last)
     data, keys = Views(data, make_views(cfg), cfg.seed), common.EpochKeys()  # one loader: workers persist
     loader = DataLoader(data, cfg.batch_size, sampler=keys, drop_last=True, generator=torch.Generator(),
                         **common.loader_kwargs(d.device, cfg.workers))
@@ -376,8 +377,8 @@ def main(cfg: Settings) -> dict:
               (p1, total - p1, cfg.lr * mult, cfg.temperature, cfg.topk, cfg.epochs)]
     stop = min(total, cfg.max_steps or total)
     if d.main:
-        print(f"refine.py: {cfg.method} on {cfg.data} ({len(data)} images), encoder {vit.arch()}, "
-              f"world {d.world} x {d.device}, torch {torch.__version__}\n"
+        print(f"refine.py: {cfg.method} on {cfg.data} ({len(data)} images), encoder {vit.arch()} "
+              f"{getattr(vit, 'heads_from', '')}, world {d.world} x {d.device}, torch {torch.__version__}\n"
               f"recipe: {' ('.join(scale_of(vit, len(data)))})\n"
               f"heads on blocks {blocks}; views 2x{cfg.global_size} + {cfg.local_crops}x{cfg.local_size} px; "
               f"global batch {gb}; lr {phases[0][2]:.3g} / {phases[1][2]:.3g} for {cfg.head_epochs} + "
@@ -389,14 +390,14 @@ def main(cfg: Settings) -> dict:
         if not all(map(common.all_finite, parts.values())):  # a diverged update keeps the last file
             raise UserError(f"the weights are not finite at step {step}; {last} keeps the last good state")
         if d.main:
-            common.save_atomic({**{k: m.state_dict() for k, m in parts.items()}, "arch": vit.arch(),
-                                "optimizer": optim.state_dict(), "phase": phase, "step": step, "global_batch": gb,
-                                "settings": dataclasses.asdict(cfg), "rng": common.rng_state()}, last)
+            run.save({**{k: m.state_dict() for k, m in parts.items()}, "arch": vit.arch(), "phase": phase,
+                      "optimizer": optim.state_dict(), "step": step, "global_batch": gb, "loss": loss_value,
+                      "settings": dataclasses.asdict(cfg), "rng": common.rng_state(), "n_train": len(data)})
 
     gen = torch.Generator(device=d.device)  # neighbour picks, reseeded from (seed, step, rank)
     autocast = torch.autocast(d.device.type, torch.bfloat16, enabled=d.device.type == "cuda")
     bar = tqdm(total=stop, initial=step, disable=not d.main, desc=cfg.method, dynamic_ncols=True)
-    phase, net, loss_value, t0, step0 = None, None, float("nan"), time.perf_counter(), step
+    phase, net, loss_value, t0, step0 = None, None, (ck or {}).get("loss", math.nan), time.perf_counter(), step
     while step < stop:
         epoch = step // spe
         if phase != int(epoch >= cfg.head_epochs):  # a phase starts (or resumes)
@@ -419,7 +420,7 @@ def main(cfg: Settings) -> dict:
                                               cfg.neighbours)
             optim.zero_grad(set_to_none=True)
             loss.backward()  # queued before the one host sync of the step, the loss check below
-            loss_value = common.all_gather(loss.detach()[None]).mean().item()  # the same on every rank
+            loss_value, stopping = run.gather_loss(loss)  # the same on every rank; a signal to any stops all
             if not math.isfinite(loss_value):
                 raise UserError(f"the loss is not finite at step {step + 1}; {last} keeps the last good state")
             optim.step()
@@ -432,14 +433,15 @@ def main(cfg: Settings) -> dict:
                 with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
                     f.write(json.dumps(dict(step=step, loss=loss_value, lr=lr, images_per_s=ips,
                                             phase=phase + 1, epoch=epoch)) + "\n")
-            if step % cfg.save_every == 0 or step == stop:
+            if step % cfg.save_every == 0 or step == stop or stopping:
                 save(phase, optim)
+            run.stop_if(stopping and step < stop, step)  # after the checkpoint: every rank exits with code 3
             if step >= stop:
                 break
     bar.close()
     out = os.path.join(cfg.out, "encoder.pth")
     if d.main:
-        common.save_atomic(model.export_encoder(ema), out)
+        runfiles.write_encoder(model.export_encoder(ema), cfg.out)  # and encoder.safetensors
         print(f"step {step}/{total}: loss {loss_value:.4f}; EMA encoder -> {out}")
     return dict(step=step, loss=loss_value, encoder=out, global_batch=gb, settings=dataclasses.asdict(cfg))
 

@@ -132,3 +132,14 @@ def test_loader_workers_leave_signals_to_the_main_process():
             break
         time.sleep(0.05)
     assert (runguard._process(pid) or "Z")[0] == "Z"
+
+
+def test_trainers_read_a_folder_of_images_evaluations_need_the_same_classes(tmp_path):
+    from PIL import Image
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / "photos" / f"{i}.jpg")
+    ds = common.build_dataset(str(tmp_path / "photos"), "train", labels=False)
+    assert len(ds) == 3 and ds.targets == [-1] * 3 and ds[0][0].size == (8, 8)
+    with pytest.raises(model.UserError, match="has no train/ folder"):
+        common.build_dataset(str(tmp_path / "photos"), "train")
