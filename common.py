@@ -130,10 +130,16 @@ def build_dataset(data: str, split: str, transform=None, labels: bool = True) ->
         if not any(e.is_dir() for e in os.scandir(root)):
             return ImageList(root)
     else:
+        classes = {}
         for s in ("train", "val"):  # both checked up front: fail before minutes of work, not after
             if not os.path.isdir(os.path.join(data, s)):
                 raise UserError(f"{data!r} has no {s}/ folder; an ImageFolder data set needs "
                                 f"train/ and val/, each with one folder per class")
+            classes[s] = {e.name for e in os.scandir(os.path.join(data, s)) if e.is_dir()}
+        if classes["train"] != classes["val"]:  # else every label after a missing class would shift
+            raise UserError(f"train/ and val/ of {data!r} hold other classes (only in train/: "
+                            f"{sorted(classes['train'] - classes['val'])[:5]}, only in val/: "
+                            f"{sorted(classes['val'] - classes['train'])[:5]}); give both the same class folders")
     try:
         return datasets.ImageFolder(root, transform=transform, loader=read_image)
     except (FileNotFoundError, RuntimeError) as e:  # e.g. an empty class folder
@@ -234,6 +240,8 @@ class FeatureSettings:
     """The flags of every evaluation stage; each stage's Settings adds its own."""
     ckpt: str = opt("checkpoints/mae_tiny_digits.pth", "encoder checkpoint, any layout of docs/METHOD.md §9")
     weights: str = opt("ema", "which encoder of a refine.py checkpoint: ema or online")
+    num_heads: int = opt(0, "attention heads of --ckpt; 0 = as the file stores them, else by width (768: 12, "
+                            "1024: 16, 1280: 16, 2560: 32, otherwise width // 64): check the printed architecture")
     data: str = opt("jittered-digits", "jittered-digits, or a folder with train/ and val/ (ImageFolder)")
     img_size: Optional[int] = opt(None, "input resolution (default: the checkpoint's)")
     blocks: str = opt("last", "blocks to evaluate: last, all, a list 18,20,24 or a range 17-24")
@@ -241,7 +249,7 @@ class FeatureSettings:
     feature: str = opt("cls", "cls (block output, no final norm), cls-norm (after the final norm) "
                               "or mean (of the patch tokens)")
     batch_size: int = opt(256, "images per extraction batch, per process")
-    workers: int = opt(4, "data-loading processes per process")
+    workers: int = opt(-1, "data-loading processes per process; -1 = by the cores available (at most 4)")
     device: str = opt("auto", "auto, cpu or cuda")
     out: Optional[str] = opt(None, "also write the results as JSON to this file")
     save_features: Optional[str] = opt(None, "save the extracted features to this file")
@@ -277,7 +285,7 @@ def parse_blocks(spec: str, depth: int) -> list:
 def load_model(cfg):
     if cfg.batch_size < 1:
         raise UserError(f"--batch-size {cfg.batch_size}: give a positive number")
-    return load_encoder(cfg.ckpt, weights=cfg.weights, img_size=cfg.img_size)
+    return load_encoder(cfg.ckpt, heads=cfg.num_heads or None, weights=cfg.weights, img_size=cfg.img_size)
 
 
 def pool(vit, tokens, feature: str):
@@ -327,6 +335,12 @@ def get_features(cfg, d, splits=("train", "val"), keep_classes=None, vit=None) -
         raise UserError("give either --load-features or --save-features, not both")
     if cfg.load_features:
         feats = read_feature_file(cfg.load_features, splits)
+        for k in ("ckpt", "weights", "data", "feature"):  # the results describe the file, not the flags
+            setattr(cfg, k, feats.get(k, cfg.data if k == "data" else None))
+        cfg.img_size, cfg.num_heads = (feats.get("arch") or {}).get("img_size"), (feats.get("arch") or {}).get("heads")
+        if d.main:
+            print(f"features of {cfg.load_features}: {cfg.ckpt or 'checkpoint not recorded'} on {cfg.data}, "
+                  f"feature {cfg.feature}, encoder {feats.get('arch') or 'not recorded'}")
         avail = list(feats[f"{splits[0]}_features"])  # block numbers; 'file' for a bare one-block file
         ints = [b for b in avail if isinstance(b, int)]
         blocks = (avail if cfg.blocks == "all" or (len(avail) == 1 and cfg.blocks == "last")
@@ -336,8 +350,11 @@ def get_features(cfg, d, splits=("train", "val"), keep_classes=None, vit=None) -
                             f"extract the others again with --save-features")
     else:
         vit = vit or load_model(cfg)
+        if d.main:
+            print(f"encoder of {cfg.ckpt}: {vit.arch()}, {vit.heads} heads {getattr(vit, 'heads_from', '')}")
         blocks = parse_blocks(cfg.blocks, vit.depth)
-        feats = {"blocks": blocks, "feature": cfg.feature}
+        feats = {"blocks": blocks, "feature": cfg.feature, "ckpt": cfg.ckpt, "weights": cfg.weights,
+                 "data": cfg.data, "arch": vit.arch()}  # what the features are of
         for split in splits:
             ds = build_dataset(cfg.data, split, eval_transform(vit.img_size))
             feats["classes"] = list(ds.classes)

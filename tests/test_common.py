@@ -11,7 +11,10 @@ import pytest
 import torch
 
 import common
+import knn
 import model
+import pretrain
+import refine
 import runguard
 
 
@@ -116,6 +119,15 @@ def test_epoch_keys_loader_keeps_its_workers_across_epochs():
     assert (pids == pids[0]).all() and int(pids[0]) != os.getpid()  # one worker process, kept
 
 
+def test_loader_workers_by_the_cores_available(monkeypatch):
+    """The evaluation stages' default: at most the cores less one (PyTorch warns above the cores), at most 4."""
+    assert knn.Settings().workers == -1
+    for cores, want in ((2, 1), (1, 0), (64, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert common.loader_kwargs(torch.device("cpu"), -1)["num_workers"] == want
+    assert common.loader_kwargs(torch.device("cpu"), 3)["num_workers"] == 3
+
+
 def test_loader_workers_leave_signals_to_the_main_process():
     """SLURM and a terminal signal every process; a worker ignores SIGINT and SIGUSR1, and SIGTERM from anyone
     but its parent (the main process checkpoints first; the parent's own SIGTERM still ends it)."""
@@ -143,3 +155,10 @@ def test_trainers_read_a_folder_of_images_evaluations_need_the_same_classes(tmp_
     assert len(ds) == 3 and ds.targets == [-1] * 3 and ds[0][0].size == (8, 8)
     with pytest.raises(model.UserError, match="has no train/ folder"):
         common.build_dataset(str(tmp_path / "photos"), "train")
+
+
+def test_new_settings_are_in_the_help(capsys):
+    for cls in (knn.Settings, refine.Settings, pretrain.Settings):
+        with pytest.raises(SystemExit):
+            common.parse_settings(cls, ["--help"])
+        assert "--num-heads" in capsys.readouterr().out

@@ -32,6 +32,10 @@ def files(tmp_path_factory):
             (d / "ok" / split / c).mkdir(parents=True)
             for i in range(2):
                 Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(d / "ok" / split / c / f"{i}.png")
+    for split, classes in (("train", "ab"), ("val", "a")):  # val/ lacks a class: every later label would shift
+        for c in classes:
+            (d / "oneless" / split / c).mkdir(parents=True)
+            Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(d / "oneless" / split / c / "0.png")
     torch.save({"model": model.export_encoder(vit), "args": __import__("argparse").Namespace(lr=0.1),
                 "scaler": {"scale": np.float64(65536.0)}}, d / "foreign.pth")  # numpy: not weights-only
     (d / "noval" / "train" / "a").mkdir(parents=True)
@@ -57,6 +61,8 @@ CASES = [  # (script, flags, what the one line must say)
     (probe, "--ckpt {d}/mae.pth --batch-size -4", "--batch-size -4"),
     (probe, "--ckpt {d}/mae.pth --optimizer adam", "--optimizer sgd or lars"),
     (knn, "--load-features {d}/feats.pt", "lacks"),
+    (knn, "--ckpt {d}/mae.pth --data {d}/oneless", "other classes (only in train/: ['b'], only in val/: [])"),
+    (cluster, "--ckpt {d}/mae.pth --data {d}/oneless", "give both the same class folders"),
     (knn, "--ckpt {d}/foreign.pth", "holds a pickled numpy"),
     (pretrain, "--data {d}/empty/train/a --device cpu --out {d}/p", "holds no images"),
     (refine, "--ckpt {d}/mae.pth --batch-size -4 --limit-train 64 --device cpu --out {d}/r",
