@@ -1,7 +1,8 @@
 """One writer per output folder, and a clean stop on a signal (README, "Resuming and failures").
 
 - `take_lock`: rank 0 of a run holds OUT/run.lock (host, process id, since when); a live holder is refused
-  with one line, a dead one on this host (or an earlier run of the same, requeued SLURM job) is taken over.
+  with one line, a dead one on this host (or an earlier start of the same SLURM job or torchrun run, since
+  requeued or restarted, on any host) is taken over.
 - `Signals`: SIGTERM and SIGUSR1 (SLURM's warnings before a preemption or the time limit) and SIGINT (Ctrl-C)
   only set `.signal`; the trainer finishes its step on every rank, writes last.pt and exits with PREEMPTED.
 - `quiet_worker`: data-loader workers leave those signals to the main process.
@@ -36,11 +37,19 @@ def _process(pid: int):
         return None
 
 
+def _job() -> tuple:
+    """(the SLURM job or torchrun run this process belongs to, [its requeues, its restarts]): a later start
+    of the same job knows that the earlier one has ended, on whichever host it ran."""
+    env = os.environ.get
+    return (env("SLURM_JOB_ID") or env("TORCHELASTIC_RUN_ID"),
+            [int(env("SLURM_RESTART_COUNT", 0)), int(env("TORCHELASTIC_RESTART_COUNT", 0))])
+
+
 def _ended(holder: dict) -> str:
     """Why the holder of a lock has surely ended ('' if it may be alive)."""
-    job, restart = os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT", 0))
-    if job and holder.get("job") == job and holder.get("restart", 0) < restart:
-        return f"an earlier run of SLURM job {job}, since requeued"
+    job, restart = _job()
+    if job and holder.get("job") == job and list(holder.get("restart") or [0, 0]) < restart:
+        return f"an earlier start of job {job}, since requeued or restarted"
     pid = holder.get("pid")
     if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
         return ""  # another machine: no way to tell
@@ -68,8 +77,7 @@ def take_lock(out: str) -> str:
     """Create OUT/run.lock naming this process: '' when taken, else the one-line refusal."""
     path = os.path.join(out, LOCK)
     me = dict(host=socket.gethostname(), pid=os.getpid(), start=(_process(os.getpid()) or ("", ""))[1],
-              since=time.strftime("%Y-%m-%d %H:%M:%S"), job=os.environ.get("SLURM_JOB_ID"),
-              restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
+              since=time.strftime("%Y-%m-%d %H:%M:%S"), job=_job()[0], restart=_job()[1])
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -48,13 +48,22 @@ def test_live_holder_refused_dead_one_taken_over(tmp_path, capsys):
     assert not (out / "run.lock").exists()
 
 
-def test_other_host_refused_requeued_slurm_job_takes_its_own(tmp_path, monkeypatch):
+def test_other_host_refused_requeued_or_restarted_job_takes_its_own(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    write_lock(out, host="elsewhere", pid=123, job="77", restart=0)
+    for var in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    write_lock(out, host="elsewhere", pid=123, job="77", restart=[0, 0])
     assert "in use by process 123 on elsewhere" in runguard.take_lock(str(out))
     monkeypatch.setenv("SLURM_JOB_ID", "77")
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the same job, requeued: its earlier run is over
-    assert runguard.take_lock(str(out)) == "" and holder(out)["restart"] == 1
+    assert "in use" in runguard.take_lock(str(out))  # the same start of the job: maybe a second run in it
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the same job, requeued: its earlier start is over
+    assert runguard.take_lock(str(out)) == "" and holder(out)["restart"] == [1, 0]
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    write_lock(out, host="elsewhere", pid=123, job="rdzv", restart=[0, 0])
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "rdzv")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun restarted its workers, rank 0 elsewhere
+    assert runguard.take_lock(str(out)) == "" and holder(out)["job"] == "rdzv"
 
 
 @runfiles.managed
