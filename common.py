@@ -21,6 +21,8 @@ from tqdm import tqdm
 
 from digits import JitteredDigits
 from model import UserError, load_encoder, read_checkpoint
+from runfiles import rng_state, save_atomic, set_rng_state, trim_log  # noqa: F401 (moved there)
+from runguard import quiet_worker
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -113,24 +115,54 @@ def all_gather(x: torch.Tensor, grad: bool = False) -> torch.Tensor:
 
 # --- Data: `--data jittered-digits` (digits.py, embedded) or a folder with train/ and val/ (ImageFolder) ---
 
-def build_dataset(data: str, split: str, transform=None) -> Dataset:
-    """The `split` ('train' or 'val') of `--data`; the result has `.targets` and `.classes`."""
+def build_dataset(data: str, split: str, transform=None, labels: bool = True) -> Dataset:
+    """The `split` ('train' or 'val') of `--data`; the result has `.targets` and `.classes`. labels=False
+    (the trainers, which read train/ only): also a folder of images without classes, with or without train/."""
     if data == "jittered-digits":
         return JitteredDigits(split, transform=transform)
     from torchvision import datasets  # here: torchvision's import costs seconds
     root = os.path.join(data, split)
     if not os.path.isdir(data):
-        raise UserError(f"data folder {data!r} does not exist; give --data jittered-digits "
-                        f"or a folder with train/ and val/ in ImageFolder layout")
-    for s in ("train", "val"):  # both checked up front: fail before minutes of work, not after
-        if not os.path.isdir(os.path.join(data, s)):
-            raise UserError(f"{data!r} has no {s}/ folder; an ImageFolder data set needs "
-                            f"train/ and val/, each with one folder per class")
+        raise UserError(f"data folder {data!r} does not exist; give --data jittered-digits, a folder with "
+                        f"train/ and val/ in ImageFolder layout" + (" or a folder of images" if not labels else ""))
+    if not labels:  # class folders (ImageFolder, as before) or any images below
+        root = root if os.path.isdir(root) else data
+        if not any(e.is_dir() for e in os.scandir(root)):
+            return ImageList(root)
+    else:
+        classes = {}
+        for s in ("train", "val"):  # both checked up front: fail before minutes of work, not after
+            if not os.path.isdir(os.path.join(data, s)):
+                raise UserError(f"{data!r} has no {s}/ folder; an ImageFolder data set needs "
+                                f"train/ and val/, each with one folder per class")
+            classes[s] = {e.name for e in os.scandir(os.path.join(data, s)) if e.is_dir()}
+        if classes["train"] != classes["val"]:  # else every label after a missing class would shift
+            raise UserError(f"train/ and val/ of {data!r} hold other classes (only in train/: "
+                            f"{sorted(classes['train'] - classes['val'])[:5]}, only in val/: "
+                            f"{sorted(classes['val'] - classes['train'])[:5]}); give both the same class folders")
     try:
         return datasets.ImageFolder(root, transform=transform, loader=read_image)
     except (FileNotFoundError, RuntimeError) as e:  # e.g. an empty class folder
         raise UserError(f"cannot use {root!r}: {str(e).splitlines()[0]}; every class folder "
                         f"needs at least one image") from None
+
+
+class ImageList(Dataset):
+    """The images in `root`, sorted by name, unlabelled (target -1): a trainer's --data without classes."""
+
+    def __init__(self, root: str):
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+        self.samples = sorted(os.path.join(root, f) for f in os.listdir(root) if f.lower().endswith(IMG_EXTENSIONS))
+        self.root, self.classes, self.targets = root, [], [-1] * len(self.samples)
+        if not self.samples:
+            raise UserError(f"{root!r} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, ...); give a folder "
+                            f"of images or --data jittered-digits")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return read_image(self.samples[i]), -1
 
 
 def read_image(path: str) -> Image.Image:
@@ -149,7 +181,11 @@ def eval_transform(img_size: int):
 
 
 def loader_kwargs(device: torch.device, workers: int) -> dict:
-    return dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    """workers < 0: by the cores this process may use, at most 4 (PyTorch warns above the cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = workers if workers >= 0 else min(4, cores - 1)
+    return dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                worker_init_fn=quiet_worker)
 
 
 class EpochKeys:
@@ -178,39 +214,9 @@ def warmup_cosine(step: int, steps: int, warmup: int, peak: float, floor: float)
 
 # --- Files ---
 
-def save_atomic(obj, path: str):
-    """torch.save to a temporary file, then rename: a kill never leaves a torn checkpoint."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def make_out_dir(path: str):
-    """--out of a training run: a folder, created if missing; never an existing file."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--out {path!r} is a file; give a folder for last.pt, encoder.pth and log.jsonl")
-    os.makedirs(path, exist_ok=True)
-
-
 def all_finite(module) -> bool:
     """Checked before every checkpoint write, so a diverged update never overwrites a good file."""
     return all(bool(torch.isfinite(t).all()) for t in module.state_dict().values() if t.is_floating_point())
-
-
-def trim_log(path: str, step: int):
-    """Keep the log lines up to `step`: a killed run may have logged past its last checkpoint;
-    a fresh run (step 0) keeps none."""
-    def before(line):
-        try:
-            return json.loads(line)["step"] <= step
-        except (ValueError, KeyError):  # a line torn by the kill
-            return False
-    if os.path.exists(path):
-        with open(path) as f:
-            keep = [line for line in f if before(line)]
-        with open(path, "w") as f:
-            f.writelines(keep)
 
 
 def write_json(path: str, obj):
@@ -219,25 +225,6 @@ def write_json(path: str, obj):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
-
-
-def rng_state() -> dict:
-    """Every random generator a run draws from, as tensors and plain values (weights_only-safe)."""
-    _, keys, pos, gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": (torch.from_numpy(keys.astype(np.int64)), pos, gauss, cached),
-             "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict):
-    keys, pos, gauss, cached = state["numpy"]
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, gauss, cached))
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def seed_everything(seed: int):
@@ -253,6 +240,8 @@ class FeatureSettings:
     """The flags of every evaluation stage; each stage's Settings adds its own."""
     ckpt: str = opt("checkpoints/mae_tiny_digits.pth", "encoder checkpoint, any layout of docs/METHOD.md §9")
     weights: str = opt("ema", "which encoder of a refine.py checkpoint: ema or online")
+    num_heads: int = opt(0, "attention heads of --ckpt; 0 = as the file stores them, else by width (768: 12, "
+                            "1024: 16, 1280: 16, 2560: 32, otherwise width // 64): check the printed architecture")
     data: str = opt("jittered-digits", "jittered-digits, or a folder with train/ and val/ (ImageFolder)")
     img_size: Optional[int] = opt(None, "input resolution (default: the checkpoint's)")
     blocks: str = opt("last", "blocks to evaluate: last, all, a list 18,20,24 or a range 17-24")
@@ -260,7 +249,7 @@ class FeatureSettings:
     feature: str = opt("cls", "cls (block output, no final norm), cls-norm (after the final norm) "
                               "or mean (of the patch tokens); cls+mean, cls-norm+mean: with the mean appended")
     batch_size: int = opt(256, "images per extraction batch, per process")
-    workers: int = opt(4, "data-loading processes per process")
+    workers: int = opt(-1, "data-loading processes per process; -1 = by the cores available (at most 4)")
     device: str = opt("auto", "auto, cpu or cuda")
     out: Optional[str] = opt(None, "also write the results as JSON to this file")
     save_features: Optional[str] = opt(None, "save the extracted features to this file")
@@ -296,7 +285,7 @@ def parse_blocks(spec: str, depth: int) -> list:
 def load_model(cfg):
     if cfg.batch_size < 1:
         raise UserError(f"--batch-size {cfg.batch_size}: give a positive number")
-    return load_encoder(cfg.ckpt, weights=cfg.weights, img_size=cfg.img_size)
+    return load_encoder(cfg.ckpt, heads=cfg.num_heads or None, weights=cfg.weights, img_size=cfg.img_size)
 
 
 def pool(vit, tokens, feature: str):
@@ -349,6 +338,12 @@ def get_features(cfg, d, splits=("train", "val"), keep_classes=None, vit=None) -
         raise UserError("give either --load-features or --save-features, not both")
     if cfg.load_features:
         feats = read_feature_file(cfg.load_features, splits)
+        for k in ("ckpt", "weights", "data", "feature"):  # the results describe the file, not the flags
+            setattr(cfg, k, feats.get(k, cfg.data if k == "data" else None))
+        cfg.img_size, cfg.num_heads = (feats.get("arch") or {}).get("img_size"), (feats.get("arch") or {}).get("heads")
+        if d.main:
+            print(f"features of {cfg.load_features}: {cfg.ckpt or 'checkpoint not recorded'} on {cfg.data}, "
+                  f"feature {cfg.feature}, encoder {feats.get('arch') or 'not recorded'}")
         avail = list(feats[f"{splits[0]}_features"])  # block numbers; 'file' for a bare one-block file
         ints = [b for b in avail if isinstance(b, int)]
         blocks = (avail if cfg.blocks == "all" or (len(avail) == 1 and cfg.blocks == "last")
@@ -358,8 +353,11 @@ def get_features(cfg, d, splits=("train", "val"), keep_classes=None, vit=None) -
                             f"extract the others again with --save-features")
     else:
         vit = vit or load_model(cfg)
+        if d.main:
+            print(f"encoder of {cfg.ckpt}: {vit.arch()}, {vit.heads} heads {getattr(vit, 'heads_from', '')}")
         blocks = parse_blocks(cfg.blocks, vit.depth)
-        feats = {"blocks": blocks, "feature": cfg.feature}
+        feats = {"blocks": blocks, "feature": cfg.feature, "ckpt": cfg.ckpt, "weights": cfg.weights,
+                 "data": cfg.data, "arch": vit.arch()}  # what the features are of
         for split in splits:
             ds = build_dataset(cfg.data, split, eval_transform(vit.img_size))
             feats["classes"] = list(ds.classes)

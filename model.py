@@ -3,11 +3,13 @@
 - `ViT`: a plain Vision Transformer, pre-norm (MAE, timm) or post-norm (data2vec 2.0) (docs/METHOD.md §2).
 - `ContrastiveHead`, `NNQueue`, `nna_loss`, `nnclr_loss`: the refinement machinery (docs/METHOD.md §4-6).
 - `load_encoder`: reads every public checkpoint layout of docs/METHOD.md §9 into a `ViT`, strictly.
-Importing it has no side effects; it depends on torch alone.
+Importing it has no side effects; it depends on torch alone (and safetensors, for .safetensors files).
 """
 import functools
+import json
 import math
 import os
+from argparse import Namespace
 from collections import OrderedDict
 
 import torch
@@ -68,8 +70,7 @@ class Attention(nn.Module):
 class Block(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, post_norm: bool = False):
         super().__init__()
-        self.post_norm = post_norm
-        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
+        self.post_norm, self.norm1, self.attn = post_norm, nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
         hidden = int(dim * mlp_ratio)  # keys mlp.fc1 / mlp.fc2 as in MAE and timm; exact (erf) GELU
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), nn.Sequential(OrderedDict(
             fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
@@ -99,9 +100,8 @@ class ViT(nn.Module):
         self.patch_embed.proj = nn.Conv2d(in_chans, dim, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         g = img_size // patch
-        # Fixed positions, row 0 (the CLS slot) zero; a buffer so it is saved but never trained.
-        pos = torch.cat([torch.zeros(1, dim), sincos_pos_embed(dim, g, g)])
-        self.register_buffer("pos_embed", pos.unsqueeze(0))  # (1, 1+N, D)
+        pos = torch.cat([torch.zeros(1, dim), sincos_pos_embed(dim, g, g)])  # fixed; row 0 (the CLS slot) zero
+        self.register_buffer("pos_embed", pos.unsqueeze(0))  # (1, 1+N, D): saved, never trained
         self.blocks = nn.ModuleList(Block(dim, self.heads, mlp_ratio, post_norm) for _ in range(depth))
         # pre-norm: a final norm after the last block; post-norm: one norm before the first block
         setattr(self, "embed_norm" if post_norm else "norm", nn.LayerNorm(dim, eps=1e-6))
@@ -123,8 +123,7 @@ class ViT(nn.Module):
 
     def grid_pos(self, h: int, w: int):
         """Patch positions for an h x w grid, (1, h*w, D): bicubic resize of the stored grid."""
-        pos = self.pos_embed[:, 1:]
-        g = int(math.isqrt(pos.shape[1]))
+        pos, g = self.pos_embed[:, 1:], math.isqrt(self.pos_embed.shape[1] - 1)
         if (h, w) == (g, g):
             return pos
         pos = pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
@@ -135,8 +134,7 @@ class ViT(nn.Module):
         """Resize the stored position grid to a new native resolution (bicubic, CLS row kept)."""
         check_divisible(img_size, img_size, self.patch)
         g = img_size // self.patch
-        self.pos_embed = torch.cat([self.pos_embed[:, :1], self.grid_pos(g, g)], dim=1)
-        self.img_size = img_size
+        self.pos_embed, self.img_size = torch.cat([self.pos_embed[:, :1], self.grid_pos(g, g)], dim=1), img_size
 
     def prepend_cls(self, x):
         """(B, N, D) -> (B, 1+N, D): the CLS token (position 0 is zero) in front."""
@@ -300,27 +298,12 @@ def nnclr_loss(nn_z, p_all, tau: float, offset: int = 0):
 
 # --- Checkpoints (docs/METHOD.md §9) ---
 
-def _unwrap(obj, weights: str):
-    """Container -> (flat state dict, stored ViT arguments or None)."""
-    if not isinstance(obj, dict):
-        raise UserError("the file holds no state dict; give a checkpoint of a ViT encoder")
-    if "ema" in obj and "encoder" in obj:  # refine.py's own layout
-        if weights not in ("ema", "online"):
-            raise UserError(f"unknown --weights {weights!r}; use ema or online")
-        return obj["ema" if weights == "ema" else "encoder"], obj.get("arch")
-    for key in ("model", "state_dict"):  # MAE / pretrain.py / data2vec 2.0 ; MIM-Refiner, MAE-CT
-        if key in obj and isinstance(obj[key], dict):
-            return obj[key], obj.get("arch")
-    return obj, None
-
-
 def convert_state_dict(sd: dict) -> dict:
     """Any layout of docs/METHOD.md §9 -> our keys (MAE / timm names, pos_embed (1, 1+N, D))."""
     d2v = "modality_encoders.IMAGE."
     rename = {"module.": "", d2v + "local_encoder.proj.": "patch_embed.proj.", d2v + "extra_tokens": "cls_token",
-              d2v + "fixed_positional_encoder.positions": "pos_embed",
-              d2v + "context_encoder.norm.": "embed_norm.", "cls_tokens.tokens": "cls_token",
-              "pos_embed.embed": "pos_embed"}  # in order: a DDP "module." prefix goes first
+              d2v + "fixed_positional_encoder.positions": "pos_embed", d2v + "context_encoder.norm.": "embed_norm.",
+              "cls_tokens.tokens": "cls_token", "pos_embed.embed": "pos_embed"}  # in order: "module." goes first
     out = {}
     for k, v in sd.items():
         if not torch.is_tensor(v) or "decoder" in k or "_ema" in k or k == "mask_token" or k.startswith("head."):
@@ -329,8 +312,7 @@ def convert_state_dict(sd: dict) -> dict:
             if k.startswith(old):
                 k = new + k[len(old):]
         out[k] = v
-    pos = out.get("pos_embed")
-    if pos is not None:
+    if (pos := out.get("pos_embed")) is not None:
         if pos.dim() == 4:  # MIM-Refiner (1, H, W, D) -> (1, H*W, D)
             pos = pos.flatten(1, 2)
         if math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:  # no CLS slot: add a zero row
@@ -345,12 +327,10 @@ def infer_arch(sd: dict) -> dict:
     """Width, depth, patch, image size and norm placement, from tensor shapes only."""
     need = ["patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight"]
     if any(k not in sd for k in need):
-        raise UserError(f"not a ViT encoder checkpoint: missing {[k for k in need if k not in sd]} "
-                        f"(found keys like {sorted(sd)[:5]}); give an MAE, timm, data2vec 2.0, "
-                        f"MIM-Refiner, MAE-CT or refine.py checkpoint")
+        raise UserError(f"not a ViT encoder checkpoint: missing {[k for k in need if k not in sd]} (found keys like "
+                        f"{sorted(sd)[:5]}); give an MAE, timm, data2vec 2.0, MIM-Refiner, MAE-CT or our checkpoint")
     w = sd["patch_embed.proj.weight"]  # (D, C, p, p)
-    dim, patch = w.shape[0], w.shape[-1]
-    grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
+    dim, patch, grid = w.shape[0], w.shape[-1], math.isqrt(sd["pos_embed"].shape[1] - 1)
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     return dict(dim=dim, depth=depth, heads=default_heads(dim), patch=patch, img_size=grid * patch,
                 in_chans=w.shape[1], mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
@@ -370,23 +350,41 @@ def load_state_dict_strict(module: nn.Module, sd: dict, what: str = "checkpoint"
 
 
 def read_checkpoint(path: str, what: str = "checkpoint", fix: str = "give a torch checkpoint of plain tensors"):
-    """torch.load with weights_only=True; a file that needs unpickling of code is refused."""
+    """torch.load with weights_only=True, argparse.Namespace allowed (the `args` of MAE's training checkpoints);
+    a file that needs unpickling of code is refused. *.safetensors -> {'model': tensors, 'arch': stored or None}."""
     if not os.path.isfile(path):
         raise UserError(f"{what} {path!r} does not exist; check the path")
     try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open  # the one dependency besides torch, needed here only
+            with safe_open(path, "pt") as f:
+                return {"model": {k: f.get_tensor(k) for k in f.keys()},
+                        "arch": json.loads((f.metadata() or {}).get("arch") or "null")}
+        torch.serialization.add_safe_globals([Namespace])  # plain values, no code
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises several types for a bad file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path!r} is not a readable weights-only {what} ({first}); {fix}") from None
+        text = str(e).strip() or type(e).__name__
+        if "GLOBAL " in text:  # a pickled object; torch's own text runs over several lines, cut it
+            text, fix = f"it holds a pickled {text.split('GLOBAL ')[1].split()[0]}", (f"only if you trust the file, "
+                f"save its weights once: torch.save(torch.load({path!r}, weights_only=False)['model'], 'weights.pth')")
+        raise UserError(f"{path!r} is not a readable weights-only {what} ({text.splitlines()[0]}); {fix}") from None
 
 
 def load_encoder(path: str, heads=None, weights: str = "ema", img_size=None, **overrides) -> ViT:
     """Any checkpoint of docs/METHOD.md §9 -> a ViT, strictly. `heads` overrides the head count (not in the weights);
-    `weights`: ema/online of refine.py checkpoints; `img_size`: new resolution (bicubic positions)."""
-    sd, arch = _unwrap(read_checkpoint(path), weights)
-    sd = convert_state_dict(sd)  # our keys; arch stored by our scripts, else read from shapes
-    arch = {**(arch or infer_arch(sd)), **({"heads": heads} if heads else {}), **overrides}
-    vit = ViT(**arch)
+    `weights`: ema/online of refine.py checkpoints; `img_size`: new resolution (bicubic positions). The ViT's
+    arguments: as our files store them (beside the weights, or in a bare state dict's `_metadata`), else by shape."""
+    obj = read_checkpoint(path)
+    if not isinstance(obj, dict):
+        raise UserError("the file holds no state dict; give a checkpoint of a ViT encoder")
+    if (ours := "ema" in obj and "encoder" in obj) and weights not in ("ema", "online"):  # refine.py's layout
+        raise UserError(f"unknown --weights {weights!r}; use ema or online")
+    sd = (obj["ema" if weights == "ema" else "encoder"] if ours else  # MAE / pretrain.py / data2vec 2.0: 'model'
+          next((obj[k] for k in ("model", "state_dict") if isinstance(obj.get(k), dict)), obj))  # MIM-Refiner...
+    arch = obj.get("arch") or getattr(sd, "_metadata", {}).get("", {}).get("arch")
+    sd = convert_state_dict(sd)  # our keys
+    vit = ViT(**{**(arch or infer_arch(sd)), **({"heads": heads} if heads else {}), **overrides})
+    vit.heads_from = "(given)" if heads else "(stored in the file)" if arch else "(by width: not stored in the file)"
     load_state_dict_strict(vit, sd, f"checkpoint {path!r}")
     if img_size and img_size != vit.img_size:
         vit.set_img_size(img_size)
@@ -394,7 +392,9 @@ def load_encoder(path: str, heads=None, weights: str = "ema", img_size=None, **o
 
 
 def export_encoder(vit: ViT) -> dict:
-    """Bare encoder state dict in MAE / timm layout (what timm's VisionTransformer and the MAE
-    repo load with strict=True); clones so it can be saved while training goes on."""
-    return {k: v.detach().clone().cpu() for k, v in vit.state_dict().items()
-            if "decoder" not in k and k != "mask_token"}  # an MAE's decoder is not the encoder
+    """Bare encoder state dict in MAE / timm layout (what timm's VisionTransformer and the MAE repo load with
+    strict=True), `vit.arch()` in its `_metadata` (load_state_dict ignores it); cloned, to save while training."""
+    sd = OrderedDict((k, v.detach().clone().cpu()) for k, v in vit.state_dict().items()
+                     if "decoder" not in k and k != "mask_token")  # an MAE's decoder is not the encoder
+    sd._metadata = {"": {"arch": vit.arch()}}
+    return sd

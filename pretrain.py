@@ -20,8 +20,9 @@ GPU nodes, the paper's ViT-L/16 recipe (global batch 4096) on an ImageNet folder
 
 Files in --out (rank 0 writes): last.pt = {'model': MAE state dict (encoder keys in the MAE/timm
 layout, decoder_* and mask_token), 'arch', 'decoder', 'optimizer', 'step', 'loss', 'settings',
-'rng'}, atomically every --save-every steps and at the end (rerun to resume, bit-identical on CPU);
-encoder.pth, the bare encoder that timm loads; log.jsonl, one JSON line per logged step.
+'rng', 'window'}, atomically every --save-every steps, at the end and on SIGTERM/SIGUSR1/SIGINT (then
+exit code 3; rerun to resume, bit-identical on CPU), the one before kept as last.prev.pt; run.lock while
+running; encoder.pth and encoder.safetensors, the bare encoder that timm loads; log.jsonl, a line per log.
 """
 import json
 import math
@@ -30,7 +31,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
@@ -39,20 +39,21 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 import common
+import runfiles
 from common import cli, opt
-from model import Block, UserError, ViT, export_encoder, init_weights, read_checkpoint, sincos_pos_embed
+from model import Block, UserError, ViT, export_encoder, init_weights, sincos_pos_embed
 
 
 @dataclass
 class Settings:
-    data: str = opt("jittered-digits", "'jittered-digits' or a folder with train/ in ImageFolder layout")
+    data: str = opt("jittered-digits", "'jittered-digits', a folder of images, or one with train/ (class folders)")
     out: str = opt("runs/pretrain", "output folder (last.pt, encoder.pth, log.jsonl); resumed if it holds last.pt")
     export: str = opt("", "also write a slim checkpoint here: MAE weights and arch, no optimizer or RNG state")
     img_size: int = opt(32, "training resolution in pixels")
     patch: int = opt(4, "patch size in pixels")
     dim: int = opt(128, "encoder width")
     depth: int = opt(6, "encoder blocks")
-    heads: int = opt(0, "encoder attention heads; 0 = width // 64 (what a bare encoder file is read back with)")
+    num_heads: int = opt(0, "encoder attention heads; 0 = width // 64 (every file written stores the count)")
     dec_dim: int = opt(64, "decoder width")
     dec_depth: int = opt(2, "decoder blocks")
     dec_heads: int = opt(2, "decoder attention heads")
@@ -171,14 +172,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def all_rng_states(world: int) -> list:
-    """Every rank's generator states, in rank order (each rank draws its own masks)."""
-    states = [common.rng_state()] * world
-    if world > 1:
-        dist.all_gather_object(states, states[0])  # fills the list in rank order
-    return states
-
-
 def make_checkpoint(mae: MAE, step: int, loss: float, cfg: Settings, optimizer=None, rngs=None) -> dict:
     """Our MAE layout; without optimizer and RNG states it is the slim export."""
     ck = {"model": mae.state_dict(), "arch": mae.arch(), "decoder": dict(mae.dec_arch),
@@ -188,9 +181,9 @@ def make_checkpoint(mae: MAE, step: int, loss: float, cfg: Settings, optimizer=N
     return ck
 
 
-def resume(path: str, mae: MAE, optimizer, cfg: Settings, d: common.Dist):
-    """Load last.pt into the model, optimizer and this rank's generators; (step, loss)."""
-    ck = read_checkpoint(path)
+def resume(ck: dict, path: str, mae: MAE, cfg: Settings, d: common.Dist, optimizer=None):
+    """Raise UserError unless ck (read from path) is a checkpoint of this run; with the optimizer, load it
+    into the model, optimizer and this rank's generators: (step, loss, the losses since the last log line)."""
     if not isinstance(ck, dict) or "optimizer" not in ck or "rng" not in ck:
         raise UserError(f"{path} is not a pretrain.py run checkpoint; use another --out or --no-resume")
     if ck["arch"] != mae.arch() or ck["decoder"] != mae.dec_arch:
@@ -199,23 +192,26 @@ def resume(path: str, mae: MAE, optimizer, cfg: Settings, d: common.Dist):
     if ck["settings"]["batch_size"] * len(ck["rng"]) != cfg.batch_size * d.world:
         raise UserError(f"{path} was trained with {len(ck['rng'])} process(es) x batch "
                         f"{ck['settings']['batch_size']}; resume with the same, or use --no-resume")
+    if optimizer is None:
+        return None
     mae.load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optimizer"])
     common.set_rng_state(ck["rng"][d.rank])
-    return ck["step"], ck["loss"]
+    return ck["step"], ck["loss"], ck.get("window", [])
 
 
+@runfiles.managed
 def main(cfg: Settings) -> dict:
     if not 0.0 < cfg.mask_ratio < 1.0:
         raise UserError(f"--mask-ratio {cfg.mask_ratio} must lie strictly between 0 and 1 (MAE: 0.75)")
     if not 0.0 < cfg.crop_min <= 1.0 or cfg.batch_size < 1:
         raise UserError(f"--crop-min {cfg.crop_min} must be in (0, 1] and --batch-size {cfg.batch_size} positive")
-    common.make_out_dir(cfg.out)
     d = common.setup_distributed(cfg.device)
+    run = runfiles.Run(cfg.out, d)  # the folder, its lock; SIGTERM/SIGUSR1/SIGINT: checkpoint after the step
     common.seed_everything(cfg.seed)  # the same initial weights on every rank
     mae = MAE(cfg.dec_dim, cfg.dec_depth, cfg.dec_heads, dim=cfg.dim, depth=cfg.depth,
-              heads=cfg.heads or None, patch=cfg.patch, img_size=cfg.img_size).to(d.device)
-    data = Augmented(common.build_dataset(cfg.data, "train"), cfg.img_size, cfg.crop_min, cfg.seed)
+              heads=cfg.num_heads or None, patch=cfg.patch, img_size=cfg.img_size).to(d.device)
+    data = Augmented(common.build_dataset(cfg.data, "train", labels=False), cfg.img_size, cfg.crop_min, cfg.seed)
     sampler = DistributedSampler(data, d.world, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
     steps_per_epoch = len(sampler) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -228,10 +224,9 @@ def main(cfg: Settings) -> dict:
     optimizer = torch.optim.AdamW(param_groups(mae, cfg.weight_decay), lr=peak, betas=(0.9, 0.95))
 
     common.seed_everything(cfg.seed + 1000 * (d.rank + 1))  # every rank masks differently
-    last, log_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "log.jsonl")
-    step, loss_logged = 0, float("nan")
-    if cfg.resume and os.path.exists(last):
-        step, loss_logged = resume(last, mae, optimizer, cfg, d)
+    last, log_path = run.last, os.path.join(cfg.out, "log.jsonl")
+    ck = run.resume(lambda ck, path: resume(ck, path, mae, cfg, d)) if cfg.resume else None  # or last.prev.pt
+    step, loss_logged, window = resume(ck, last, mae, cfg, d, optimizer) if ck else (0, float("nan"), [])
     if d.main:
         common.trim_log(log_path, step)
         print(f"MAE: encoder {mae.arch()}, decoder {mae.dec_arch}; {len(data)} images, "
@@ -250,7 +245,7 @@ def main(cfg: Settings) -> dict:
     loader = DataLoader(data, batch_size=cfg.batch_size, sampler=keys, drop_last=True,
                         generator=torch.Generator(), **common.loader_kwargs(d.device, cfg.workers))
     bar = tqdm(total=end, initial=step, desc="pretrain", disable=not d.main, dynamic_ncols=True)
-    window, start = [], time.time()
+    start = time.time()
     while step < end:
         epoch, done = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch)  # this rank's (epoch, i) keys in a (seed, epoch) order, less those done
@@ -263,7 +258,7 @@ def main(cfg: Settings) -> dict:
                 loss = net(imgs.to(d.device, non_blocking=True), cfg.mask_ratio)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # queued before the step's one host sync, the loss check
-            loss_value = float(common.all_gather(loss.detach().float()[None]).mean())  # same on all ranks
+            loss_value, stopping = run.gather_loss(loss)  # the same on all ranks; a signal to any stops all
             if not math.isfinite(loss_value):  # stop before the update: the weights stay good
                 raise UserError(f"the loss is not finite at step {step + 1}; {last} keeps the last good state "
                                 f"(if any); lower --base-lr or lengthen --warmup-epochs")
@@ -279,17 +274,18 @@ def main(cfg: Settings) -> dict:
                     with open(log_path, "a") as f:
                         f.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "loss": loss_logged,
                                             "lr": lr, "time": round(time.time() - start, 2)}) + "\n")
-            if step % cfg.save_every == 0 or step == end:
-                rngs = all_rng_states(d.world)  # a collective: every rank takes part
+            if step % cfg.save_every == 0 or step == end or stopping:
+                rngs = runfiles.all_rng_states(d.world)  # a collective: every rank takes part
                 if not common.all_finite(mae):  # a diverged update must not overwrite a good file
                     raise UserError(f"the weights are not finite at step {step}; {last} keeps the last good state")
                 if d.main:
-                    common.save_atomic(make_checkpoint(mae, step, loss_logged, cfg, optimizer, rngs), last)
+                    run.save({**make_checkpoint(mae, step, loss_logged, cfg, optimizer, rngs), "window": window})
+            run.stop_if(stopping and step < end, step)  # after the checkpoint: every rank exits with code 3
             if step == end:
                 break
     bar.close()
     if d.main:
-        common.save_atomic(export_encoder(mae), os.path.join(cfg.out, "encoder.pth"))
+        runfiles.write_encoder(export_encoder(mae), cfg.out)  # encoder.pth and encoder.safetensors
         if cfg.export:
             common.save_atomic(make_checkpoint(mae, step, loss_logged, cfg), cfg.export)
         print(f"step {step}: loss {loss_logged:.4f}; wrote {last}, encoder.pth {cfg.export}")

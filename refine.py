@@ -5,9 +5,9 @@ third, nearest-neighbour alignment (NNA) over 2 global + local multi-crop views,
 MAE-CT (Lehner et al. 2023, arXiv 2304.10520): one NNCLR head on the last block, crop & flip views,
 lower half of the encoder frozen, neighbours looked up with an EMA copy of the projector.
 One command runs both phases (docs/METHOD.md §7): the heads warm up on the frozen encoder (top-1 neighbour),
-then encoder and heads train together (top-k); the queue carries over. Rerun with the same --out to
-resume from OUT/last.pt. OUT/encoder.pth: the EMA encoder in MAE/timm layout (knn.py, probe.py, timm).
-Settings left at 0, -1 or '' follow the encoder's size (the papers' recipes; ours if small), printed.
+then encoder and heads train together (top-k); the queue carries over. Rerun with the same --out to resume from
+OUT/last.pt (on SIGTERM/SIGUSR1/SIGINT written after the step, then exit code 3). OUT/encoder.pth, .safetensors:
+the EMA encoder in MAE/timm layout. Settings left at 0, -1 or '' follow the encoder and data (recipe), printed.
 
 CPU, the embedded default (~5 min each on a busy core; the loss falls, k-NN stays near chance: README):
     python refine.py --out runs/mim-refiner
@@ -24,6 +24,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -34,6 +35,7 @@ from tqdm import tqdm
 
 import common
 import model
+import runfiles
 from augment import Views, make_views, to_input
 from common import opt
 from model import UserError
@@ -42,8 +44,9 @@ from model import UserError
 @dataclass
 class Settings:
     ckpt: str = opt("checkpoints/mae_tiny_digits.pth", "pre-trained encoder, any layout load_encoder reads")
-    data: str = opt("jittered-digits", "jittered-digits or an ImageFolder root with train/")
-    out: str = opt("runs/refine", "output folder: last.pt (resumable), encoder.pth, log.jsonl")
+    num_heads: int = opt(0, "attention heads of --ckpt; 0 = as the file stores them, else by width (printed)")
+    data: str = opt("jittered-digits", "jittered-digits, a folder of images, or one with train/ (class folders)")
+    out: str = opt("runs/refine", "output folder: last.pt (resumable), encoder.pth/.safetensors, log.jsonl")
     method: str = opt("mim-refiner", "mim-refiner or mae-ct")
     views: str = opt("", "multicrop (2 global + local crops, BYOL) or crop-flip; '' = by method")
     local_crops: int = opt(-1, "local crops of multicrop; -1 = by scale (10, small 2)")
@@ -94,7 +97,7 @@ class Settings:
 
 
 # docs/METHOD.md §8 by (encoder size, method): global batch, phase 2 epochs, temperature. The size is read
-# from the encoder's width and depth; every other encoder gets the "small" recipe (ours, for CPUs,
+# from the encoder's width and depth, else see scale_of; the "small" recipe is ours (for CPUs,
 # sized so that both refinements and three evaluations fit `make demo`'s 10 minutes on 2 cores).
 RECIPES = {
     ("base", "mim-refiner"): (1024, 30, 0.2),  # no ViT-B in the paper: the large recipe (our choice)
@@ -108,9 +111,14 @@ FREE_ON_RESUME = {"ckpt", "out", "max_steps", "save_every", "log_every", "device
                   "compile", "grad_checkpointing"}  # run may change without changing the result
 
 
-def scale_of(vit) -> str:
-    sizes = {model.SIZES[n][:2]: n for n in ("base", "large", "huge", "2b")}
-    return sizes.get((vit.dim, vit.depth), "small")
+def scale_of(vit, n_train: int = 0) -> tuple:
+    """(recipe, why): the papers' for their sizes; 'small' under 384 wide on < 50k images; else the nearest width's."""
+    sizes, size = {model.SIZES[n][:2]: n for n in ("base", "large", "huge", "2b")}, f"{vit.dim} wide, {vit.depth} deep"
+    if (vit.dim, vit.depth) in sizes or (vit.dim < 384 and n_train < 50_000):
+        return (sizes[vit.dim, vit.depth], f"the papers' for {size}") if (vit.dim, vit.depth) in sizes else (
+            "small", f"ours for CPUs: {size} (under 384 wide) on {n_train} images (under 50000)")
+    near = min(sizes.values(), key=lambda n: abs(math.log(model.SIZES[n][0] / vit.dim)))
+    return near, f"{size} is no paper size: the recipe of the nearest width, scaled to the data"
 
 
 def head_blocks(method: str, dim: int, depth: int) -> list:
@@ -124,9 +132,10 @@ def head_blocks(method: str, dim: int, depth: int) -> list:
 
 def recipe(cfg: Settings, vit, world: int, n_train: int) -> dict:
     """The 'by scale' value of every setting that has one (docs/METHOD.md §8; ours for small encoders)."""
-    scale, mim = scale_of(vit), cfg.method == "mim-refiner"
+    (scale, _), mim = scale_of(vit, n_train), cfg.method == "mim-refiner"
     big = scale != "small"
     batch, epochs, tau = RECIPES[scale, cfg.method]
+    batch = min(batch, 2 ** int(math.log2(max(1, n_train // 32)))) if big else batch  # >= 32 steps per epoch
     gb = (cfg.batch_size or max(1, batch // world)) * world
     g = cfg.global_size or vit.img_size
     return dict(
@@ -142,8 +151,9 @@ def recipe(cfg: Settings, vit, world: int, n_train: int) -> dict:
         # whole global batches, at least top-k entries, at most half the train set
         queue_size=min(65536 if big else 1024, max(gb * math.ceil(cfg.topk / gb), n_train // 2 // gb * gb)),
         proj_hidden=2048 if big else 512, proj_dim=256 if big else 128, pred_hidden=4096 if big else 1024,
-        # EMA horizon 1/(1-m) steps << the run (0.99 leaves 45% of an 80-step run's EMA at the MAE)
-        ema_momentum=0.9999 if big else 0.95, target_momentum=0.995 if scale == "huge" else 0.99,
+        # EMA horizon 1/(1-m) steps << the run (0.99 leaves 45% of an 80-step run's EMA at the MAE): at most half
+        ema_momentum=min(0.9999, max(0.95, 1 - 2 / (n_train // gb * (cfg.epochs if cfg.epochs >= 0 else epochs) or 1)))
+        if big else 0.95, target_momentum=0.995 if scale == "huge" else 0.99,  # of phase 2 (ImageNet: 0.9999)
         workers=10 if cfg.device != "cpu" and torch.cuda.is_available() else 0)
 
 
@@ -174,7 +184,7 @@ def resolve(cfg: Settings, vit, world: int, n_train: int) -> Settings:
 def train_set(cfg):
     if cfg.data == "jittered-digits" and cfg.limit_train:  # drawn per index: the same first N, faster
         return common.JitteredDigits("train", n=cfg.limit_train)
-    ds = common.build_dataset(cfg.data, "train")
+    ds = common.build_dataset(cfg.data, "train", labels=False)
     n = min(cfg.limit_train, len(ds)) or len(ds)  # evenly spaced: an ImageFolder is sorted by class
     return Subset(ds, [i * len(ds) // n for i in range(n)]) if cfg.limit_train else ds
 
@@ -309,11 +319,11 @@ def after_step(queues, first_view, idx, ema, targets, refiner: Refiner, cfg, pha
             ema_update(target, refiner.heads[b].projector, cfg.target_momentum)
 
 
-def check_same_settings(ck: dict, cfg, world: int, last: str):
-    """A resumed run must have the settings of the one that wrote `last`, but for FREE_ON_RESUME."""
-    old = dict(ck["settings"], batch_size=ck["global_batch"] // world)
+def check_same_settings(ck: dict, cfg, world: int, last: str, n_train: int = 0):
+    """A resumed run has the settings of the one that wrote `last`, but for FREE_ON_RESUME (and a moved --data)."""
+    old = dict(ck["settings"], batch_size=ck["global_batch"] // world, data=runfiles.data_of(ck, cfg.data, n_train))
     diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-            if k not in FREE_ON_RESUME and old.get(k) != v]
+            if k not in FREE_ON_RESUME and k in old and old[k] != v]
     if diff:
         raise UserError(f"{last} was written with other settings ({'; '.join(diff[:3])}); "
                         f"rerun with the same flags or give a new --out")
@@ -337,22 +347,21 @@ def start_phase(refiner: Refiner, cfg, phase: int, d, peak: float, ck, targets):
 
 # --- Training ---
 
+@runfiles.managed
 def main(cfg: Settings) -> dict:
-    common.make_out_dir(cfg.out)
     d = common.setup_distributed(cfg.device)
+    run = runfiles.Run(cfg.out, d)  # the folder, its lock; SIGTERM/SIGUSR1/SIGINT: checkpoint after the step
     common.seed_everything(cfg.seed)  # the same heads and queues on every rank
-    last = os.path.join(cfg.out, "last.pt")
-    ck = model.read_checkpoint(last) if os.path.isfile(last) else None
+    data = train_set(cfg)
+    ck, last = run.resume(lambda ck, path: check_same_settings(  # last.pt, or last.prev.pt if it cannot be used
+        ck, resolve(cfg, SimpleNamespace(**ck["arch"]), d.world, len(data)), d.world, path, len(data))), run.last
     vit = (model.ViT(**ck["arch"], grad_checkpointing=cfg.grad_checkpointing) if ck
-           else model.load_encoder(cfg.ckpt, grad_checkpointing=cfg.grad_checkpointing))
+           else model.load_encoder(cfg.ckpt, cfg.num_heads or None, grad_checkpointing=cfg.grad_checkpointing))
     for blk in vit.blocks if cfg.compile else []:  # per block, in place: keys stay, memory as checkpointed
         blk.compile()
-    data = train_set(cfg)
     cfg = resolve(cfg, vit, d.world, len(data))
     gb, mim = cfg.batch_size * d.world, cfg.method == "mim-refiner"
     blocks = [int(b) for b in cfg.heads.split(",")]
-    if ck:
-        check_same_settings(ck, cfg, d.world, last)
     data, keys = Views(data, make_views(cfg), cfg.seed), common.EpochKeys()  # one loader: workers persist
     loader = DataLoader(data, cfg.batch_size, sampler=keys, drop_last=True, generator=torch.Generator(),
                         **common.loader_kwargs(d.device, cfg.workers))
@@ -379,8 +388,9 @@ def main(cfg: Settings) -> dict:
               (p1, total - p1, cfg.lr * mult, cfg.temperature, cfg.topk, cfg.epochs)]
     stop = min(total, cfg.max_steps or total)
     if d.main:
-        print(f"refine.py: {cfg.method} on {cfg.data} ({len(data)} images), {scale_of(vit)} encoder "
-              f"{vit.arch()}, world {d.world} x {d.device}, torch {torch.__version__}\n"
+        print(f"refine.py: {cfg.method} on {cfg.data} ({len(data)} images), encoder {vit.arch()} "
+              f"{getattr(vit, 'heads_from', '')}, world {d.world} x {d.device}, torch {torch.__version__}\n"
+              f"recipe: {' ('.join(scale_of(vit, len(data)))})\n"
               f"heads on blocks {blocks}; views 2x{cfg.global_size} + {cfg.local_crops}x{cfg.local_size} px; "
               f"global batch {gb}; lr {phases[0][2]:.3g} / {phases[1][2]:.3g} for {cfg.head_epochs} + "
               f"{cfg.epochs} epochs of {spe} steps" + (f"; resuming at step {step}" if ck else "")
@@ -391,14 +401,14 @@ def main(cfg: Settings) -> dict:
         if not all(map(common.all_finite, parts.values())):  # a diverged update keeps the last file
             raise UserError(f"the weights are not finite at step {step}; {last} keeps the last good state")
         if d.main:
-            common.save_atomic({**{k: m.state_dict() for k, m in parts.items()}, "arch": vit.arch(),
-                                "optimizer": optim.state_dict(), "phase": phase, "step": step, "global_batch": gb,
-                                "settings": dataclasses.asdict(cfg), "rng": common.rng_state()}, last)
+            run.save({**{k: m.state_dict() for k, m in parts.items()}, "arch": vit.arch(), "phase": phase,
+                      "optimizer": optim.state_dict(), "step": step, "global_batch": gb, "loss": loss_value,
+                      "settings": dataclasses.asdict(cfg), "rng": common.rng_state(), "n_train": len(data)})
 
     gen = torch.Generator(device=d.device)  # neighbour picks, reseeded from (seed, step, rank)
     autocast = torch.autocast(d.device.type, torch.bfloat16, enabled=d.device.type == "cuda")
     bar = tqdm(total=stop, initial=step, disable=not d.main, desc=cfg.method, dynamic_ncols=True)
-    phase, net, loss_value, t0, step0 = None, None, float("nan"), time.perf_counter(), step
+    phase, net, loss_value, t0, step0 = None, None, (ck or {}).get("loss", math.nan), time.perf_counter(), step
     while step < stop:
         epoch = step // spe
         if phase != int(epoch >= cfg.head_epochs):  # a phase starts (or resumes)
@@ -421,7 +431,7 @@ def main(cfg: Settings) -> dict:
                                               cfg.neighbours, cfg.pairing)
             optim.zero_grad(set_to_none=True)
             loss.backward()  # queued before the one host sync of the step, the loss check below
-            loss_value = common.all_gather(loss.detach()[None]).mean().item()  # the same on every rank
+            loss_value, stopping = run.gather_loss(loss)  # the same on every rank; a signal to any stops all
             if not math.isfinite(loss_value):
                 raise UserError(f"the loss is not finite at step {step + 1}; {last} keeps the last good state")
             optim.step()
@@ -434,14 +444,15 @@ def main(cfg: Settings) -> dict:
                 with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
                     f.write(json.dumps(dict(step=step, loss=loss_value, lr=lr, images_per_s=ips,
                                             phase=phase + 1, epoch=epoch)) + "\n")
-            if step % cfg.save_every == 0 or step == stop:
+            if step % cfg.save_every == 0 or step == stop or stopping:
                 save(phase, optim)
+            run.stop_if(stopping and step < stop, step)  # after the checkpoint: every rank exits with code 3
             if step >= stop:
                 break
     bar.close()
     out = os.path.join(cfg.out, "encoder.pth")
     if d.main:
-        common.save_atomic(model.export_encoder(ema), out)
+        runfiles.write_encoder(model.export_encoder(ema), cfg.out)  # and encoder.safetensors
         print(f"step {step}/{total}: loss {loss_value:.4f}; EMA encoder -> {out}")
     return dict(step=step, loss=loss_value, encoder=out, global_batch=gb, settings=dataclasses.asdict(cfg))
 

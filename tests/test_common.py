@@ -1,5 +1,8 @@
 """The shared helpers: settings to flags, the embedded data set (README, "The embedded data set"), files."""
 import os
+import signal
+import subprocess
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -8,7 +11,11 @@ import pytest
 import torch
 
 import common
+import knn
 import model
+import pretrain
+import refine
+import runguard
 
 
 @dataclass
@@ -62,9 +69,10 @@ def test_save_atomic_never_leaves_a_torn_file(tmp_path, monkeypatch):
         open(f, "wb").write(b"half")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(model.UserError, match="cannot write .*disk full"):
         common.save_atomic({"step": 2}, str(path))
     assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["last.pt"]  # the half-written temporary file is gone
 
 
 def test_rng_state_round_trip():
@@ -109,3 +117,48 @@ def test_epoch_keys_loader_keeps_its_workers_across_epochs():
     assert seen[1][:, 1:].tolist() == [[1, 3], [1, 1], [1, 4], [1, 1]]  # this epoch's keys, in order
     pids = torch.cat(seen)[:, 0]
     assert (pids == pids[0]).all() and int(pids[0]) != os.getpid()  # one worker process, kept
+
+
+def test_loader_workers_by_the_cores_available(monkeypatch):
+    """The evaluation stages' default: at most the cores less one (PyTorch warns above the cores), at most 4."""
+    assert knn.Settings().workers == -1
+    for cores, want in ((2, 1), (1, 0), (64, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert common.loader_kwargs(torch.device("cpu"), -1)["num_workers"] == want
+    assert common.loader_kwargs(torch.device("cpu"), 3)["num_workers"] == 3
+
+
+def test_loader_workers_leave_signals_to_the_main_process():
+    """SLURM and a terminal signal every process; a worker ignores SIGINT and SIGUSR1, and SIGTERM from anyone
+    but its parent (the main process checkpoints first; the parent's own SIGTERM still ends it)."""
+    loader = torch.utils.data.DataLoader(KeyEcho(), batch_size=2, sampler=[(0, i) for i in range(4)], num_workers=1,
+                                         persistent_workers=True, worker_init_fn=runguard.quiet_worker)
+    pid = int(next(iter(loader))[0, 0])
+    for sig in ("TERM", "USR1", "INT"):
+        subprocess.run(["kill", f"-{sig}", str(pid)], check=True)  # from another process, not the parent
+    time.sleep(0.3)
+    assert int(torch.cat(list(loader))[0, 0]) == pid  # alive, the same worker
+    os.kill(pid, signal.SIGTERM)  # from the parent
+    for _ in range(100):
+        if (runguard._process(pid) or "Z")[0] == "Z":  # gone (or a zombie not yet reaped)
+            break
+        time.sleep(0.05)
+    assert (runguard._process(pid) or "Z")[0] == "Z"
+
+
+def test_trainers_read_a_folder_of_images_evaluations_need_the_same_classes(tmp_path):
+    from PIL import Image
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / "photos" / f"{i}.jpg")
+    ds = common.build_dataset(str(tmp_path / "photos"), "train", labels=False)
+    assert len(ds) == 3 and ds.targets == [-1] * 3 and ds[0][0].size == (8, 8)
+    with pytest.raises(model.UserError, match="has no train/ folder"):
+        common.build_dataset(str(tmp_path / "photos"), "train")
+
+
+def test_new_settings_are_in_the_help(capsys):
+    for cls in (knn.Settings, refine.Settings, pretrain.Settings):
+        with pytest.raises(SystemExit):
+            common.parse_settings(cls, ["--help"])
+        assert "--num-heads" in capsys.readouterr().out

@@ -32,6 +32,12 @@ def files(tmp_path_factory):
             (d / "ok" / split / c).mkdir(parents=True)
             for i in range(2):
                 Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(d / "ok" / split / c / f"{i}.png")
+    for split, classes in (("train", "ab"), ("val", "a")):  # val/ lacks a class: every later label would shift
+        for c in classes:
+            (d / "oneless" / split / c).mkdir(parents=True)
+            Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(d / "oneless" / split / c / "0.png")
+    torch.save({"model": model.export_encoder(vit), "args": __import__("argparse").Namespace(lr=0.1),
+                "scaler": {"scale": np.float64(65536.0)}}, d / "foreign.pth")  # numpy: not weights-only
     (d / "noval" / "train" / "a").mkdir(parents=True)
     (d / "empty" / "train" / "a").mkdir(parents=True)
     (d / "empty" / "val" / "a").mkdir(parents=True)
@@ -55,6 +61,10 @@ CASES = [  # (script, flags, what the one line must say)
     (probe, "--ckpt {d}/mae.pth --batch-size -4", "--batch-size -4"),
     (probe, "--ckpt {d}/mae.pth --optimizer adam", "--optimizer sgd or lars"),
     (knn, "--load-features {d}/feats.pt", "lacks"),
+    (knn, "--ckpt {d}/mae.pth --data {d}/oneless", "other classes (only in train/: ['b'], only in val/: [])"),
+    (cluster, "--ckpt {d}/mae.pth --data {d}/oneless", "give both the same class folders"),
+    (knn, "--ckpt {d}/foreign.pth", "holds a pickled numpy"),
+    (pretrain, "--data {d}/empty/train/a --device cpu --out {d}/p", "holds no images"),
     (refine, "--ckpt {d}/mae.pth --batch-size -4 --limit-train 64 --device cpu --out {d}/r",
      "global batch (-4) must be positive"),
     (refine, "--ckpt {d}/mae.pth --batch-size 80 --limit-train 64 --device cpu --out {d}/r",
@@ -75,6 +85,7 @@ def test_bad_input_gives_one_line(script, flags, says, files, monkeypatch, capsy
     assert e.value.code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and says in err, err
     assert (files / "notes.txt").read_text() == "not a checkpoint"  # no good file is ever overwritten
+    assert not (files / "r").exists() and not (files / "p").exists()  # nor an empty output folder left
 
 
 def test_real_command_line_has_no_traceback(files):

@@ -212,3 +212,38 @@ def test_two_process_extraction_equals_one_process(tiny, tmp_path):
         for blk in (2, 4):
             torch.testing.assert_close(a[f"{split}_features"][blk], b[f"{split}_features"][blk])
     assert json.load(open(tmp_path / "two.json"))["results"] == res1["results"]
+
+
+def test_results_describe_the_feature_file_not_the_flags(tiny, tmp_path, capsys):
+    root, data, ckpt = tiny
+    feats = str(tmp_path / "mean.pt")
+    knn.main(settings(knn.Settings, ckpt=ckpt, data=data, k="1", feature="mean", save_features=feats))
+    stored = torch.load(feats, weights_only=True)
+    assert (stored["ckpt"], stored["data"], stored["feature"], stored["arch"]["heads"]) == (ckpt, data, "mean", 1)
+    capsys.readouterr()
+    res = knn.main(settings(knn.Settings, load_features=feats, k="1", ckpt="other.pth", data="jittered-digits",
+                            out=str(tmp_path / "r.json")))  # --feature cls by default
+    assert res["results"][0]["feature"] == "mean"
+    saved = json.load(open(tmp_path / "r.json"))["settings"]
+    assert (saved["ckpt"], saved["data"], saved["feature"], saved["img_size"]) == (ckpt, data, "mean", 32)
+    assert f"features of {feats}: {ckpt} on {data}, feature mean" in capsys.readouterr().out
+
+
+def test_num_heads_flag_and_the_printed_architecture(tiny, tmp_path, capsys):
+    """A timm encoder 64 wide with 4 heads: read by width it has 1 (printed as such); --num-heads 4 gives
+    timm's own features."""
+    timm = pytest.importorskip("timm")
+    root, data, _ = tiny
+    net = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1,
+                                                           num_heads=4, num_classes=0, global_pool="token").eval()
+    torch.save(net.state_dict(), tmp_path / "timm.pth")
+    out = str(tmp_path / "f.pt")
+    knn.main(settings(knn.Settings, ckpt=str(tmp_path / "timm.pth"), data=data, k="1", save_features=out))
+    assert "1 heads (by width: not stored in the file)" in capsys.readouterr().out
+    knn.main(settings(knn.Settings, ckpt=str(tmp_path / "timm.pth"), data=data, k="1", num_heads=4,
+                      feature="cls-norm", save_features=out))
+    assert "'heads': 4" in capsys.readouterr().out
+    x = torch.stack([img for img, _ in common.build_dataset(data, "val", common.eval_transform(32))])
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(out)["val_features"], net.forward_features(x)[:, 0],
+                                   atol=1e-5, rtol=1e-5)

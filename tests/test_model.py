@@ -209,9 +209,14 @@ def test_timm_state_dict_loads_and_export_loads_back_into_timm(tmp_path):
 
 def test_heads_default_by_width_and_override(tmp_path):
     assert [model.default_heads(d) for d in (768, 1024, 1280, 2560, 384, 192)] == [12, 16, 16, 32, 6, 3]
-    torch.save(model.export_encoder(model.ViT(dim=64, depth=1, heads=4, patch=8, img_size=16)), tmp_path / "e.pth")
-    assert model.load_encoder(str(tmp_path / "e.pth")).heads == 1
-    assert model.load_encoder(str(tmp_path / "e.pth"), heads=4).heads == 4
+    sd = model.export_encoder(model.ViT(dim=64, depth=1, heads=4, patch=8, img_size=16))
+    torch.save(sd, tmp_path / "e.pth")  # an exported encoder stores its architecture (in `_metadata`)
+    vit = model.load_encoder(str(tmp_path / "e.pth"))
+    assert (vit.heads, vit.heads_from) == (4, "(stored in the file)")
+    torch.save(dict(sd), tmp_path / "bare.pth")  # a plain dict, as others write: the count follows the width
+    vit = model.load_encoder(str(tmp_path / "bare.pth"))
+    assert vit.heads == 1 and "by width" in vit.heads_from
+    assert model.load_encoder(str(tmp_path / "bare.pth"), heads=4).heads == 4
 
 
 def test_wrong_files_fail_with_a_readable_error(tmp_path):
@@ -249,3 +254,33 @@ def test_importing_model_has_no_side_effects(tmp_path):
     out = subprocess.run([sys.executable, "-c", "import model, common"], capture_output=True, text=True,
                          cwd=str(__import__("pathlib").Path(model.__file__).parent))
     assert out.returncode == 0 and out.stdout == "" and out.stderr == ""
+
+
+@pytest.mark.parametrize("layout", sorted(set(LAYOUTS) - {"own_refine"}))
+def test_safetensors_of_every_layout(layout, tmp_path):
+    """A .safetensors file holds one flat state dict: every key convention above is read from it."""
+    from safetensors.torch import save_file
+    vit = randomised(model.ViT(dim=32, depth=2, patch=4, img_size=16))
+    obj = LAYOUTS[layout](model.export_encoder(vit))
+    sd = obj.get("model", obj.get("state_dict", obj))
+    save_file({k: v.clone().contiguous() for k, v in sd.items()}, tmp_path / "w.safetensors")
+    loaded = model.load_encoder(str(tmp_path / "w.safetensors")).eval()
+    assert loaded.arch() == vit.arch()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(loaded(x), vit(x), atol=0, rtol=0)
+
+
+def test_mae_training_checkpoint_with_args_is_read_safely(tmp_path):
+    """MAE's own checkpoint-N.pth: {'model', 'optimizer', 'epoch', 'scaler', 'args': argparse.Namespace}."""
+    import argparse
+    vit = model.ViT(dim=32, depth=2, patch=4, img_size=16)
+    args = argparse.Namespace(model="mae_vit_large_patch16", input_size=224, norm_pix_loss=True, lr=None)
+    torch.save({"model": model.export_encoder(vit), "optimizer": {"state": {}, "param_groups": []}, "epoch": 799,
+                "scaler": {"scale": 65536.0}, "args": args}, tmp_path / "checkpoint-799.pth")
+    assert model.load_encoder(str(tmp_path / "checkpoint-799.pth")).arch() == vit.arch()
+    torch.save({"model": model.export_encoder(vit), "extra": np.float64(1.0)}, tmp_path / "other.pth")
+    with pytest.raises(model.UserError) as e:
+        model.load_encoder(str(tmp_path / "other.pth"))
+    text = str(e.value)
+    assert "holds a pickled numpy" in text and "only if you trust the file" in text and "['model']" in text
+    assert "\n" not in text and text.endswith("'weights.pth')")

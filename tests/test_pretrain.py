@@ -1,6 +1,7 @@
 """pretrain.py: the MAE objective pinned by hand, training, resume, checkpoint formats, DDP."""
 import json
 import os
+import signal
 import socket
 
 import numpy as np
@@ -23,7 +24,7 @@ _DIGITS = {}
 @pytest.fixture
 def small_digits(monkeypatch):
     """64 jittered digits instead of 10000 (built once per session), so a run takes a second."""
-    def build(data, split, transform=None):
+    def build(data, split, transform=None, labels=True):
         if split not in _DIGITS:
             _DIGITS[split] = common.JitteredDigits(split, n=64)
         return _DIGITS[split]
@@ -32,7 +33,8 @@ def small_digits(monkeypatch):
 
 def settings(out, **kw):
     base = dict(out=str(out), batch_size=16, epochs=3, warmup_epochs=1, base_lr=0.01,
-                log_every=1, save_every=100, device="cpu", **TINY)
+                log_every=1, save_every=100, device="cpu", num_heads=TINY["heads"],
+                **{k: v for k, v in TINY.items() if k != "heads"})
     base.update(kw)
     return pretrain.Settings(**base)
 
@@ -149,15 +151,18 @@ def test_checkpoints_load_as_encoder_and_in_timm(tmp_path, small_digits):
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         want = mae(x)  # the encoder's final-normed tokens
-        for path in (tmp_path / "last.pt", export, tmp_path / "encoder.pth"):
-            vit = load_encoder(str(path), heads=2)
-            assert type(vit) is model.ViT and vit.arch() == ck["arch"]
+        for path in (tmp_path / "last.pt", export, tmp_path / "encoder.pth", tmp_path / "encoder.safetensors"):
+            vit = load_encoder(str(path))  # --num-heads 2, not the width's 1: every file stores it
+            assert type(vit) is model.ViT and vit.arch() == ck["arch"] and vit.heads == 2
             assert torch.equal(vit(x), want)
             assert torch.equal(vit.forward_blocks(x, [1])[0], mae.forward_blocks(x, [1])[0])
-        net = timm.models.vision_transformer.VisionTransformer(
-            img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0, global_pool="token")
-        net.load_state_dict(torch.load(tmp_path / "encoder.pth", weights_only=True), strict=True)
-        torch.testing.assert_close(net.eval().forward_features(x), want, atol=1e-5, rtol=1e-5)
+        from safetensors.torch import load_file
+        pth = torch.load(tmp_path / "encoder.pth", weights_only=True)
+        for sd in (pth, load_file(tmp_path / "encoder.safetensors")):  # the same keys, strictly
+            net = timm.models.vision_transformer.VisionTransformer(
+                img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0, global_pool="token")
+            net.load_state_dict(sd, strict=True)
+            torch.testing.assert_close(net.eval().forward_features(x), want, atol=1e-5, rtol=1e-5)
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, small_digits, monkeypatch):
@@ -220,3 +225,88 @@ def test_two_process_gloo_run(tmp_path):
     assert load_encoder(str(tmp_path / "run" / "encoder.pth"), heads=2).arch() == ck["arch"]
     with pytest.raises(UserError, match="2 process"):
         pretrain.main(settings(tmp_path / "run", data=str(tmp_path / "data"), batch_size=4, epochs=2))
+
+
+def test_truncated_last_pt_is_survived_with_an_identical_result(tmp_path, small_digits, capsys):
+    """last.pt cut short (a full disk, a crash of the file system): the run resumes from last.prev.pt with a
+    one-line warning and ends equal to an uninterrupted run; the bad file is kept as last.bad.pt."""
+    pretrain.main(settings(tmp_path / "a", max_steps=10))
+    pretrain.main(settings(tmp_path / "b", max_steps=6, save_every=2))  # last.pt at 6, last.prev.pt at 4
+    last = tmp_path / "b" / "last.pt"
+    cut = last.read_bytes()[: last.stat().st_size // 2]
+    last.write_bytes(cut)
+    capsys.readouterr()
+    pretrain.main(settings(tmp_path / "b", max_steps=10, save_every=2))
+    err = capsys.readouterr().err
+    assert "warning:" in err and "resuming from" in err and "last.prev.pt (step 4)" in err
+    (ma, oa, _, sa), (mb, ob, _, sb) = state(tmp_path / "a" / "last.pt"), state(last)
+    assert sa == sb == 10 and all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
+    log_a, log_b = ([json.loads(line) for line in open(tmp_path / r / "log.jsonl")] for r in "ab")
+    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b] and [r["step"] for r in log_b] == list(range(1, 11))
+    assert (tmp_path / "b" / "last.bad.pt").read_bytes() == cut  # kept, not deleted
+
+
+def test_ctrl_c_checkpoints_after_the_step_and_the_rerun_resumes(tmp_path, small_digits, monkeypatch, capsys):
+    """SIGINT (Ctrl-C) as SIGTERM: the step finishes, last.pt is written, exit code 3; rerunning equals an
+    uninterrupted run, the mean loss of a log line spanning the stop included."""
+    pretrain.main(settings(tmp_path / "a", max_steps=6, log_every=4))
+    calls, real = [], MAE.forward_loss
+
+    def interrupted(self, imgs, ratio):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return real(self, imgs, ratio)
+    monkeypatch.setattr(MAE, "forward_loss", interrupted)
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(settings(tmp_path / "b", max_steps=6, log_every=4))
+    assert e.value.code == 3 and "stopped after step 3 by SIGINT" in capsys.readouterr().err
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(MAE, "forward_loss", real)
+    again = pretrain.main(settings(tmp_path / "b", max_steps=6, log_every=4))
+    assert again["step"] == 6 and np.isfinite(again["loss"])
+    (ma, oa, ra, _), (mb, ob, rb, _) = state(tmp_path / "a" / "last.pt"), state(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(ma[k], mb[k]) for k in ma) and torch.equal(ra[0]["torch"], rb[0]["torch"])
+    assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
+    log_a, log_b = ([json.loads(line) for line in open(tmp_path / r / "log.jsonl")] for r in "ab")
+    assert [(r["step"], r["loss"]) for r in log_a] == [(r["step"], r["loss"]) for r in log_b]
+    finished = pretrain.main(settings(tmp_path / "b", max_steps=6, log_every=4))  # nothing left to do
+    assert finished["step"] == 6 and finished["loss"] == again["loss"]
+
+
+def _signalled_rank(rank, port, cfg):
+    """As _rank, but rank 1 gets SIGUSR1 while it computes its third step's loss."""
+    calls, real = [], MAE.forward_loss
+
+    def forward_loss(self, imgs, ratio):
+        calls.append(1)
+        if rank == 1 and len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(self, imgs, ratio)
+    MAE.forward_loss = forward_loss
+    _rank(rank, port, cfg)
+
+
+def test_two_ranks_stop_after_the_same_step(tmp_path, small_digits):
+    """A signal to one rank stops every rank after the same step, with its checkpoint, exit code 3."""
+    cfg = settings(tmp_path / "run", batch_size=4, epochs=2)
+    with pytest.raises(torch.multiprocessing.ProcessExitedException) as e:
+        torch.multiprocessing.start_processes(_signalled_rank, (free_port(), cfg), nprocs=2, start_method="fork")
+    assert e.value.exit_code == 3
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ck["step"] == 3 and len(ck["rng"]) == 2 and not (tmp_path / "run" / "run.lock").exists()
+
+
+def test_folder_of_unlabelled_images_and_num_heads(tmp_path):
+    """--data: a folder of images, no train/ and no classes; --num-heads (not --heads: refine.py's blocks)."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "photos").mkdir()
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "photos" / f"{i}.jpg")
+    res = pretrain.main(settings(tmp_path / "run", data=str(tmp_path / "photos"), max_steps=2, num_heads=4))
+    assert res["step"] == 2 and load_encoder(str(tmp_path / "run" / "encoder.safetensors")).heads == 4
+    assert common.parse_settings(pretrain.Settings, ["--num-heads", "4"]).num_heads == 4
+    with pytest.raises(SystemExit):
+        common.parse_settings(pretrain.Settings, ["--heads", "4"])
+    assert "--export checkpoints/" not in pretrain.__doc__  # its commands never overwrite the committed file

@@ -66,6 +66,25 @@ def test_recipe_by_scale():
     assert (cfg.temperature, cfg.head_temperature, cfg.warmup) == (0.2, 0.15, 0.2)
 
 
+def test_recipe_for_other_sizes_scales_with_the_data():
+    """Not a paper size: 'small' (ours, CPUs) only for an encoder under 384 wide on under 50k images, else the
+    nearest paper size's recipe with the global batch and the EMA horizon scaled to the data set."""
+    vit_s = SimpleNamespace(dim=384, depth=12, patch=16, img_size=224, post_norm=False)  # ViT-S/16
+    assert refine.scale_of(vit_s, 100_000)[0] == "base" and "no paper size" in refine.scale_of(vit_s, 100_000)[1]
+    cfg = refine.resolve(refine.Settings(), vit_s, 1, 100_000)
+    assert (cfg.batch_size, cfg.head_epochs, cfg.epochs, cfg.queue_size) == (1024, 20, 30, 49152)
+    assert cfg.ema_momentum == pytest.approx(1 - 2 / (30 * 97)) and cfg.local_crops == 10
+    cfg = refine.resolve(refine.Settings(), vit_s, 1, 10_000)  # fewer images: a smaller batch, a shorter horizon
+    assert cfg.batch_size == 256 and cfg.ema_momentum == pytest.approx(1 - 2 / (30 * 39))
+    tiny = SimpleNamespace(dim=128, depth=6, patch=4, img_size=32, post_norm=False)
+    assert refine.scale_of(tiny, 10_000) == ("small", "ours for CPUs: 128 wide, 6 deep (under 384 wide) on 10000 "
+                                                      "images (under 50000)")
+    assert refine.resolve(refine.Settings(), tiny, 1, 10_000).ema_momentum == 0.95
+    assert refine.scale_of(tiny, 1_281_167)[0] == "base"  # a small encoder on much data: not the toy recipe
+    large = SimpleNamespace(dim=1024, depth=24, patch=16, img_size=224, post_norm=False)
+    assert refine.resolve(refine.Settings(), large, 8, 1_281_167).ema_momentum == 0.9999  # ImageNet: the paper's
+
+
 def test_lr_multipliers_and_weight_decay_follow_eq_13():
     for post_norm in (False, True):
         vit = model.ViT(dim=32, depth=4, patch=4, img_size=32, post_norm=post_norm)
@@ -230,13 +249,16 @@ def test_mae_ct_phases_freezing_and_resume(tiny_ckpt, tmp_path):
         assert torch.equal(v, original[k]) == frozen, k
     # the exported EMA encoder loads strictly into timm's VisionTransformer with the same features
     timm = pytest.importorskip("timm")
-    ref = timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=1, num_classes=0, global_pool="token")
-    ref.load_state_dict(torch.load(a / "encoder.pth", weights_only=True), strict=True)
+    from safetensors.torch import load_file
     ours = model.load_encoder(str(a / "last.pt"))  # picks the EMA weights
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(ref.eval().forward_features(x), ours.eval()(x), atol=1e-5, rtol=1e-5)
+    for sd in (torch.load(a / "encoder.pth", weights_only=True), load_file(a / "encoder.safetensors")):
+        ref = timm.models.vision_transformer.VisionTransformer(
+            img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=1, num_classes=0, global_pool="token")
+        ref.load_state_dict(sd, strict=True)  # encoder.safetensors: the same keys, strictly
+        with torch.no_grad():
+            torch.testing.assert_close(ref.eval().forward_features(x), ours.eval()(x), atol=1e-5, rtol=1e-5)
+    assert model.load_encoder(str(a / "encoder.safetensors")).arch() == ours.arch()
     assert not torch.equal(ours.blocks[3].mlp.fc1.weight, original["blocks.3.mlp.fc1.weight"])
 
 
@@ -378,3 +400,38 @@ def test_no_neighbours_control_never_reads_the_queue(tiny_ckpt, tmp_path, monkey
     refine.main(settings(tiny_ckpt, tmp_path, head_epochs=1, epochs=0, max_steps=2, neighbours=neighbours))
     assert bool(looked) == neighbours and len(seen) == 2 * 2 * 4  # 2 steps x 2 heads x 4 pairs
     assert all(seen) == (not neighbours) and any(seen) == (not neighbours)
+
+
+def test_truncated_last_pt_is_survived_with_an_identical_result(tiny_ckpt, tmp_path, capsys):
+    kw = dict(head_epochs=1, epochs=1, save_every=2, head_lr=0.05, lr=0.05)
+    refine.main(settings(tiny_ckpt, tmp_path / "a", max_steps=8, **kw))
+    refine.main(settings(tiny_ckpt, tmp_path / "b", max_steps=6, **kw))  # last.pt at 6 (phase 2), prev at 4
+    (tmp_path / "b" / "last.pt").write_bytes(b"")  # a file system that lost the data of a renamed file
+    capsys.readouterr()
+    refine.main(settings(tiny_ckpt, tmp_path / "b", max_steps=8, **kw))
+    assert "resuming from" in capsys.readouterr().err and (tmp_path / "b" / "last.bad.pt").exists()
+    ca, cb = load(tmp_path / "a"), load(tmp_path / "b")
+    assert ca["step"] == cb["step"] == 8 and losses(tmp_path / "a") == losses(tmp_path / "b")
+    for key in ("encoder", "ema", "heads", "queues"):
+        assert all(torch.equal(v, cb[key][k]) for k, v in ca[key].items()), key
+
+
+def test_resume_compares_data_paths_allows_a_moved_folder_and_reports_the_loss(tiny_ckpt, tmp_path, monkeypatch,
+                                                                               capsys):
+    """--data ./x/ then x: the same folder; x moved to y: a warning; other data: refused. A folder of images
+    without classes is data enough. Rerunning a finished run reports its loss, not nan."""
+    from PIL import Image
+    for name, n in (("x", 40), ("z", 20)):
+        os.makedirs(tmp_path / name)
+        for i in range(n):
+            Image.new("RGB", (32, 32), (6 * i, 3 * i, 100)).save(tmp_path / name / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    kw = dict(head_epochs=1, epochs=0, limit_train=32)
+    refine.main(settings(tiny_ckpt, "run", data="./x/", max_steps=1, **kw))
+    assert "recipe: small (ours for CPUs" in capsys.readouterr().out
+    refine.main(settings(tiny_ckpt, "run", data="x", max_steps=2, **kw))
+    os.rename("x", "y")
+    res = refine.main(settings(tiny_ckpt, "run", data="y", max_steps=2, **kw))
+    assert "taken as the same folder, moved" in capsys.readouterr().err and res["loss"] == losses("run")[2]
+    with pytest.raises(model.UserError, match="other settings.*data"):
+        refine.main(settings(tiny_ckpt, "run", data="z", max_steps=2, topk=4, queue_size=8, **kw))

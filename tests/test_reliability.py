@@ -1,8 +1,10 @@
-"""Kill -9 and restart equals an uninterrupted run; bad output paths and non-finite losses never
-cost a good checkpoint (README, "Resuming and failures")."""
+"""Kill -9, SIGTERM and restart equal an uninterrupted run; a second run on the same --out is refused
+while the first finishes unchanged; bad output paths and non-finite losses never cost a good checkpoint
+(README, "Resuming and failures")."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,37 +43,83 @@ def run(cmd):
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
 
 
-def kill_once_running(cmd, out: Path, after_step: int, worker=False):
-    """Start cmd, SIGKILL it (or, worker=True, its child: the rank under torchrun) as soon as its
-    log shows `after_step`; returns cmd's exit code, after it ends."""
-    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_once_running(cmd, out: Path, after_step: int, worker=False, sig=signal.SIGKILL, group=False):
+    """Start cmd, send it `sig` (or, worker=True, its child: the rank under torchrun; group=True: every
+    process of it, as SLURM does) as soon as its log shows `after_step`; returns cmd's exit code and
+    stderr, after it ends."""
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=group)
     log, killed = out / "log.jsonl", False
     while p.poll() is None:
         lines = log.read_text().splitlines() if log.exists() else []
         if not killed and any(json.loads(line)["step"] >= after_step for line in lines[:-1]):
             pids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split() if worker else [p.pid]
             for pid in pids:
-                os.kill(int(pid), signal.SIGKILL)
+                os.killpg(int(pid), sig) if group else os.kill(int(pid), sig)
             killed = True
         time.sleep(0.05)
-    assert killed, "the run ended before it could be killed"
-    return p.returncode
+    assert killed, "the run ended before it could be signalled"
+    return p.returncode, p.stderr.read()
 
 
-def test_pretrain_killed_and_restarted_equals_uninterrupted(folder, tmp_path):
-    whole = run(pretrain_cmd(folder, tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr
-    assert kill_once_running(pretrain_cmd(folder, tmp_path / "killed"), tmp_path / "killed", after_step=3) != 0
+@pytest.fixture(scope="module")
+def whole_pretrain(folder, tmp_path_factory):
+    """The uninterrupted pretrain.py run the interrupted ones must equal."""
+    out = tmp_path_factory.mktemp("whole")
+    done = run(pretrain_cmd(folder, out))
+    assert done.returncode == 0, done.stderr
+    return torch.load(out / "last.pt", weights_only=True)
+
+
+def assert_same_as_whole(whole, out: Path, steps=12):
+    ck = torch.load(out / "last.pt", weights_only=True)
+    assert whole["step"] == ck["step"] == steps
+    for k in whole["model"]:
+        assert torch.equal(whole["model"][k], ck["model"][k]), k
+    logged = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, steps + 1))  # the log has every step once
+
+
+def test_pretrain_killed_and_restarted_equals_uninterrupted(folder, whole_pretrain, tmp_path):
+    assert kill_once_running(pretrain_cmd(folder, tmp_path / "killed"), tmp_path / "killed", after_step=3)[0] != 0
     assert (tmp_path / "killed" / "last.pt").exists()  # the kill came after a save, mid-training
     again = run(pretrain_cmd(folder, tmp_path / "killed"))
     assert again.returncode == 0, again.stderr
-    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
-    assert a["step"] == b["step"] == 12
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 13))  # the log has every step once
+    assert "has ended; taking it over" in again.stderr  # the lock the killed run left
+    assert_same_as_whole(whole_pretrain, tmp_path / "killed")
+
+
+def test_pretrain_sigterm_mid_run_then_resume_equals_uninterrupted(folder, whole_pretrain, tmp_path):
+    """SIGTERM (SLURM before a preemption): the step finishes, last.pt is written (--save-every is far),
+    exit code 3 with a message; the same command then ends bit-identical to an uninterrupted run."""
+    out, cmd = tmp_path / "run", pretrain_cmd(folder, tmp_path / "run", "--save-every", "100")
+    code, err = kill_once_running(cmd, out, after_step=3, sig=signal.SIGTERM)
+    stopped = torch.load(out / "last.pt", weights_only=True)["step"]
+    assert code == 3 and f"stopped after step {stopped} by SIGTERM" in err and 3 <= stopped < 12, err
+    assert not (out / "run.lock").exists()
+    again = run(cmd)
+    assert again.returncode == 0, again.stderr
+    assert_same_as_whole(whole_pretrain, out)
+
+
+def test_second_writer_refused_while_the_first_finishes_unchanged(folder, whole_pretrain, tmp_path, monkeypatch,
+                                                                    capsys):
+    import common
+    import pretrain
+    out = tmp_path / "run"
+    first = subprocess.Popen(pretrain_cmd(folder, out), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    while not (out / "run.lock").exists() and first.poll() is None:
+        time.sleep(0.01)
+    monkeypatch.setattr(sys, "argv", pretrain_cmd(folder, out)[1:])
+    with pytest.raises(SystemExit) as e:
+        common.cli(pretrain.main, pretrain.Settings)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {out} is in use by process {first.pid} on {socket.gethostname()}")
+    assert first.wait() == 0, first.stderr.read()
+    assert_same_as_whole(whole_pretrain, out)
+    assert not (out / "run.lock").exists()
 
 
 def test_pretrain_non_finite_weights_never_overwrite_a_good_checkpoint(folder, tmp_path):
@@ -106,7 +154,7 @@ def test_refine_rank_killed_and_restarted_by_torchrun_equals_uninterrupted(folde
     killed = tmp_path / "killed"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                 "--max-restarts=1"] + refine_cmd(tmp_path / "mae.pth", folder, killed)[1:]
-    assert kill_once_running(torchrun, killed, after_step=7, worker=True) == 0
+    assert kill_once_running(torchrun, killed, after_step=7, worker=True)[0] == 0
     a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
     b = torch.load(killed / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 12  # 6 steps of heads only, then 6 of everything: killed in phase 2
@@ -115,3 +163,24 @@ def test_refine_rank_killed_and_restarted_by_torchrun_equals_uninterrupted(folde
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     steps = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))  # lines logged after the last save are dropped on restart
+
+
+def test_refine_sigterm_to_every_process_with_loader_workers(folder, tmp_path):
+    """SIGTERM to every process of the run, loader workers too (as SLURM signals a job): the workers live on,
+    the step finishes, last.pt is written, exit code 3; the rerun equals an uninterrupted run."""
+    import model
+    torch.manual_seed(0)
+    torch.save({"model": model.export_encoder(model.ViT(dim=32, depth=2, patch=4, img_size=16))}, tmp_path / "m.pth")
+    whole = run(refine_cmd(tmp_path / "m.pth", folder, tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "run"
+    cmd = refine_cmd(tmp_path / "m.pth", folder, out) + ["--workers", "2", "--save-every", "100"]
+    code, err = kill_once_running(cmd, out, after_step=3, sig=signal.SIGTERM, group=True)
+    assert code == 3 and "stopped after step" in err and "Traceback" not in err, err
+    assert 3 <= torch.load(out / "last.pt", weights_only=True)["step"] < 12
+    again = run(cmd)
+    assert again.returncode == 0, again.stderr
+    a, b = (torch.load(d / "last.pt", weights_only=True) for d in (tmp_path / "whole", out))
+    assert a["step"] == b["step"] == 12
+    for part in ("encoder", "ema", "heads"):
+        assert all(torch.equal(v, b[part][k]) for k, v in a[part].items()), part

@@ -1,0 +1,229 @@
+"""The files of a training run in its --out folder (README, "Resuming and failures").
+
+- `Run`: the folder of one run: created, locked by rank 0 (runguard), signals caught; `resume` reads
+  last.pt, or last.prev.pt with a warning when last.pt cannot be used; `save` writes last.pt atomically and
+  keeps the file it replaces as last.prev.pt (an unusable one as last.bad.pt): nothing good is deleted.
+- `write_encoder`: encoder.pth and encoder.safetensors, the same keys, the architecture stored in both.
+- atomic writes, the log trimmed to the checkpoint, every random generator's state.
+Importing it has no side effects."""
+import functools
+import json
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import model
+import runguard
+from model import UserError
+from runguard import PREEMPTED, warn
+
+_OPEN = []  # the Runs of the main() now running, closed by @managed
+
+
+def write_tmp(obj, path: str) -> str:
+    """torch.save to a temporary file beside `path`, flushed to the disk, its name returned; a failed write
+    (a full disk) leaves no partial file and is one line naming the file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError or OSError for a full disk
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write {path} ({(str(e).strip() or type(e).__name__).splitlines()[0]}); "
+                        f"{path} keeps what it held: free some disk space and rerun") from None
+    return tmp
+
+
+def save_atomic(obj, path: str):
+    """torch.save to a temporary file, then rename: a kill or a full disk never leaves a torn file."""
+    os.replace(write_tmp(obj, path), path)
+
+
+def write_encoder(sd: dict, out: str) -> str:
+    """OUT/encoder.pth, a state dict of model.export_encoder (timm loads it strictly; the architecture in its
+    `_metadata`), and OUT/encoder.safetensors, the same tensors, the architecture as JSON in its metadata."""
+    from safetensors.torch import save_file
+    path, arch = os.path.join(out, "encoder.pth"), getattr(sd, "_metadata", {}).get("", {}).get("arch")
+    save_atomic(sd, path)
+    tmp = os.path.join(out, f"encoder.safetensors.tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata={"format": "pt", "arch": json.dumps(arch)})
+    os.replace(tmp, os.path.join(out, "encoder.safetensors"))
+    return path
+
+
+def trim_log(path: str, step: int):
+    """Keep the log lines up to `step`: a killed run may have logged past its last checkpoint;
+    a fresh run (step 0) keeps none."""
+    def before(line):
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError):  # a line torn by the kill
+            return False
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if before(line)]
+        with open(path, "w") as f:
+            f.writelines(keep)
+
+
+def rng_state() -> dict:
+    """Every random generator a run draws from, as tensors and plain values (weights_only-safe)."""
+    _, keys, pos, gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": (torch.from_numpy(keys.astype(np.int64)), pos, gauss, cached),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    keys, pos, gauss, cached = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, gauss, cached))
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def all_rng_states(world: int) -> list:
+    """Every rank's generator states, in rank order (a collective: every rank takes part)."""
+    states = [rng_state()] * world
+    if world > 1:
+        dist.all_gather_object(states, states[0])  # fills the list in rank order
+    return states
+
+
+def data_of(ck: dict, new: str, n_new: int):
+    """The --data of a checkpoint's settings, as a resumed run compares it: `new` when that names the same data,
+    as the same folder written another way (./x/, x) or as a moved folder (as many images: with a warning)."""
+    old, n_old = ck["settings"].get("data"), ck.get("n_train")
+    if old == new or "jittered-digits" in (old, new) or old is None:
+        return old
+    if os.path.realpath(old) != os.path.realpath(new):
+        if n_old not in (None, n_new):
+            return old
+        warn(f"--data {new} is not {old}, the checkpoint's: taken as the same folder, moved ({n_new} images)")
+    return new
+
+
+class Run:
+    """The --out folder of a training run, opened on every rank after setup_distributed: rank 0 creates it and
+    takes its lock, every rank catches SIGTERM/SIGUSR1/SIGINT until the run is closed (see `managed`)."""
+
+    def __init__(self, out: str, d):
+        self.out, self.d, self.created, self.last_bad = out, d, None, False
+        self.last, self.prev, self.bad = (os.path.join(out, f) for f in ("last.pt", "last.prev.pt", "last.bad.pt"))
+        error = self._open() if d.main else ""
+        if d.world > 1:  # every rank stops with rank 0's error
+            box = [error]
+            dist.broadcast_object_list(box, 0)
+            error = box[0]
+        if error:
+            raise UserError(error)
+        self.signals = runguard.Signals(loud=d.main)
+        _OPEN.append(self)
+
+    def _open(self) -> str:
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            return f"--out {self.out!r} is a file; give a folder for last.pt, encoder.pth and log.jsonl"
+        top = os.path.abspath(self.out)
+        while not os.path.exists(os.path.dirname(top)):
+            top = os.path.dirname(top)
+        self.created = None if os.path.exists(top) else top  # the highest folder this run makes
+        os.makedirs(self.out, exist_ok=True)
+        return runguard.take_lock(self.out)
+
+    def gather_loss(self, loss: torch.Tensor) -> tuple:
+        """The step's loss averaged over the ranks, and whether any rank has had a signal: one collective, one
+        host sync, once per step on every rank, so that all ranks stop after the same step."""
+        x = torch.stack([loss.detach().float(), loss.new_tensor(float(self.signals.signal is not None))])
+        if self.d.world > 1:
+            parts = [torch.empty_like(x) for _ in range(self.d.world)]
+            dist.all_gather(parts, x)
+            x = torch.stack(parts)  # (W, 2)
+        losses, stop = x.reshape(-1, 2).unbind(1)
+        return losses.mean().item(), bool(stop.max().item())
+
+    def stop_if(self, stopping: bool, step: int):
+        """After the checkpoint of a step with a signal: every rank exits with PREEMPTED."""
+        if not stopping:
+            return
+        if self.d.world > 1:
+            dist.barrier()  # rank 0 has written last.pt
+        if self.d.main:
+            print(f"stopped after step {step} by {self.signals.signal or 'a signal to another rank'}: {self.last} "
+                  f"is written; rerun the same command to resume (exit code {PREEMPTED})", file=sys.stderr, flush=True)
+        raise SystemExit(PREEMPTED)
+
+    def resume(self, check):
+        """The checkpoint to resume from: last.pt, else last.prev.pt (with a warning); None for a fresh run.
+        check(ck, path) raises UserError if this run cannot resume from ck (another model, other settings)."""
+        reasons, refusals = [], []
+        for path in (self.last, self.prev):
+            if not os.path.isfile(path):
+                continue
+            try:
+                ck = model.read_checkpoint(path, "run checkpoint", "it was cut short or damaged")
+            except UserError as e:
+                reasons.append(str(e))
+                continue
+            try:
+                check(ck, path)
+            except (UserError, KeyError, TypeError, ValueError, AttributeError) as e:  # read, but not resumable
+                refusals.append(e if isinstance(e, UserError) else
+                                UserError(f"{path} is no run checkpoint of this script ({type(e).__name__}: {e})"))
+                reasons.append(str(refusals[-1]))
+                continue
+            self.last_bad = path != self.last and os.path.isfile(self.last)
+            if path != self.last:
+                warn(f"{'; '.join(reasons) or f'{self.last} is missing'}; resuming from {path} (step {ck.get('step')})"
+                     + (f"; {self.last} will be kept as {self.bad}" if self.last_bad else ""))
+            return ck
+        if refusals and len(refusals) == len(reasons):
+            raise refusals[0]  # e.g. other settings: its message names them and the fix
+        if reasons:
+            raise UserError(f"no usable checkpoint in {self.out}: {'; '.join(reasons)}; move the files away to "
+                            f"start afresh, or give another --out")
+        return None
+
+    def save(self, obj):
+        """Rank 0: write last.pt atomically; the file it replaces becomes last.prev.pt (last.bad.pt if it
+        could not be used), so that a good checkpoint is always there."""
+        tmp = write_tmp(obj, self.last)
+        if os.path.exists(self.last):
+            os.replace(self.last, self.bad if self.last_bad else self.prev)
+        os.replace(tmp, self.last)
+        self.last_bad = False
+
+    def close(self, failed: bool):
+        self.signals.restore()
+        if self.d.main:
+            runguard.release_lock(self.out)
+        folder = os.path.abspath(self.out)
+        while failed and self.created and not os.listdir(folder):  # a failed run leaves no empty folder
+            os.rmdir(folder)
+            if folder == self.created:
+                break
+            folder = os.path.dirname(folder)
+
+
+def managed(main):
+    """For a trainer's main(cfg): the Run it opens is closed however main ends (signal handlers restored,
+    lock released, a folder the run made and left empty removed)."""
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        done = False
+        try:
+            result, done = main(*args, **kwargs), True
+            return result
+        finally:
+            while _OPEN:
+                _OPEN.pop().close(failed=not done)
+    return wrapped
