@@ -1,4 +1,5 @@
-"""The views a refinement trains on: image i of epoch e is a pure function of (seed, e, i).
+"""What a refinement trains on: its training images, and their views, image i of epoch e a pure
+function of (seed, e, i).
 
 Two recipes: crop-flip (MAE-CT's) and BYOL's multi-crop (MIM-Refiner's: two global views plus
 local crops, colour jitter, grayscale, blur, solarisation). Views leave the loader as uint8 and are
@@ -8,9 +9,10 @@ from functools import partial
 
 import torch
 from PIL import ImageFilter
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler, Subset
 from torchvision import transforms as T
 
+import common
 from common import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -22,8 +24,7 @@ def blur(img, lo: float, hi: float):
 def make_views(cfg) -> list:
     """Transforms, global views first: crop-flip (MAE-CT) or BYOL multicrop (MIM-Refiner: blur
     p 1.0 / 0.1 / 0.5 on global 1 / global 2 / local, solarize on global 2); uint8, see to_input.
-    cfg: views, global_size, local_size, local_crops, global_crop_min, local_crop_min, invert
-    (the probability of inverting a view, after the colour jitter; the papers: 0)."""
+    cfg: views, global_size, local_size, local_crops, global_crop_min, local_crop_min."""
     bicubic = T.InterpolationMode.BICUBIC
     if cfg.views == "crop-flip":
         v = T.Compose([T.RandomResizedCrop(cfg.global_size, (cfg.global_crop_min, 1.0), interpolation=bicubic),
@@ -34,7 +35,7 @@ def make_views(cfg) -> list:
         s = cfg.global_size / 224  # blur sigma 0.1-2.0 px at 224, scaled with the global side for every view
         return T.Compose([
             T.RandomResizedCrop(size, scale, interpolation=bicubic), T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomInvert(cfg.invert),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
             T.RandomGrayscale(0.2), T.RandomApply([T.Lambda(partial(blur, lo=0.1 * s, hi=2.0 * s))], p=blur_p),
             T.RandomSolarize(128, p=solarize_p), T.PILToTensor()])
 
@@ -67,3 +68,19 @@ class Views(Dataset):
         with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
             torch.default_generator.manual_seed((self.seed * 100_000 + epoch) * 10**8 + i)
             return [t(img) for t in self.views], i
+
+
+def train_set(cfg):
+    """The training images of --data (labels unused); with --limit-train, N of them."""
+    if cfg.data == "jittered-digits" and cfg.limit_train:  # drawn per index: the same first N, faster
+        return common.JitteredDigits("train", n=cfg.limit_train)
+    ds = common.build_dataset(cfg.data, "train", labels=False)
+    n = min(cfg.limit_train, len(ds)) or len(ds)  # evenly spaced: an ImageFolder is sorted by class
+    return Subset(ds, [i * len(ds) // n for i in range(n)]) if cfg.limit_train else ds
+
+
+def epoch_keys(data, cfg, d, epoch: int, skip: int) -> list:
+    """This rank's (epoch, index) keys in a (seed, epoch) order, less the `skip` batches a resumed run had."""
+    sampler = DistributedSampler(data, d.world, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return [(epoch, i) for i in list(sampler)[skip * cfg.batch_size:]]  # (N // W - skip * B,)

@@ -2,12 +2,12 @@
 
 Nothing can be downloaded on a fresh machine, so the set is drawn from what scikit-learn ships:
 its 1797 handwritten 8x8 digit glyphs. Each image is 32x32: one glyph, blown up to 14-26 px,
-rotated by up to 25 degrees, sheared, placed anywhere it fits, in one grey level on a flat
-background of another (at least half the range apart, either brighter or darker). The object is
-the digit; size, position, rotation and the two grey levels are nuisance that dominates the pixels
-(k-NN on raw pixels is far below k-NN on the glyphs themselves) and that a refinement's crops and
-brightness / contrast / inversion augmentations randomise. No pair of grey levels or pose repeats
-across augmented views, so nothing but the glyph identifies an image once the views are jittered.
+rotated by up to 25 degrees, sheared, placed anywhere it fits, in one grey level (0.6-1) on a flat
+background of a darker one (0-0.4). The object is the digit; size, position, rotation and the two
+grey levels are nuisance that dominates the pixels (k-NN on raw pixels is far below k-NN on the
+glyphs themselves) and that a refinement's crops and brightness / contrast jitter randomise. One
+polarity only: with both (dark on light and light on dark), a small masked-image model's nearest
+neighbours always share the polarity, and a short refinement never undoes that split.
 
 Glyphs 0-1296 make the train split and 1297-1796 the val split: no handwritten digit is in both.
 Image i of a split is drawn afresh from a generator seeded by (seed, split, i), each glyph used

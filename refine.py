@@ -30,13 +30,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import common
 import model
 import runfiles
-from augment import Views, make_views, to_input
+from augment import Views, epoch_keys, make_views, to_input, train_set
 from common import opt
 from model import UserError
 
@@ -56,9 +56,6 @@ class Settings:
                                                  "(0.25, MAE-CT 0.08; small 0.5)")
     local_crop_min: Optional[float] = opt(None, "smallest area fraction of a local crop (the largest is "
                                                 "--global-crop-min); default by scale (0.05, small 0.25)")
-    invert: Optional[float] = opt(None, "probability of inverting a multicrop view's colours; default by "
-                                        "scale (0: the papers; small 0.5, as the embedded digits' grey "
-                                        "levels are nuisance)")
     neighbours: bool = opt(True, "positives from the queue's nearest neighbours; --no-neighbours is the "
                                  "control: each anchor is its own positive (augmentation-only)")
     heads: str = opt("", "blocks with a head, e.g. 17-24 or 18,20,24; '' = by depth (docs/METHOD.md §8)")
@@ -141,7 +138,7 @@ def recipe(cfg: Settings, vit, world: int, n_train: int) -> dict:
     return dict(
         views="multicrop" if mim or not big else "crop-flip", local_crops=10 if big else 2 if mim else 0,
         global_size=g, global_crop_min=(0.25 if mim else 0.08) if big else 0.5,
-        local_crop_min=0.05 if big else 0.25, invert=0.0 if big else 0.5,
+        local_crop_min=0.05 if big else 0.25,
         local_size=vit.patch * math.ceil(g * 96 / 224 / vit.patch),  # 96 px at 224, 98 for patch 14
         heads=",".join(map(str, head_blocks(cfg.method, vit.dim, vit.depth))),
         freeze_blocks=vit.depth // 2 if not mim else 6 if scale == "2b" else 0,
@@ -177,23 +174,6 @@ def resolve(cfg: Settings, vit, world: int, n_train: int) -> Settings:
         raise UserError(f"need 1 <= --topk ({r.topk}) <= --queue-size ({r.queue_size}) < the train set "
                         f"({n_train} images); lower --queue-size or --topk")
     return r
-
-
-# --- Data ---
-
-def train_set(cfg):
-    if cfg.data == "jittered-digits" and cfg.limit_train:  # drawn per index: the same first N, faster
-        return common.JitteredDigits("train", n=cfg.limit_train)
-    ds = common.build_dataset(cfg.data, "train", labels=False)
-    n = min(cfg.limit_train, len(ds)) or len(ds)  # evenly spaced: an ImageFolder is sorted by class
-    return Subset(ds, [i * len(ds) // n for i in range(n)]) if cfg.limit_train else ds
-
-
-def epoch_keys(data: Views, cfg, d, epoch: int, skip: int) -> list:
-    """This rank's (epoch, index) keys in a (seed, epoch) order, less the `skip` batches a resumed run had."""
-    sampler = DistributedSampler(data, d.world, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    return [(epoch, i) for i in list(sampler)[skip * cfg.batch_size:]]  # (N // W - skip * B,)
 
 
 # --- Model, optimiser, objectives ---
@@ -287,10 +267,9 @@ def ema_update(ema: nn.Module, online: nn.Module, momentum: float):
 
 def heads_loss(net, views, idx, queues, targets, mim: bool, phase: int, k: int, tau: float, offset: int, gen,
                neighbours: bool = True, pairing: str = "intended"):
-    """One step's loss: Eq. (9) (MIM-Refiner) or Eq. (11) (MAE-CT) per head, summed over the heads,
-    with neighbours drawn from each head's queue by `gen` (neighbours=False, the control: each anchor
-    is its own positive); and per head the projections of the first
-    global view (B, d), what the queue gets. views [(B, C, H, W)], global first; idx (B,) dataset indices."""
+    """One step's loss: Eq. (9) (MIM-Refiner) or Eq. (11) (MAE-CT) per head, summed over the heads, with
+    neighbours drawn from each head's queue by `gen` (neighbours=False, the control: each anchor is its own
+    positive); and per head the first global view's projections (B, d), what the queue gets."""
     loss, first_view = 0.0, {}
     h, zp = net(views)  # h {block: (V*B, D)}, zp {block: (z, p)} each (V*B, d)
     for b, (z, p) in zp.items():
