@@ -24,7 +24,8 @@ def blur(img, lo: float, hi: float):
 def make_views(cfg) -> list:
     """Transforms, global views first: crop-flip (MAE-CT) or BYOL multicrop (MIM-Refiner: blur
     p 1.0 / 0.1 / 0.5 on global 1 / global 2 / local, solarize on global 2); uint8, see to_input.
-    cfg: views, global_size, local_size, local_crops, global_crop_min, local_crop_min."""
+    cfg: views, global_size, local_size, local_crops, global_crop_min, local_crop_min, jitter (x BYOL's)."""
+    j = cfg.jitter
     bicubic = T.InterpolationMode.BICUBIC
     if cfg.views == "crop-flip":
         v = T.Compose([T.RandomResizedCrop(cfg.global_size, (cfg.global_crop_min, 1.0), interpolation=bicubic),
@@ -35,7 +36,7 @@ def make_views(cfg) -> list:
         s = cfg.global_size / 224  # blur sigma 0.1-2.0 px at 224, scaled with the global side for every view
         return T.Compose([
             T.RandomResizedCrop(size, scale, interpolation=bicubic), T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            T.RandomApply([T.ColorJitter(0.4 * j, 0.4 * j, 0.2 * j, min(0.5, 0.1 * j))], p=0.8),
             T.RandomGrayscale(0.2), T.RandomApply([T.Lambda(partial(blur, lo=0.1 * s, hi=2.0 * s))], p=blur_p),
             T.RandomSolarize(128, p=solarize_p), T.PILToTensor()])
 

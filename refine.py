@@ -56,8 +56,11 @@ class Settings:
                                                  "(0.25, MAE-CT 0.08; small 0.5)")
     local_crop_min: Optional[float] = opt(None, "smallest area fraction of a local crop (the largest is "
                                                 "--global-crop-min); default by scale (0.05, small 0.25)")
-    neighbours: bool = opt(True, "positives from the queue's nearest neighbours; --no-neighbours is the "
-                                 "control: each anchor is its own positive (augmentation-only)")
+    jitter: Optional[float] = opt(None, "colour jitter strength of multicrop views, x BYOL's (0.4, 0.4, 0.2, "
+                                        "0.1); default by scale (1, small 2: the digits' grey levels are nuisance)")
+    neighbours: str = opt("", "phases whose positives are queue neighbours: all, refine (not the heads' warm-up: "
+                              "its anchors are their own), none (the augmentation-only control); '' = by scale "
+                              "(all; small: refine)")
     heads: str = opt("", "blocks with a head, e.g. 17-24 or 18,20,24; '' = by depth (docs/METHOD.md §8)")
     feature: str = opt("cls", "what the heads read: cls (CLS token) or mean (of the patch tokens)")
     freeze_blocks: int = opt(-1, "lower blocks (+ stem) frozen in phase 2; -1 = by method (MAE-CT half)")
@@ -138,7 +141,8 @@ def recipe(cfg: Settings, vit, world: int, n_train: int) -> dict:
     return dict(
         views="multicrop" if mim or not big else "crop-flip", local_crops=10 if big else 2 if mim else 0,
         global_size=g, global_crop_min=(0.25 if mim else 0.08) if big else 0.5,
-        local_crop_min=0.05 if big else 0.25,
+        local_crop_min=0.05 if big else 0.25, jitter=1.0 if big else 2.0,
+        neighbours="all" if big else "refine",
         local_size=vit.patch * math.ceil(g * 96 / 224 / vit.patch),  # 96 px at 224, 98 for patch 14
         heads=",".join(map(str, head_blocks(cfg.method, vit.dim, vit.depth))),
         freeze_blocks=vit.depth // 2 if not mim else 6 if scale == "2b" else 0,
@@ -157,9 +161,10 @@ def recipe(cfg: Settings, vit, world: int, n_train: int) -> dict:
 def resolve(cfg: Settings, vit, world: int, n_train: int) -> Settings:
     """Settings left at their 'by scale' default take the recipe's value; then checks."""
     for name, allowed in (("method", ("mim-refiner", "mae-ct")), ("views", ("", "multicrop", "crop-flip")),
-                          ("feature", ("cls", "mean")), ("pairing", ("intended", "official"))):
+                          ("feature", ("cls", "mean")), ("pairing", ("intended", "official")),
+                          ("neighbours", ("", "all", "refine", "none"))):
         if getattr(cfg, name) not in allowed:
-            raise UserError(f"unknown --{name} {getattr(cfg, name)!r}; use one of {allowed[-2:]}")
+            raise UserError(f"unknown --{name} {getattr(cfg, name)!r}; use one of {[a for a in allowed if a]}")
     default = {f.name: f.default for f in dataclasses.fields(Settings)}
     r = dataclasses.replace(cfg, **{k: v for k, v in recipe(cfg, vit, world, n_train).items()
                                     if getattr(cfg, k) == default[k]})
@@ -407,7 +412,8 @@ def main(cfg: Settings) -> dict:
             offset = d.rank * cfg.batch_size  # row j's positive: column offset + j
             with autocast:
                 loss, first_view = heads_loss(net, views, idx, queues, targets, mim, phase, k, tau, offset, gen,
-                                              cfg.neighbours, cfg.pairing)
+                                              cfg.neighbours == "all" or (cfg.neighbours, phase) == ("refine", 1),
+                                              cfg.pairing)
             optim.zero_grad(set_to_none=True)
             loss.backward()  # queued before the one host sync of the step, the loss check below
             loss_value, stopping = run.gather_loss(loss)  # the same on every rank; a signal to any stops all

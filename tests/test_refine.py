@@ -388,18 +388,17 @@ def test_compile_path_runs_on_cpu_and_matches_eager(tiny_ckpt, tmp_path):
     assert load(tmp_path / "compiled")["encoder"].keys() == load(tmp_path / "eager")["encoder"].keys()
 
 
-@pytest.mark.parametrize("neighbours", [True, False])
-def test_no_neighbours_control_never_reads_the_queue(tiny_ckpt, tmp_path, monkeypatch, neighbours):
-    """--no-neighbours (the augmentation-only control): each anchor is its own positive, so the
-    queue is never looked up and the first step's loss is NNA with nn_z = z, i.e. InfoNCE."""
-    looked, seen = [], []
-    real_lookup, real_nna = model.NNQueue.lookup, model.nna_loss
-    monkeypatch.setattr(model.NNQueue, "lookup", lambda *a, **k: looked.append(1) or real_lookup(*a, **k))
+@pytest.mark.parametrize("neighbours", ["all", "refine", "none"])
+def test_neighbours_by_phase(tiny_ckpt, tmp_path, monkeypatch, neighbours):
+    """--neighbours: where the positive is a queue neighbour; elsewhere each anchor is its own positive,
+    so NNA gets nn_z = z (InfoNCE). 'refine': the heads' warm-up (4 steps) without, the refinement with."""
+    seen, real_nna = [], model.nna_loss
     monkeypatch.setattr(model, "nna_loss",
                         lambda z, nn_z, *a: seen.append(torch.equal(z, nn_z)) or real_nna(z, nn_z, *a))
-    refine.main(settings(tiny_ckpt, tmp_path, head_epochs=1, epochs=0, max_steps=2, neighbours=neighbours))
-    assert bool(looked) == neighbours and len(seen) == 2 * 2 * 4  # 2 steps x 2 heads x 4 pairs
-    assert all(seen) == (not neighbours) and any(seen) == (not neighbours)
+    refine.main(settings(tiny_ckpt, tmp_path, head_epochs=1, epochs=1, neighbours=neighbours))
+    assert len(seen) == 8 * 2 * 4  # 8 steps x 2 heads x 4 pairs
+    own = {"all": [False] * 64, "refine": [True] * 32 + [False] * 32, "none": [True] * 64}[neighbours]
+    assert seen == own
 
 
 def test_truncated_last_pt_is_survived_with_an_identical_result(tiny_ckpt, tmp_path, capsys):
