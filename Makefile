@@ -24,10 +24,10 @@ lint: .venv/.installed
 demo: .venv/.demo-installed
 	$(PY) demo.py --out runs/demo
 
-# The same chain from an MAE pre-trained here (pretrain.py's docstring command, ~65 min on one
+# The same chain from an MAE pre-trained here (pretrain.py's docstring command, ~31 min on one
 # thread, into runs/ so that the committed checkpoint stays as it is).
 demo-full: .venv/.demo-installed
-	OMP_NUM_THREADS=1 $(PY) pretrain.py --out runs/demo-full/pretrain --base-lr 1.5e-3 --epochs 150 \
+	OMP_NUM_THREADS=1 $(PY) pretrain.py --out runs/demo-full/pretrain --base-lr 1.5e-3 --epochs 50 \
 		--crop-min 0.5 --save-every 100 --export runs/demo-full/mae_tiny_digits.pth
 	$(PY) demo.py --ckpt runs/demo-full/mae_tiny_digits.pth --out runs/demo-full
 

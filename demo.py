@@ -2,17 +2,21 @@
 
 The committed MAE (checkpoints/mae_tiny_digits.pth, made by pretrain.py) is refined twice, with
 MIM-Refiner (Alkin et al. 2024) and with MAE-CT (Lehner et al. 2023); all three encoders are then
-evaluated with the same protocols (docs/METHOD.md §11): weighted k-NN on every block, linear probe, 1/2/5-shot
-logistic regression, k-means clustering. Each encoder's features are extracted once
-(knn.py --save-features) and the other stages read them (--load-features). The stages run as
-separate processes (`--jobs` at a time, `--threads` torch threads each: on a shared 2-core machine
-two one-thread processes beat one two-thread process for models this small); this file only
-orchestrates them and aggregates their --out JSON files into:
-    OUT/summary.json      {"mae": {...}, "mim-refiner": {...}, "mae-ct": {...}}
-    OUT/knn_per_block.png the per-block k-NN curve of the three encoders (needs matplotlib)
+evaluated with the same protocols (docs/METHOD.md §11) on the mean of the patch tokens: weighted
+k-NN on every block, linear probe, 1/2/5-shot logistic regression, k-means clustering. Each
+encoder's features are extracted once (knn.py --save-features) and the other stages read them
+(--load-features). The stages run as separate processes (`--jobs` at a time, `--threads` torch
+threads each: on a 2-core machine two one-thread processes beat one two-thread process for models
+this small); this file orchestrates them and aggregates their --out JSON files into:
+    OUT/summary.json      {"mae": {...}, "mim-refiner": {...}, "mae-ct": {...}}, fractions in [0, 1]
+    OUT/knn_per_block.png the per-block k-NN curve of every encoder
+    OUT/neighbours.png    8 val images and their 5 nearest training images under each encoder
+    OUT/tsne.png          a t-SNE map of the val features of each encoder, coloured by digit
     OUT/<encoder>/        every stage's JSON, log and feature file
+--control adds a randomly initialised encoder of the MAE's shape ("random") and both refinements of
+it with the same budget ("random+mim-refiner", "random+mae-ct"): what the MIM pre-training brings.
 
-CPU, the embedded default (6 minutes on 2 cores shared with other work, load average ~2):
+CPU, the embedded default (about 10 minutes on 2 cores; the numbers are in the README):
     python demo.py
 Reduced size (under a minute; what tests/test_demo.py runs on a tiny encoder and image folder):
     python demo.py --quick --ckpt tiny.pth --data folder --out runs/demo-quick

@@ -79,7 +79,10 @@ def test_recipe_for_other_sizes_scales_with_the_data():
     tiny = SimpleNamespace(dim=128, depth=6, patch=4, img_size=32, post_norm=False)
     assert refine.scale_of(tiny, 10_000) == ("small", "ours for CPUs: 128 wide, 6 deep (under 384 wide) on 10000 "
                                                       "images (under 50000)")
-    assert refine.resolve(refine.Settings(), tiny, 1, 10_000).ema_momentum == 0.95
+    small = refine.resolve(refine.Settings(), tiny, 1, 10_000)  # the demo's recipe (README deviations table)
+    assert small.ema_momentum == 0.95 and (small.layer_decay, small.topk, small.jitter) == (1.0, 5, 2.0)
+    assert (small.global_crop_min, small.queue_size, small.lr, small.neighbours) == (0.3, 4096, 4e-3, "refine")
+    assert (small.local_crops, small.freeze_blocks, small.epochs) == (0, tiny.depth // 2, 2)
     assert refine.scale_of(tiny, 1_281_167)[0] == "base"  # a small encoder on much data: not the toy recipe
     large = SimpleNamespace(dim=1024, depth=24, patch=16, img_size=224, post_norm=False)
     assert refine.resolve(refine.Settings(), large, 8, 1_281_167).ema_momentum == 0.9999  # ImageNet: the paper's
@@ -89,7 +92,7 @@ def test_lr_multipliers_and_weight_decay_follow_eq_13():
     for post_norm in (False, True):
         vit = model.ViT(dim=32, depth=4, patch=4, img_size=32, post_norm=post_norm)
         net = refine.Refiner(vit, [3, 4], "cls", proj_hidden=16, proj_dim=8, pred_hidden=16)
-        cfg = refine.Settings()
+        cfg = refine.Settings(layer_decay=0.65)
         name_of = {id(p): n for n, p in net.named_parameters()}
         seen = {name_of[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in refine.param_groups(net, cfg)
                 for p in g["params"]}
@@ -114,7 +117,8 @@ def test_lr_schedule_warms_up_then_cosine():
 
 
 def test_views_are_a_function_of_seed_epoch_index():
-    cfg = refine.resolve(refine.Settings(batch_size=4), model.ViT(dim=32, depth=4, patch=4, img_size=32), 1, 100)
+    cfg = refine.resolve(refine.Settings(batch_size=4, local_crops=2), model.ViT(dim=32, depth=4, patch=4, img_size=32),
+                         1, 100)
     data = refine.Views(refine.train_set(refine.Settings(limit_train=8)), refine.make_views(cfg), 0)
     views, i = data[0, 3]  # key (epoch, index)
     assert i == 3 and [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
