@@ -448,7 +448,7 @@ class RefinePyStep:
         self.queues = {b: model.NNQueue(queue_size, head_kwargs["proj_dim"]).to(device) for b in blocks}
         self.ema = copy.deepcopy(vit).requires_grad_(False)
         self.ema_pairs = (list(self.ema.parameters()), [p.detach() for p in vit.parameters()])
-        self.opt = torch.optim.AdamW(refine.param_groups(self.refiner, refine.Settings()),
+        self.opt = torch.optim.AdamW(refine.param_groups(self.refiner, refine.Settings(layer_decay=0.65)),
                                      lr=1e-5, betas=(0.9, 0.95),
                                      **({"fused": True} if fast and device.type == "cuda" else {}))
         self.gen = torch.Generator(device=device).manual_seed(0)

@@ -82,7 +82,7 @@ def test_recipe_for_other_sizes_scales_with_the_data():
     small = refine.resolve(refine.Settings(), tiny, 1, 10_000)  # the demo's recipe (README deviations table)
     assert small.ema_momentum == 0.95 and (small.layer_decay, small.topk, small.jitter) == (1.0, 5, 2.0)
     assert (small.global_crop_min, small.queue_size, small.lr, small.neighbours) == (0.3, 4096, 4e-3, "refine")
-    assert (small.local_crops, small.freeze_blocks, small.epochs) == (0, tiny.depth // 2, 2)
+    assert (small.local_crops, small.freeze_blocks, small.epochs) == (0, tiny.depth // 2, 4)
     assert refine.scale_of(tiny, 1_281_167)[0] == "base"  # a small encoder on much data: not the toy recipe
     large = SimpleNamespace(dim=1024, depth=24, patch=16, img_size=224, post_norm=False)
     assert refine.resolve(refine.Settings(), large, 8, 1_281_167).ema_momentum == 0.9999  # ImageNet: the paper's
@@ -310,7 +310,7 @@ def test_two_processes_equal_one(tiny_ckpt, tmp_path):
     w0 = torch.load(tiny_ckpt, weights_only=True)["model"]
     for k, v in c1["encoder"].items():
         if v.ndim >= 2 and k != "pos_embed":
-            assert (c2["encoder"][k] - v).norm() < 0.1 * (v - w0[k]).norm(), k
+            assert (c2["encoder"][k] - v).norm() <= 0.1 * (v - w0[k]).norm(), k  # frozen: both unchanged
     for k, v in c1["heads"].items():
         if v.ndim >= 2:
             assert (c2["heads"][k] - v).norm() < 1e-2 * v.norm(), k  # measured up to 1.2e-3
