@@ -104,9 +104,9 @@ class Settings:
 RECIPES = {
     ("base", "mim-refiner"): (1024, 30, 0.2),  # no ViT-B in the paper: the large recipe (our choice)
     ("large", "mim-refiner"): (1024, 30, 0.2), ("huge", "mim-refiner"): (512, 30, 0.3),
-    ("2b", "mim-refiner"): (512, 20, 0.35), ("small", "mim-refiner"): (128, 4, 0.2),
+    ("2b", "mim-refiner"): (512, 20, 0.35), ("small", "mim-refiner"): (128, 6, 0.2),
     ("base", "mae-ct"): (1024, 20, 0.15), ("large", "mae-ct"): (1024, 20, 0.2),
-    ("huge", "mae-ct"): (512, 30, 0.3), ("small", "mae-ct"): (128, 4, 0.15),
+    ("huge", "mae-ct"): (512, 30, 0.3), ("small", "mae-ct"): (128, 6, 0.15),
     ("2b", "mae-ct"): (512, 30, 0.35),  # no 2b in MAE-CT: huge's epochs, MIM-Refiner's tau (ours)
 }
 FREE_ON_RESUME = {"ckpt", "out", "max_steps", "save_every", "log_every", "device", "workers",  # settings a resumed

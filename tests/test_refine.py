@@ -82,7 +82,7 @@ def test_recipe_for_other_sizes_scales_with_the_data():
     small = refine.resolve(refine.Settings(), tiny, 1, 10_000)  # the demo's recipe (README deviations table)
     assert small.ema_momentum == 0.95 and (small.layer_decay, small.topk, small.jitter) == (1.0, 5, 2.0)
     assert (small.global_crop_min, small.queue_size, small.lr, small.neighbours) == (0.3, 4096, 4e-3, "refine")
-    assert (small.local_crops, small.freeze_blocks, small.epochs) == (0, tiny.depth // 2, 4)
+    assert (small.local_crops, small.freeze_blocks, small.epochs) == (0, tiny.depth // 2, 6)
     assert refine.scale_of(tiny, 1_281_167)[0] == "base"  # a small encoder on much data: not the toy recipe
     large = SimpleNamespace(dim=1024, depth=24, patch=16, img_size=224, post_norm=False)
     assert refine.resolve(refine.Settings(), large, 8, 1_281_167).ema_momentum == 0.9999  # ImageNet: the paper's
