@@ -200,20 +200,19 @@ def last_block(cfg: Settings, name: str):
     return train, val, f["train_labels"], f["val_labels"]
 
 
-def neighbour_grid(cfg: Settings, names: list, path: str, queries: int = 8, shown: int = 5):
+def neighbour_grid(cfg: Settings, feats: dict, path: str, queries: int = 8, shown: int = 5):
     """For `queries` val images (one per class, the first of each), their `shown` nearest train
     images under each encoder's last block (cosine of standardised features, as the k-NN);
-    a neighbour of the query's class is framed green, another red."""
+    a neighbour of the query's class is framed green, another red. feats: {name: last_block(...)}."""
     plt = pyplot()
     train_ds, val_ds = common.build_dataset(cfg.data, "train"), common.build_dataset(cfg.data, "val")
     labels = torch.tensor(val_ds.targets)
     picks = [int((labels == c).nonzero()[0]) for c in labels.unique()[:queries]]
-    cols = 1 + len(names) * (shown + 1)
+    cols = 1 + len(feats) * (shown + 1)
     fig, axes = plt.subplots(len(picks), cols, figsize=(cols * 0.55, len(picks) * 0.62), squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
-    for j, name in enumerate(names):
-        train, val, ytr, _ = last_block(cfg, name)
+    for j, (name, (train, val, ytr, _)) in enumerate(feats.items()):
         near = (torch.nn.functional.normalize(val[picks], dim=1)
                 @ torch.nn.functional.normalize(train, dim=1).T).topk(shown, dim=1).indices  # (Q, shown)
         axes[0, 1 + j * (shown + 1) + shown // 2].set_title(name, fontsize=9)
@@ -233,14 +232,14 @@ def neighbour_grid(cfg: Settings, names: list, path: str, queries: int = 8, show
     plt.close(fig)
 
 
-def feature_map(cfg: Settings, names: list, path: str, n: int = 1000):
+def feature_map(feats: dict, path: str, n: int = 1000):
     """t-SNE (scikit-learn, PCA start, seed 0) of the first n val images' last-block features of
-    each encoder, coloured by class: before refinement the classes overlap, after it they separate."""
+    each encoder, coloured by class: before refinement the classes overlap, after it they separate.
+    feats: {name: last_block(...)}."""
     from sklearn.manifold import TSNE
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(names), figsize=(3.3 * len(names), 3.4), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        _, val, _, y = last_block(cfg, name)
+    fig, axes = plt.subplots(1, len(feats), figsize=(3.3 * len(feats), 3.4), squeeze=False)
+    for ax, (name, (_, val, _, y)) in zip(axes[0], feats.items()):
         x = val[:n].numpy()
         xy = TSNE(2, init="pca", random_state=0, perplexity=min(30.0, (len(x) - 1) / 3)).fit_transform(x)  # (n, 2)
         ax.scatter(xy[:, 0], xy[:, 1], c=y[:n].numpy(), cmap="tab10", s=4, vmin=-0.5, vmax=9.5)
@@ -290,8 +289,9 @@ def main(cfg: Settings) -> dict:
           f"{table(summary)}\n")
     if cfg.plot:
         plot(summary, os.path.join(cfg.out, "knn_per_block.png"), cfg.k)
-        neighbour_grid(cfg, list(ENCODERS), os.path.join(cfg.out, "neighbours.png"))
-        feature_map(cfg, list(ENCODERS), os.path.join(cfg.out, "tsne.png"))
+        feats = {name: last_block(cfg, name) for name in ENCODERS}  # each feature file read once
+        neighbour_grid(cfg, feats, os.path.join(cfg.out, "neighbours.png"))
+        feature_map(feats, os.path.join(cfg.out, "tsne.png"))
     print(f"{time.perf_counter() - t0:.0f} s; wrote {cfg.out}/summary.json" +
           (" and knn_per_block.png, neighbours.png, tsne.png" if cfg.plot else ""))
     return summary

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 SIZES = {"tiny": (192, 12, 3, 16), "small": (384, 12, 6, 16), "base": (768, 12, 12, 16),
          "large": (1024, 24, 16, 16), "huge": (1280, 32, 16, 14), "2b": (2560, 24, 32, 14)}
 KNOWN_HEADS = {768: 12, 1024: 16, 1280: 16, 2560: 32}  # head count cannot be read from weights
+torch.serialization.add_safe_globals([Namespace])  # MAE's checkpoint-N.pth 'args': plain values, no code
 
 
 class UserError(Exception):
@@ -360,7 +361,6 @@ def read_checkpoint(path: str, what: str = "checkpoint", fix: str = "give a torc
             with safe_open(path, "pt") as f:
                 return {"model": {k: f.get_tensor(k) for k in f.keys()},
                         "arch": json.loads((f.metadata() or {}).get("arch") or "null")}
-        torch.serialization.add_safe_globals([Namespace])  # plain values, no code
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises several types for a bad file
         text = str(e).strip() or type(e).__name__
