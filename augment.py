@@ -12,8 +12,7 @@ from PIL import ImageFilter
 from torch.utils.data import Dataset, DistributedSampler, Subset
 from torchvision import transforms as T
 
-import common
-from common import IMAGENET_MEAN, IMAGENET_STD
+from data import IMAGENET_MEAN, IMAGENET_STD, JitteredDigits, build_dataset
 
 
 def blur(img, lo: float, hi: float):
@@ -74,8 +73,8 @@ class Views(Dataset):
 def train_set(cfg):
     """The training images of --data (labels unused); with --limit-train, N of them."""
     if cfg.data == "jittered-digits" and cfg.limit_train:  # drawn per index: the same first N, faster
-        return common.JitteredDigits("train", n=cfg.limit_train)
-    ds = common.build_dataset(cfg.data, "train", labels=False)
+        return JitteredDigits("train", n=cfg.limit_train)
+    ds = build_dataset(cfg.data, "train", labels=False)
     n = min(cfg.limit_train, len(ds)) or len(ds)  # evenly spaced: an ImageFolder is sorted by class
     return Subset(ds, [i * len(ds) // n for i in range(n)]) if cfg.limit_train else ds
 

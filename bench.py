@@ -286,8 +286,9 @@ def bench_probe_augment(n, epochs, device, rounds, goal):
     probe = try_import("probe")
     if probe is None or not all(hasattr(probe, a) for a in ("GridTrainer", "train_transform")):
         return dict(skipped="probe.GridTrainer / probe.train_transform do not exist yet")
-    import common
-    data = common.JitteredDigits("train", n=n, transform=probe.train_transform(32))
+    from data import JitteredDigits
+    from features import extract_features
+    data = JitteredDigits("train", n=n, transform=probe.train_transform(32))
     y = torch.as_tensor(data.targets).to(device)
     torch.manual_seed(0)
     vit = model.ViT(dim=128, depth=6, heads=2, patch=4, img_size=32).to(device).eval()
@@ -297,7 +298,7 @@ def bench_probe_augment(n, epochs, device, rounds, goal):
         trainer = probe.GridTrainer(vit.dim, 10, lrs, batch, epochs, n, 0.1, 0, device)
         for epoch in range(epochs):
             torch.manual_seed(epoch)  # the same crops in every training
-            feats, _ = common.extract_features(vit, data, [vit.depth], "cls", 256, device, 0)
+            feats, _ = extract_features(vit, data, [vit.depth], "cls", 256, device, 0)
             trainer.train_epoch(feats[vit.depth].to(device), y)
         return trainer
 
@@ -326,13 +327,14 @@ def bench_loader(device, n_images, batch, workers, epochs=3):
     import dataclasses
     import shutil
     import tempfile
+
     from PIL import Image
     from torch.utils.data import DataLoader
     from torchvision import datasets
     refine = try_import("refine")
     if refine is None or not all(hasattr(refine, a) for a in ("Views", "make_views", "Settings")):
         return dict(skipped="refine.Views / refine.make_views do not exist yet")
-    import common
+    from data import EpochKeys, loader_kwargs
     root = tempfile.mkdtemp()
     try:
         os.makedirs(os.path.join(root, "c0"))
@@ -343,8 +345,8 @@ def bench_loader(device, n_images, batch, workers, epochs=3):
                 os.path.join(root, "c0", f"{i}.jpg"), quality=90)
         cfg = dataclasses.replace(refine.Settings(), views="multicrop", global_size=224, local_size=96,
                                   local_crops=10)
-        data, keys = refine.Views(datasets.ImageFolder(root), refine.make_views(cfg), 0), common.EpochKeys()
-        loader = DataLoader(data, batch, sampler=keys, drop_last=True, **common.loader_kwargs(device, workers))
+        data, keys = refine.Views(datasets.ImageFolder(root), refine.make_views(cfg), 0), EpochKeys()
+        loader = DataLoader(data, batch, sampler=keys, drop_last=True, **loader_kwargs(device, workers))
         times = []
         for epoch in range(epochs):  # as refine.py: one loader, its workers persist across epochs
             keys.keys = [(epoch, i) for i in torch.randperm(n_images).tolist()]

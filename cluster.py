@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from common import cli, opt, setup_distributed
-from common import FeatureSettings, get_features, report
+from features import FeatureSettings, get_features, report
 from model import UserError
 
 DOGS15 = ("n02085936 n02086646 n02088238 n02091467 n02097130 n02099601 n02101388 n02101556 "

@@ -35,7 +35,10 @@ import torch
 
 import common
 import knn
+import runfiles
 from common import opt
+from data import build_dataset
+from features import read_feature_file
 from model import UserError, ViT, export_encoder, load_encoder
 
 ENCODERS = ("mae", "mim-refiner", "mae-ct")
@@ -130,7 +133,7 @@ def random_encoder(cfg: Settings):
     torch.manual_seed(1)
     fresh = ViT(**vit.arch())
     os.makedirs(os.path.join(cfg.out, "random"), exist_ok=True)
-    common.save_atomic(export_encoder(fresh), os.path.join(cfg.out, "random", "encoder.pth"))
+    runfiles.save_atomic(export_encoder(fresh), os.path.join(cfg.out, "random", "encoder.pth"))
 
 
 def read(path: str) -> list:
@@ -194,7 +197,7 @@ def plot(summary: dict, path: str, k: int):
 
 def last_block(cfg: Settings, name: str):
     """An encoder's standardised last-block features as in knn.py: train (N, D), val (M, D), labels."""
-    f = common.read_feature_file(os.path.join(cfg.out, name, "features.pt"), ("train", "val"))
+    f = read_feature_file(os.path.join(cfg.out, name, "features.pt"), ("train", "val"))
     b = max(f["train_features"])
     train, val = knn.standardize(f["train_features"][b], f["val_features"][b])
     return train, val, f["train_labels"], f["val_labels"]
@@ -205,7 +208,7 @@ def neighbour_grid(cfg: Settings, feats: dict, path: str, queries: int = 8, show
     images under each encoder's last block (cosine of standardised features, as the k-NN);
     a neighbour of the query's class is framed green, another red. feats: {name: last_block(...)}."""
     plt = pyplot()
-    train_ds, val_ds = common.build_dataset(cfg.data, "train"), common.build_dataset(cfg.data, "val")
+    train_ds, val_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
     labels = torch.tensor(val_ds.targets)
     picks = [int((labels == c).nonzero()[0]) for c in labels.unique()[:queries]]
     cols = 1 + len(feats) * (shown + 1)

@@ -31,6 +31,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 import common
 from augment import Views
 from common import opt
+from data import EpochKeys, build_dataset, eval_transform, loader_kwargs
+from features import extract_features, report
 from labelled import draw_split, split_file_indices, train_transform
 from model import UserError, load_encoder
 
@@ -103,8 +105,8 @@ def labelled_indices(cfg, train) -> list:
 
 @torch.no_grad()
 def accuracy(net: Classifier, val, cfg, d) -> float:
-    """Validation top-1: every process embeds a shard (common.extract_features), all score all."""
-    feats, labels = common.extract_features(net.vit, val, [net.vit.depth], "cls-norm", cfg.batch_size // d.world,
+    """Validation top-1: every process embeds a shard (extract_features), all score all."""
+    feats, labels = extract_features(net.vit, val, [net.vit.depth], "cls-norm", cfg.batch_size // d.world,
                                             d.device, cfg.workers, desc="val")  # the head's input, (N, D)
     net.vit.train()  # extract_features leaves it in eval mode
     return (net.head(feats[net.vit.depth].to(d.device)).argmax(1).cpu() == labels).float().mean().item()
@@ -118,20 +120,20 @@ def main(cfg: Settings) -> dict:
     if cfg.batch_size % d.world:
         raise UserError(f"--batch-size {cfg.batch_size} does not divide over {d.world} processes; use a multiple")
     vit = load_encoder(cfg.ckpt, weights=cfg.weights, img_size=cfg.img_size)
-    train = common.build_dataset(cfg.data, "train")
+    train = build_dataset(cfg.data, "train")
     idx, targets = labelled_indices(cfg, train), torch.as_tensor(train.targets)
     if cfg.batch_size > len(idx):
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(idx)} labelled images; lower it")
     net = Classifier(vit, len(train.classes)).to(d.device)
     ddp = net if d.world == 1 else DDP(net, [d.device] if d.device.type == "cuda" else None)
-    data, keys = Views(train, [train_transform(vit.img_size, cfg.crop_min)], cfg.seed), common.EpochKeys()
+    data, keys = Views(train, [train_transform(vit.img_size, cfg.crop_min)], cfg.seed), EpochKeys()
     loader = DataLoader(data, cfg.batch_size // d.world, sampler=keys, drop_last=True,
-                        **common.loader_kwargs(d.device, cfg.workers))
+                        **loader_kwargs(d.device, cfg.workers))
     sampler = DistributedSampler(idx, d.world, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
     spe = len(sampler) // (cfg.batch_size // d.world)  # steps per epoch
     total, warm, peak = cfg.epochs * spe, round(cfg.warmup * spe), cfg.lr * cfg.batch_size / 256
     optim = torch.optim.AdamW(param_groups(net, cfg), lr=peak, betas=(0.9, 0.999))
-    val = common.build_dataset(cfg.data, "val", common.eval_transform(vit.img_size))
+    val = build_dataset(cfg.data, "val", eval_transform(vit.img_size))
     autocast = torch.autocast(d.device.type, torch.bfloat16, enabled=d.device.type == "cuda")
     records, step = [], 0
     for epoch in range(cfg.epochs):
@@ -155,7 +157,7 @@ def main(cfg: Settings) -> dict:
                                 top1=accuracy(net, val, cfg, d), best=False))
     max(records, key=lambda r: r["top1"])["best"] = True
     what = f"--split-file {cfg.split_file}" if cfg.split_file else f"{cfg.percent:g}% of every class"
-    return common.report(cfg, d, records, f"fine-tuning top-1 on {len(idx)} labelled images ({what}), "
+    return report(cfg, d, records, f"fine-tuning top-1 on {len(idx)} labelled images ({what}), "
                                           f"{cfg.epochs} epochs of {spe} steps, global batch {cfg.batch_size}")
 
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common import cli, opt, setup_distributed
-from common import FeatureSettings, get_features, parse_ints, report
+from common import cli, opt, parse_ints, setup_distributed
+from features import FeatureSettings, get_features, report
 from model import UserError
 
 

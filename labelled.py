@@ -7,7 +7,8 @@ import os
 import numpy as np
 import torch.nn.functional as F
 
-from common import IMAGENET_MEAN, IMAGENET_STD, build_dataset, parse_ints
+from common import parse_ints
+from data import IMAGENET_MEAN, IMAGENET_STD, build_dataset
 from model import UserError
 
 

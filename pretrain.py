@@ -41,6 +41,7 @@ from tqdm import tqdm
 import common
 import runfiles
 from common import cli, opt
+from data import IMAGENET_MEAN, IMAGENET_STD, EpochKeys, build_dataset, loader_kwargs
 from model import Block, UserError, ViT, export_encoder, init_weights, sincos_pos_embed
 
 
@@ -150,7 +151,7 @@ class Augmented(Dataset):
         self.base, self.seed = base, seed
         self.transform = T.Compose([
             T.RandomResizedCrop(size, (crop_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])
+            T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def __len__(self):
         return len(self.base)
@@ -196,7 +197,7 @@ def resume(ck: dict, path: str, mae: MAE, cfg: Settings, d: common.Dist, optimiz
         return None
     mae.load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optimizer"])
-    common.set_rng_state(ck["rng"][d.rank])
+    runfiles.set_rng_state(ck["rng"][d.rank])
     return ck["step"], ck["loss"], ck.get("window", [])
 
 
@@ -211,7 +212,7 @@ def main(cfg: Settings) -> dict:
     common.seed_everything(cfg.seed)  # the same initial weights on every rank
     mae = MAE(cfg.dec_dim, cfg.dec_depth, cfg.dec_heads, dim=cfg.dim, depth=cfg.depth,
               heads=cfg.num_heads or None, patch=cfg.patch, img_size=cfg.img_size).to(d.device)
-    data = Augmented(common.build_dataset(cfg.data, "train", labels=False), cfg.img_size, cfg.crop_min, cfg.seed)
+    data = Augmented(build_dataset(cfg.data, "train", labels=False), cfg.img_size, cfg.crop_min, cfg.seed)
     sampler = DistributedSampler(data, d.world, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
     steps_per_epoch = len(sampler) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -228,7 +229,7 @@ def main(cfg: Settings) -> dict:
     ck = run.resume(lambda ck, path: resume(ck, path, mae, cfg, d)) if cfg.resume else None  # or last.prev.pt
     step, loss_logged, window = resume(ck, last, mae, cfg, d, optimizer) if ck else (0, float("nan"), [])
     if d.main:
-        common.trim_log(log_path, step)
+        runfiles.trim_log(log_path, step)
         print(f"MAE: encoder {mae.arch()}, decoder {mae.dec_arch}; {len(data)} images, "
               f"{steps_per_epoch} steps/epoch, global batch {cfg.batch_size * d.world}, lr {peak:.3g}; "
               f"steps {step} -> {end} of {total}")
@@ -241,9 +242,9 @@ def main(cfg: Settings) -> dict:
         net = torch.compile(net)
     # one loader for the run, so its workers persist; its own generator, as starting an epoch must
     # not draw from the global one (the masks)
-    keys = common.EpochKeys()
+    keys = EpochKeys()
     loader = DataLoader(data, batch_size=cfg.batch_size, sampler=keys, drop_last=True,
-                        generator=torch.Generator(), **common.loader_kwargs(d.device, cfg.workers))
+                        generator=torch.Generator(), **loader_kwargs(d.device, cfg.workers))
     bar = tqdm(total=end, initial=step, desc="pretrain", disable=not d.main, dynamic_ncols=True)
     start = time.time()
     while step < end:
@@ -287,7 +288,7 @@ def main(cfg: Settings) -> dict:
     if d.main:
         runfiles.write_encoder(export_encoder(mae), cfg.out)  # encoder.pth and encoder.safetensors
         if cfg.export:
-            common.save_atomic(make_checkpoint(mae, step, loss_logged, cfg), cfg.export)
+            runfiles.save_atomic(make_checkpoint(mae, step, loss_logged, cfg), cfg.export)
         print(f"step {step}: loss {loss_logged:.4f}; wrote {last}, encoder.pth {cfg.export}")
     return {"step": step, "loss": loss_logged, "out": cfg.out, "seconds": time.time() - start}
 

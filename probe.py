@@ -31,8 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import build_dataset, cli, extract_features, opt, parse_blocks, setup_distributed
-from common import FeatureSettings, get_features, load_model, report, select_blocks
+from common import cli, opt, parse_blocks, setup_distributed
+from data import build_dataset
+from features import FeatureSettings, extract_features, get_features, load_model, report, select_blocks
 from labelled import lowshot, train_transform
 from model import UserError
 

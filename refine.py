@@ -38,6 +38,7 @@ import model
 import runfiles
 from augment import Views, epoch_keys, make_views, to_input, train_set
 from common import opt
+from data import EpochKeys, loader_kwargs
 from model import UserError
 
 
@@ -350,9 +351,9 @@ def main(cfg: Settings) -> dict:
     cfg = resolve(cfg, vit, d.world, len(data))
     gb, mim = cfg.batch_size * d.world, cfg.method == "mim-refiner"
     blocks = [int(b) for b in cfg.heads.split(",")]
-    data, keys = Views(data, make_views(cfg), cfg.seed), common.EpochKeys()  # one loader: workers persist
+    data, keys = Views(data, make_views(cfg), cfg.seed), EpochKeys()  # one loader: workers persist
     loader = DataLoader(data, cfg.batch_size, sampler=keys, drop_last=True, generator=torch.Generator(),
-                        **common.loader_kwargs(d.device, cfg.workers))
+                        **loader_kwargs(d.device, cfg.workers))
     refiner = Refiner(vit, blocks, cfg.feature, not mim, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
                       pred_hidden=cfg.pred_hidden, act="gelu" if mim else "relu", predictor_bn=mim)
     queues = nn.ModuleDict({str(b): model.NNQueue(cfg.queue_size, cfg.proj_dim) for b in blocks})
@@ -366,7 +367,7 @@ def main(cfg: Settings) -> dict:
         part.to(d.device)
     step = ck["step"] if ck else 0
     if ck:  # (the run draws on its own generators; restored for whatever else may draw)
-        common.set_rng_state(ck["rng"])
+        runfiles.set_rng_state(ck["rng"])
 
     spe = len(DistributedSampler(data, d.world, d.rank, drop_last=True)) // cfg.batch_size  # steps/epoch
     mult = gb / 256 * (1 if mim else 2)  # the lr scales with the batch; MAE-CT counts both views
@@ -383,7 +384,7 @@ def main(cfg: Settings) -> dict:
               f"global batch {gb}; lr {phases[0][2]:.3g} / {phases[1][2]:.3g} for {cfg.head_epochs} + "
               f"{cfg.epochs} epochs of {spe} steps" + (f"; resuming at step {step}" if ck else "")
               + "\nsettings: " + json.dumps(dataclasses.asdict(cfg)))
-        common.trim_log(os.path.join(cfg.out, "log.jsonl"), step)  # a killed run logged past last.pt
+        runfiles.trim_log(os.path.join(cfg.out, "log.jsonl"), step)  # a killed run logged past last.pt
 
     def save(phase, optim):  # every rank checks (the weights are the same), so all stop together
         if not all(map(common.all_finite, parts.values())):  # a diverged update keeps the last file
@@ -391,7 +392,7 @@ def main(cfg: Settings) -> dict:
         if d.main:
             run.save({**{k: m.state_dict() for k, m in parts.items()}, "arch": vit.arch(), "phase": phase,
                       "optimizer": optim.state_dict(), "step": step, "global_batch": gb, "loss": loss_value,
-                      "settings": dataclasses.asdict(cfg), "rng": common.rng_state(), "n_train": len(data)})
+                      "settings": dataclasses.asdict(cfg), "rng": runfiles.rng_state(), "n_train": len(data)})
 
     gen = torch.Generator(device=d.device)  # neighbour picks, reseeded from (seed, step, rank)
     autocast = torch.autocast(d.device.type, torch.bfloat16, enabled=d.device.type == "cuda")

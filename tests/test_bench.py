@@ -21,6 +21,7 @@ def test_quick_harness_writes_ratios_and_agrees(tmp_path):
 
 def test_unknown_part_is_a_user_error():
     import pytest
+
     import model
     with pytest.raises(model.UserError):
         bench.main(bench.Settings(tiny=True, device="cpu", only="nope"))

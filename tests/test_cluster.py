@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from sklearn import metrics
+from test_knn import make_checkpoint, make_image_folder, settings
 
 import cluster
 from model import UserError
-from test_knn import make_checkpoint, make_image_folder, settings
 
 
 def brute_force_accuracy(y_true, y_pred):

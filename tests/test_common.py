@@ -15,7 +15,9 @@ import knn
 import model
 import pretrain
 import refine
+import runfiles
 import runguard
+from data import EpochKeys, build_dataset, loader_kwargs
 
 
 @dataclass
@@ -63,37 +65,37 @@ def test_parse_blocks():
 
 def test_save_atomic_never_leaves_a_torn_file(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    common.save_atomic({"step": 1}, str(path))
+    runfiles.save_atomic({"step": 1}, str(path))
 
     def broken_save(obj, f):
         open(f, "wb").write(b"half")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(model.UserError, match="cannot write .*disk full"):
-        common.save_atomic({"step": 2}, str(path))
+        runfiles.save_atomic({"step": 2}, str(path))
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert os.listdir(tmp_path) == ["last.pt"]  # the half-written temporary file is gone
 
 
 def test_rng_state_round_trip():
     common.seed_everything(3)
-    state = common.rng_state()
+    state = runfiles.rng_state()
     a = (torch.rand(3), np.random.rand(3), __import__("random").random())
     common.seed_everything(99)
-    common.set_rng_state(state)
+    runfiles.set_rng_state(state)
     b = (torch.rand(3), np.random.rand(3), __import__("random").random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
 
 
 def test_imagefolder_errors(tmp_path):
     with pytest.raises(model.UserError, match="does not exist"):
-        common.build_dataset(str(tmp_path / "nope"), "train")
+        build_dataset(str(tmp_path / "nope"), "train")
     (tmp_path / "train" / "cat").mkdir(parents=True)
     with pytest.raises(model.UserError, match="no val/ folder"):
-        common.build_dataset(str(tmp_path), "train")  # both splits checked up front
+        build_dataset(str(tmp_path), "train")  # both splits checked up front
     (tmp_path / "val" / "cat").mkdir(parents=True)
     with pytest.raises(model.UserError, match="at least one image"):
-        common.build_dataset(str(tmp_path), "train")
+        build_dataset(str(tmp_path), "train")
 
 
 class KeyEcho(torch.utils.data.Dataset):
@@ -107,7 +109,7 @@ class KeyEcho(torch.utils.data.Dataset):
 
 
 def test_epoch_keys_loader_keeps_its_workers_across_epochs():
-    keys = common.EpochKeys()
+    keys = EpochKeys()
     loader = torch.utils.data.DataLoader(KeyEcho(), batch_size=2, sampler=keys, num_workers=1,
                                          persistent_workers=True)
     seen = []
@@ -124,8 +126,8 @@ def test_loader_workers_by_the_cores_available(monkeypatch):
     assert knn.Settings().workers == -1
     for cores, want in ((2, 1), (1, 0), (64, 4)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
-        assert common.loader_kwargs(torch.device("cpu"), -1)["num_workers"] == want
-    assert common.loader_kwargs(torch.device("cpu"), 3)["num_workers"] == 3
+        assert loader_kwargs(torch.device("cpu"), -1)["num_workers"] == want
+    assert loader_kwargs(torch.device("cpu"), 3)["num_workers"] == 3
 
 
 def test_loader_workers_leave_signals_to_the_main_process():
@@ -151,10 +153,10 @@ def test_trainers_read_a_folder_of_images_evaluations_need_the_same_classes(tmp_
     (tmp_path / "photos").mkdir()
     for i in range(3):
         Image.new("RGB", (8, 8)).save(tmp_path / "photos" / f"{i}.jpg")
-    ds = common.build_dataset(str(tmp_path / "photos"), "train", labels=False)
+    ds = build_dataset(str(tmp_path / "photos"), "train", labels=False)
     assert len(ds) == 3 and ds.targets == [-1] * 3 and ds[0][0].size == (8, 8)
     with pytest.raises(model.UserError, match="has no train/ folder"):
-        common.build_dataset(str(tmp_path / "photos"), "train")
+        build_dataset(str(tmp_path / "photos"), "train")
 
 
 def test_new_settings_are_in_the_help(capsys):

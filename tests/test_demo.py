@@ -6,12 +6,12 @@ import os
 
 import pytest
 import torch
+from test_knn import make_checkpoint, make_image_folder
 
 import demo
 import knn
 import model
 from model import UserError
-from test_knn import make_checkpoint, make_image_folder
 
 
 def test_demo_quick_chain(tmp_path, capsys):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-import common
+from data import build_dataset
 from digits import JitteredDigits, draw
 
 
@@ -26,7 +26,7 @@ def test_deterministic_prefix_stable_and_glyph_disjoint(digits):
     assert train.targets == [int(load_digits().target[g]) for g in train.glyph_ids]
     img, label = train[5]
     assert img.size == (32, 32) and label == train.targets[5]
-    assert common.build_dataset("jittered-digits", "val").glyph_ids[-1] == 1796  # 2000 images: every glyph
+    assert build_dataset("jittered-digits", "val").glyph_ids[-1] == 1796  # 2000 images: every glyph
 
 
 def test_an_empty_glyph_is_flat_and_a_full_glyph_keeps_its_area_and_contrast():

@@ -7,13 +7,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from test_knn import make_checkpoint, make_image_folder
+from test_losses import free_port
 
 import common
 import finetune
 import model
+from data import build_dataset
 from model import UserError
-from test_knn import make_checkpoint, make_image_folder
-from test_losses import free_port
 
 
 def settings(**kw):
@@ -47,7 +48,7 @@ def test_split_file_and_label_smoothing(tmp_path, monkeypatch):
     make_checkpoint(ckpt, depth=2)
     names = ["a/a_1.png", "a_3.png", "b_0.png", "b/b_2.png", "c_1.png", "c_2.png"]
     (tmp_path / "split.txt").write_text("\n".join(names) + "\n")
-    train = common.build_dataset(data, "train")
+    train = build_dataset(data, "train")
     idx = finetune.labelled_indices(settings(data=data, split_file=str(tmp_path / "split.txt")), train)
     assert sorted(os.path.basename(train.samples[i][0]) for i in idx) == sorted(os.path.basename(n) for n in names)
     seen, real = [], F.cross_entropy

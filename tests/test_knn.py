@@ -15,8 +15,9 @@ import common
 import knn
 import model
 import pretrain
+from data import build_dataset, eval_transform
+from features import extract_features
 from model import UserError
-
 
 # --- tiny fixtures shared with test_probe.py and test_cluster.py -------------------------------
 
@@ -160,13 +161,13 @@ def test_checkpoint_layouts_refine_and_mae(tiny, tmp_path):
                 "step": 7}, tmp_path / "last.pt")
     mae = pretrain.MAE(dec_dim=16, dec_depth=1, dec_heads=2, dim=32, depth=2, patch=4, img_size=32)
     torch.save({"model": mae.state_dict(), "arch": mae.arch()}, tmp_path / "mae.pth")
-    ds = common.build_dataset(data, "val", common.eval_transform(32))
+    ds = build_dataset(data, "val", eval_transform(32))
     for path, weights, vit in [("last.pt", "ema", ema), ("last.pt", "online", online),
                                ("mae.pth", "ema", mae)]:
         out = str(tmp_path / f"{path}.{weights}.pt")
         knn.main(settings(knn.Settings, ckpt=str(tmp_path / path), weights=weights, data=data, k="1",
                           feature="cls-norm", save_features=out))
-        want, _ = common.extract_features(vit, ds, [2], "cls-norm", batch_size=6)
+        want, _ = extract_features(vit, ds, [2], "cls-norm", batch_size=6)
         torch.testing.assert_close(torch.load(out)["val_features"], want[2])
 
 
@@ -243,7 +244,7 @@ def test_num_heads_flag_and_the_printed_architecture(tiny, tmp_path, capsys):
     knn.main(settings(knn.Settings, ckpt=str(tmp_path / "timm.pth"), data=data, k="1", num_heads=4,
                       feature="cls-norm", save_features=out))
     assert "'heads': 4" in capsys.readouterr().out
-    x = torch.stack([img for img, _ in common.build_dataset(data, "val", common.eval_transform(32))])
+    x = torch.stack([img for img, _ in build_dataset(data, "val", eval_transform(32))])
     with torch.no_grad():
         torch.testing.assert_close(torch.load(out)["val_features"], net.forward_features(x)[:, 0],
                                    atol=1e-5, rtol=1e-5)

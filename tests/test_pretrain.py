@@ -12,6 +12,7 @@ from PIL import Image
 import common
 import model
 import pretrain
+from data import JitteredDigits
 from model import UserError, load_encoder
 from pretrain import MAE, patchify, random_masking
 
@@ -26,9 +27,9 @@ def small_digits(monkeypatch):
     """64 jittered digits instead of 10000 (built once per session), so a run takes a second."""
     def build(data, split, transform=None, labels=True):
         if split not in _DIGITS:
-            _DIGITS[split] = common.JitteredDigits(split, n=64)
+            _DIGITS[split] = JitteredDigits(split, n=64)
         return _DIGITS[split]
-    monkeypatch.setattr(common, "build_dataset", build)
+    monkeypatch.setattr(pretrain, "build_dataset", build)  # the name pretrain.py calls
 
 
 def settings(out, **kw):

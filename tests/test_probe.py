@@ -8,12 +8,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from test_knn import make_checkpoint, make_image_folder, settings
 
-import common
 import labelled
 import probe
+from data import build_dataset, eval_transform
+from features import extract_features
 from model import UserError
-from test_knn import make_checkpoint, make_image_folder, settings
 
 
 def blobs(n, dim=16, classes=4, seed=0, spread=0.3, noise_seed=0):
@@ -208,8 +209,8 @@ def test_default_search_is_mim_refiners_52_probes(tmp_path, capsys):
     assert "52 probes" in text and "features-once" in text and f"best: block {best[0]['block']}" in text
     # what was extracted: blocks 2-5, each the CLS token then the mean of the patch tokens
     saved = torch.load(feats)["val_features"]
-    ds = common.build_dataset(data, "val", common.eval_transform(32))
-    want, _ = common.extract_features(vit, ds, [2, 5], "cls")
+    ds = build_dataset(data, "val", eval_transform(32))
+    want, _ = extract_features(vit, ds, [2, 5], "cls")
     assert sorted(saved) == [2, 3, 4, 5] and saved[5].shape == (6, 64)
     torch.testing.assert_close(saved[2][:, :32], want[2])
-    torch.testing.assert_close(saved[5][:, 32:], common.extract_features(vit, ds, [5], "mean")[0][5])
+    torch.testing.assert_close(saved[5][:, 32:], extract_features(vit, ds, [5], "mean")[0][5])

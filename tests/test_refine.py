@@ -13,6 +13,7 @@ import torch
 import common
 import model
 import refine
+from data import IMAGENET_MEAN, IMAGENET_STD
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,7 +153,7 @@ def test_blur_sigma_follows_the_global_side_for_every_view():
 def test_uint8_views_normalised_on_the_device_equal_totensor_normalize():
     from torchvision import transforms as T
     img = refine.train_set(refine.Settings(limit_train=2))[1][0]
-    want = T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)(T.ToTensor()(img))
+    want = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(T.ToTensor()(img))
     got = refine.to_input(T.PILToTensor()(img)[None], torch.device("cpu"))[0]
     assert T.PILToTensor()(img).dtype == torch.uint8 and torch.equal(got, want)
 

@@ -13,9 +13,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
 import knn  # noqa: E402
+from data import eval_transform  # noqa: E402
 from digits import JitteredDigits  # noqa: E402
+from features import extract_features  # noqa: E402
 from model import load_encoder  # noqa: E402
 
 
@@ -38,11 +39,11 @@ def main():
     p.add_argument("--feature", default="mean")
     a = p.parse_args()
     vit = load_encoder(a.ckpt)
-    tf = common.eval_transform(vit.img_size)
+    tf = eval_transform(vit.img_size)
     blocks = list(range(1, vit.depth + 1))
     with torch.no_grad():
-        ftr, ytr = common.extract_features(vit, JitteredDigits("train", n=a.train, transform=tf), blocks, a.feature)
-        fva, yva = common.extract_features(vit, JitteredDigits("val", transform=tf), blocks, a.feature)
+        ftr, ytr = extract_features(vit, JitteredDigits("train", n=a.train, transform=tf), blocks, a.feature)
+        fva, yva = extract_features(vit, JitteredDigits("val", transform=tf), blocks, a.feature)
     ytr, yva = ytr.clone(), yva.clone()  # out of inference mode
     cells = []
     for blk in blocks:
