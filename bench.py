@@ -295,7 +295,7 @@ def bench_probe_augment(n, epochs, device, rounds, goal):
     batch = min(1024, n)
 
     def train(lrs):
-        trainer = probe.GridTrainer(vit.dim, 10, lrs, batch, epochs, n, 0.1, 0, device)
+        trainer = probe.GridTrainer(vit.dim, 10, lrs, batch, epochs, n, 0.1 * epochs, 0, device)
         for epoch in range(epochs):
             torch.manual_seed(epoch)  # the same crops in every training
             feats, _ = extract_features(vit, data, [vit.depth], "cls", 256, device, 0)

@@ -34,7 +34,8 @@ def parse_settings(cls, argv=None):
         typ = hints[f.name]
         if typing.get_origin(typ) is typing.Union:  # Optional[X] -> X
             typ = next(t for t in typing.get_args(typ) if t is not type(None))
-        kw = dict(default=f.default, help=f"{f.metadata.get('help', '')} (default: {f.default})")
+        text = f"{f.metadata.get('help', '')} (default: {f.default})".replace("%", "%%")  # argparse's format
+        kw = dict(default=f.default, help=text)
         flag = "--" + f.name.replace("_", "-")
         if typ is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)

@@ -10,7 +10,7 @@ table lists all 52 and the winner is marked. `--search lr`: the 13 lrs alone, on
 no augmentation; mode `augment` (`--augment`, both papers' protocol): RandomResizedCrop(0.08-1,
 bicubic) + flip views re-embedded every epoch. The output and the JSON name the mode. MAE's recipe
 (He et al. 2022): `--search lr --augment --optimizer lars --lrs 0.1 --probe-batch-size 16384
---epochs 90 --warmup 10 --feature cls-norm` (50 epochs for ViT-L/H).
+--epochs 90 --warmup-epochs 10 --feature cls-norm` (50 epochs for ViT-L/H).
 Low-shot (`--shots 1,2,5`, `--percent 1` or `--split-file F`, instead of the probe): logistic
 regression (scikit-learn C = 4000, no intercept) on train rows each centred on its own mean and
 L2-normalised (cyanure's preprocessing, as in the papers); `--splits` seeded draws, mean reported.
@@ -26,6 +26,7 @@ Several GPUs, ImageNet, ViT-L/16 (MIM-Refiner reports 77.5% -> 82.8% linear, 14.
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -47,7 +48,7 @@ class Settings(FeatureSettings):
     epochs: int = opt(50, "linear-probe epochs")
     probe_batch_size: int = opt(1024, "linear-probe batch size; the lr grid is scaled by it / 256")
     lrs: str = opt(LR_GRID, "linear-probe base learning rates, all trained together")
-    warmup: float = opt(0.1, "linear lr warm-up: < 1 a fraction of the probe steps, >= 1 epochs")
+    warmup_epochs: Optional[float] = opt(None, "linear lr warm-up in epochs; default 10% of --epochs")
     optimizer: str = opt("sgd", "sgd (MIM-Refiner) or lars (MAE); momentum 0.9, no weight decay, either")
     augment: bool = opt(False, "re-embed the train images every epoch with RandomResizedCrop + flip (the "
                                "papers' mode, 'augment'); default: features extracted once ('features-once')")
@@ -95,25 +96,24 @@ def sgd_step(probe: StackedProbe, momentum: torch.Tensor, lrs: torch.Tensor, lar
     b = 0.9 b + grad; w -= lr b. lars (MAE's LARS, You et al. 2017): each probe's weight gradient first
     scaled by 0.001 |w| / |grad|."""
     for p, buf in zip((probe.weight, probe.bias), momentum):
-        grad = p.grad
+        grad, p.grad = p.grad, None
         if lars and p is probe.weight:
             w, g = p.norm(dim=(1, 2), keepdim=True), grad.norm(dim=(1, 2), keepdim=True)  # (G, 1, 1)
             grad = grad * torch.where((w > 0) & (g > 0), 0.001 * w / g.clamp_min(1e-30), torch.ones_like(w))
         buf.mul_(0.9).add_(grad)
         p.sub_(lrs.view(-1, 1, 1) * buf)  # (G, 1, 1) broadcast over each probe's own weights
-        p.grad = None
 
 
 class GridTrainer:
     """A StackedProbe with its SGD state and lr schedule, fed one epoch of features at a time."""
 
-    def __init__(self, dim, num_classes, lrs, batch, epochs, n_train, warmup, seed, device, lars=False):
+    def __init__(self, dim, num_classes, lrs, batch, epochs, n_train, warmup_epochs, seed, device, lars=False):
         gen, self.lars = torch.Generator().manual_seed(seed), lars
         self.probe = StackedProbe(dim, num_classes, len(lrs), gen).to(device)
         self.momentum = [torch.zeros_like(self.probe.weight), torch.zeros_like(self.probe.bias)]
         self.lrs = torch.tensor(lrs, device=device) * batch / 256  # the linear scaling rule
         self.batch, self.gen, self.step, self.total = batch, gen, 0, epochs * (n_train // batch)
-        self.warmup = round(warmup * (self.total if warmup < 1 else n_train // batch))  # fraction or epochs
+        self.warmup = round(warmup_epochs * (n_train // batch))  # steps
 
     def train_epoch(self, x, y):
         self.probe.train()
@@ -133,11 +133,11 @@ class GridTrainer:
         return (correct.float() / len(x)).tolist()
 
 
-def linear_probe(x, y, val_x, val_y, lrs, epochs=50, batch=1024, warmup=0.1, seed=0) -> list:
+def linear_probe(x, y, val_x, val_y, lrs, epochs=50, batch=1024, warmup_epochs=None, seed=0) -> list:
     """Top-1 on (val_x, val_y) of every lr's probe, the grid trained together on (x, y)."""
     num_classes = int(max(y.max(), val_y.max())) + 1
-    trainer = GridTrainer(x.shape[1], num_classes, lrs, min(batch, len(x)), epochs, len(x), warmup,
-                          seed, x.device)
+    trainer = GridTrainer(x.shape[1], num_classes, lrs, min(batch, len(x)), epochs, len(x),
+                          0.1 * epochs if warmup_epochs is None else warmup_epochs, seed, x.device)
     for _ in range(epochs):
         trainer.train_epoch(x, y)
     return trainer.accuracy(val_x, val_y)
@@ -180,7 +180,8 @@ def linear(cfg, d, feats, vit=None, aug_ds=None, grid=False) -> list:
     num_classes, mode = int(max(y.max(), vy.max())) + 1, "augment" if cfg.augment else "features-once"
     val = feature_sets({b: t.to(d.device) for b, t in feats["val_features"].items()}, feature, grid)
     n, batch = len(y), min(cfg.probe_batch_size, len(y))  # batch <= n
-    trainers = {k: GridTrainer(s.dim, num_classes, lrs, batch, cfg.epochs, n, cfg.warmup, cfg.seed, d.device,
+    warm = 0.1 * cfg.epochs if cfg.warmup_epochs is None else cfg.warmup_epochs
+    trainers = {k: GridTrainer(s.dim, num_classes, lrs, batch, cfg.epochs, n, warm, cfg.seed, d.device,
                                cfg.optimizer == "lars") for k, s in val.items()}
     ints = parse_blocks(cfg.blocks, vit.depth) if aug_ds is not None else None
     train = {b: t.to(d.device) for b, t in feats.get("train_features", {}).items()}

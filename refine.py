@@ -7,7 +7,7 @@ lower half of the encoder frozen, neighbours looked up with an EMA copy of the p
 One command runs both phases (docs/METHOD.md §7): the heads warm up on the frozen encoder (top-1 neighbour),
 then encoder and heads train together (top-k); the queue carries over. Rerun with the same --out to resume from
 OUT/last.pt (on SIGTERM/SIGUSR1/SIGINT written after the step, then exit code 3). OUT/encoder.pth, .safetensors:
-the EMA encoder in MAE/timm layout. Settings left at 0, -1 or '' follow the encoder and data (recipe), printed.
+the EMA encoder in MAE/timm layout. Settings left out (None in --help) follow the encoder and data (recipe.py), printed.
 
 CPU, the embedded default (~4 min each on one core; k-NN of the committed MAE 45% -> ~66%: README):
     python refine.py --feature mean --out runs/mim-refiner
@@ -40,53 +40,59 @@ from augment import Views, epoch_keys, make_views, to_input, train_set
 from common import opt
 from data import EpochKeys, loader_kwargs
 from model import UserError
+from recipe import resolve, scale_of
 
 
 @dataclass
 class Settings:
+    """Every setting left at None ("by recipe") takes recipe.py's value for the encoder and data: printed."""
     ckpt: str = opt("checkpoints/mae_tiny_digits.pth", "pre-trained encoder, any layout load_encoder reads")
     num_heads: int = opt(0, "attention heads of --ckpt; 0 = as the file stores them, else by width (printed)")
     data: str = opt("jittered-digits", "jittered-digits, a folder of images, or one with train/ (class folders)")
     out: str = opt("runs/refine", "output folder: last.pt (resumable), encoder.pth/.safetensors, log.jsonl")
     method: str = opt("mim-refiner", "mim-refiner or mae-ct")
-    views: str = opt("", "multicrop (2 global + local crops, BYOL) or crop-flip; '' = by method")
-    local_crops: int = opt(-1, "local crops of multicrop; -1 = by scale (10, small 0)")
-    global_size: int = opt(0, "global crop side in px; 0 = the encoder's native image size")
-    local_size: int = opt(0, "local crop side; 0 = 96/224 of the global side, a multiple of the patch")
-    global_crop_min: Optional[float] = opt(None, "smallest area fraction of a global crop; default by scale "
-                                                 "(0.25, MAE-CT 0.08; small 0.5)")
+    views: Optional[str] = opt(None, "multicrop (2 global + local crops, BYOL) or crop-flip; by method")
+    local_crops: Optional[int] = opt(None, "local crops of multicrop; by scale (10, small 0)")
+    global_size: Optional[int] = opt(None, "global crop side in px; by recipe the encoder's native image size")
+    local_size: Optional[int] = opt(None, "local crop side; by recipe 96/224 of the global side, a multiple of "
+                                          "the patch")
+    global_crop_min: Optional[float] = opt(None, "smallest area fraction of a global crop; by scale "
+                                                 "(0.25, MAE-CT 0.08; small 0.3)")
     local_crop_min: Optional[float] = opt(None, "smallest area fraction of a local crop (the largest is "
-                                                "--global-crop-min); default by scale (0.05, small 0.25)")
+                                                "--global-crop-min); by scale (0.05, small 0.25)")
     jitter: Optional[float] = opt(None, "colour jitter strength of multicrop views, x BYOL's (0.4, 0.4, 0.2, "
-                                        "0.1); default by scale (1, small 2: the digits' grey levels are nuisance)")
-    neighbours: str = opt("", "phases whose positives are queue neighbours: all, refine (not the heads' warm-up: "
-                              "its anchors are their own), none (the augmentation-only control); '' = by scale "
-                              "(all; small: refine)")
-    heads: str = opt("", "blocks with a head, e.g. 17-24 or 18,20,24; '' = by depth (docs/METHOD.md §8)")
+                                        "0.1); by scale (1, small 2: the digits' grey levels are nuisance)")
+    neighbours: Optional[str] = opt(None, "phases whose positives are queue neighbours: all, refine (not the "
+                                          "heads' warm-up: its anchors are their own), none (the augmentation-only "
+                                          "control); by scale (all; small: refine)")
+    heads: Optional[str] = opt(None, "blocks with a head, e.g. 17-24 or 18,20,24; by depth (docs/METHOD.md §8)")
     feature: str = opt("cls", "what the heads read: cls (CLS token) or mean (of the patch tokens)")
-    freeze_blocks: int = opt(-1, "lower blocks (+ stem) frozen in phase 2; -1 = by method (MAE-CT half)")
-    head_epochs: int = opt(-1, "phase 1: heads on the frozen encoder; 0 skips; -1 = by scale (20, small 1)")
-    epochs: int = opt(-1, "phase 2: encoder and heads; -1 = by scale (30/30/20 L/H/2b; MAE-CT 20/30 L/H)")
-    batch_size: int = opt(0, "images per process; 0 = the recipe's global batch (1024, huge 512) / world")
-    lr: float = opt(0.0, "phase 2 lr per 256 images (MAE-CT: 128); 0 = by method (4e-4, MAE-CT 1e-4)")
-    head_lr: float = opt(0.0, "phase 1 lr per 256 images (MAE-CT: 128); 0 = by method (2e-4, MAE-CT 1e-4)")
+    freeze_blocks: Optional[int] = opt(None, "lower blocks (+ stem) frozen in phase 2; by method (MAE-CT half)")
+    head_epochs: Optional[int] = opt(None, "phase 1: heads on the frozen encoder; 0 skips; by scale (20, small 1)")
+    epochs: Optional[int] = opt(None, "phase 2: encoder and heads; by scale (30/30/20 L/H/2b; MAE-CT 20/30 L/H)")
+    batch_size: Optional[int] = opt(None, "images per process; by recipe the global batch (1024, huge 512) / world")
+    lr: Optional[float] = opt(None, "phase 2 lr per 256 images (MAE-CT: 128); by method (4e-4, MAE-CT 1e-4)")
+    head_lr: Optional[float] = opt(None, "phase 1 lr per 256 images (MAE-CT: 128); by method (2e-4, MAE-CT 1e-4)")
     min_lr: float = opt(1e-6, "end of the cosine schedule")
-    warmup: float = opt(-1.0, "warm-up per phase: >= 1 epochs, < 1 a fraction; -1 = by scale (4, MAE-CT 0.2)")
+    head_warmup_epochs: Optional[float] = opt(None, "phase 1 linear warm-up in epochs (at most the phase); "
+                                                    "by method (4, MAE-CT 20% of the phase)")
+    warmup_epochs: Optional[float] = opt(None, "phase 2 linear warm-up in epochs (at most the phase); "
+                                               "by method (4, MAE-CT 20% of the phase)")
     weight_decay: float = opt(0.05, "AdamW weight decay of the encoder")
     head_weight_decay: float = opt(1e-5, "AdamW weight decay of the heads")
-    layer_decay: Optional[float] = opt(None, "layer-wise lr decay: block j gets decay^(depth+1-j); default by "
-                                             "scale (0.65, small 1)")
-    temperature: float = opt(0.0, "phase 2 tau; 0 = by scale (.2/.3/.35 L/H/2b, MAE-CT .15/.2/.3 B/L/H)")
-    head_temperature: float = opt(0.0, "phase 1 tau; 0 = by method (MAE-CT 0.15, else the phase 2 tau)")
+    layer_decay: Optional[float] = opt(None, "layer-wise lr decay: block j gets decay^(depth+1-j); by scale "
+                                             "(0.65, small 1)")
+    temperature: Optional[float] = opt(None, "phase 2 tau; by scale (.2/.3/.35 L/H/2b, MAE-CT .15/.2/.3 B/L/H)")
+    head_temperature: Optional[float] = opt(None, "phase 1 tau; by method (MAE-CT 0.15, else the phase 2 tau)")
     topk: Optional[int] = opt(None, "phase 2 picks the neighbour uniformly among the top-k (phase 1: top-1); "
-                                    "default by scale (20, small 5)")
-    queue_size: int = opt(0, "queue entries; 0 = by scale (65536, small 4096; at most half the train set)")
-    proj_hidden: int = opt(0, "projector hidden width; 0 = by scale (2048, small 512)")
-    proj_dim: int = opt(0, "projection width; 0 = by scale (256, small 128)")
-    pred_hidden: int = opt(0, "predictor hidden width; 0 = by scale (4096, small 1024)")
-    ema_momentum: float = opt(-1.0, "EMA encoder momentum per step; -1 = by scale (0.9999, small 0.95)")
-    target_momentum: float = opt(-1.0, "MAE-CT's EMA projector momentum; -1 = by scale (0.99, huge 0.995)")
-    workers: int = opt(-1, "data loader processes per rank; -1 = 10 on CUDA, 0 on CPU")
+                                    "by scale (20, small 5)")
+    queue_size: Optional[int] = opt(None, "queue entries; by scale (65536, small 4096; at most half the train set)")
+    proj_hidden: Optional[int] = opt(None, "projector hidden width; by scale (2048, small 512)")
+    proj_dim: Optional[int] = opt(None, "projection width; by scale (256, small 128)")
+    pred_hidden: Optional[int] = opt(None, "predictor hidden width; by scale (4096, small 1024)")
+    ema_momentum: Optional[float] = opt(None, "EMA encoder momentum per step; by scale (0.9999, small 0.95)")
+    target_momentum: Optional[float] = opt(None, "MAE-CT's EMA projector momentum; by scale (0.99, huge 0.995)")
+    workers: Optional[int] = opt(None, "data loader processes per rank; by device (10 on CUDA, 0 on CPU)")
     max_steps: int = opt(0, "stop after N optimizer steps in all (saves as at the end); 0 = run all")
     limit_train: int = opt(0, "use N training images, evenly spaced over the (sorted) classes; 0 = all")
     save_every: int = opt(500, "write OUT/last.pt every N steps (and at the end)")
@@ -99,91 +105,8 @@ class Settings:
                                    "Eq. (9)) or official (the public code's terms, Eq. (9'); 22 for 10 locals)")
 
 
-# docs/METHOD.md §8 by (encoder size, method): global batch, phase 2 epochs, temperature. The size is read
-# from the encoder's width and depth, else see scale_of; the "small" recipe is ours (for CPUs,
-# sized so that both refinements and three evaluations fit `make demo`'s 10 minutes on 2 cores).
-RECIPES = {
-    ("base", "mim-refiner"): (1024, 30, 0.2),  # no ViT-B in the paper: the large recipe (our choice)
-    ("large", "mim-refiner"): (1024, 30, 0.2), ("huge", "mim-refiner"): (512, 30, 0.3),
-    ("2b", "mim-refiner"): (512, 20, 0.35), ("small", "mim-refiner"): (128, 6, 0.2),
-    ("base", "mae-ct"): (1024, 20, 0.15), ("large", "mae-ct"): (1024, 20, 0.2),
-    ("huge", "mae-ct"): (512, 30, 0.3), ("small", "mae-ct"): (128, 6, 0.15),
-    ("2b", "mae-ct"): (512, 30, 0.35),  # no 2b in MAE-CT: huge's epochs, MIM-Refiner's tau (ours)
-}
 FREE_ON_RESUME = {"ckpt", "out", "max_steps", "save_every", "log_every", "device", "workers",  # settings a resumed
                   "compile", "grad_checkpointing"}  # run may change without changing the result
-
-
-def scale_of(vit, n_train: int = 0) -> tuple:
-    """(recipe, why): the papers' for their sizes; 'small' under 384 wide on < 50k images; else the nearest width's."""
-    sizes, size = {model.SIZES[n][:2]: n for n in ("base", "large", "huge", "2b")}, f"{vit.dim} wide, {vit.depth} deep"
-    if (vit.dim, vit.depth) in sizes or (vit.dim < 384 and n_train < 50_000):
-        return (sizes[vit.dim, vit.depth], f"the papers' for {size}") if (vit.dim, vit.depth) in sizes else (
-            "small", f"ours for CPUs: {size} (under 384 wide) on {n_train} images (under 50000)")
-    near = min(sizes.values(), key=lambda n: abs(math.log(model.SIZES[n][0] / vit.dim)))
-    return near, f"{size} is no paper size: the recipe of the nearest width, scaled to the data"
-
-
-def head_blocks(method: str, dim: int, depth: int) -> list:
-    """docs/METHOD.md §8: MAE-CT one head on the last block; MIM-Refiner one per block of the last third
-    (ViT-H/14: 21-32, twelve heads as in the paper; otherwise the last ceil(depth / 3))."""
-    if method == "mae-ct":
-        return [depth]
-    first = 21 if (dim, depth) == model.SIZES["huge"][:2] else depth - math.ceil(depth / 3) + 1
-    return list(range(first, depth + 1))
-
-
-def recipe(cfg: Settings, vit, world: int, n_train: int) -> dict:
-    """The 'by scale' value of every setting that has one (docs/METHOD.md §8; ours for small encoders)."""
-    (scale, _), mim = scale_of(vit, n_train), cfg.method == "mim-refiner"
-    big = scale != "small"
-    batch, epochs, tau = RECIPES[scale, cfg.method]
-    batch = min(batch, 2 ** int(math.log2(max(1, n_train // 32)))) if big else batch  # >= 32 steps per epoch
-    gb = (cfg.batch_size or max(1, batch // world)) * world
-    g, topk = cfg.global_size or vit.img_size, cfg.topk or (20 if big else 5)
-    return dict(
-        views="multicrop" if mim or not big else "crop-flip", local_crops=10 if big else 0,
-        global_size=g, global_crop_min=(0.25 if mim else 0.08) if big else 0.3,
-        local_crop_min=0.05 if big else 0.25, jitter=1.0 if big else 2.0,
-        neighbours="all" if big else "refine",
-        local_size=vit.patch * math.ceil(g * 96 / 224 / vit.patch),  # 96 px at 224, 98 for patch 14
-        heads=",".join(map(str, head_blocks(cfg.method, vit.dim, vit.depth))),
-        freeze_blocks=vit.depth // 2 if not (mim and big) else 6 if scale == "2b" else 0,
-        head_epochs=20 if big else 1, epochs=20 if mim and big and vit.post_norm else epochs,  # data2vec 2
-        batch_size=gb // world, lr=(4e-4 if mim else 1e-4) if big else 4e-3 if mim else 2e-3,  # small: the same
-        head_lr=(2e-4 if mim else 1e-4) if big else 4e-3 if mim else 2e-3,  # peak (MAE-CT counts both views)
-        layer_decay=0.65 if big else 1.0, topk=topk,
-        warmup=4.0 if mim and big else 0.2, temperature=tau, head_temperature=tau if mim else 0.15,
-        # whole global batches, at least top-k entries, at most half the train set
-        queue_size=min(65536 if big else 4096, max(gb * math.ceil(topk / gb), n_train // 2 // gb * gb)),
-        proj_hidden=2048 if big else 512, proj_dim=256 if big else 128, pred_hidden=4096 if big else 1024,
-        # EMA horizon 1/(1-m) steps << the run (0.99 leaves 45% of an 80-step run's EMA at the MAE): at most half
-        ema_momentum=min(0.9999, max(0.95, 1 - 2 / (n_train // gb * (cfg.epochs if cfg.epochs >= 0 else epochs) or 1)))
-        if big else 0.95, target_momentum=0.995 if scale == "huge" else 0.99,  # of phase 2 (ImageNet: 0.9999)
-        workers=10 if cfg.device != "cpu" and torch.cuda.is_available() else 0)
-
-
-def resolve(cfg: Settings, vit, world: int, n_train: int) -> Settings:
-    """Settings left at their 'by scale' default take the recipe's value; then checks."""
-    for name, allowed in (("method", ("mim-refiner", "mae-ct")), ("views", ("", "multicrop", "crop-flip")),
-                          ("feature", ("cls", "mean")), ("pairing", ("intended", "official")),
-                          ("neighbours", ("", "all", "refine", "none"))):
-        if getattr(cfg, name) not in allowed:
-            raise UserError(f"unknown --{name} {getattr(cfg, name)!r}; use one of {[a for a in allowed if a]}")
-    default = {f.name: f.default for f in dataclasses.fields(Settings)}
-    r = dataclasses.replace(cfg, **{k: v for k, v in recipe(cfg, vit, world, n_train).items()
-                                    if getattr(cfg, k) == default[k]})
-    r.local_crops = r.local_crops if r.views == "multicrop" else 0
-    r.heads = ",".join(map(str, common.parse_blocks(r.heads, vit.depth)))
-    if r.method == "mae-ct" and r.local_crops:
-        raise UserError("MAE-CT's loss pairs exactly two views; use --views crop-flip or --local-crops 0")
-    if not 1 <= (gb := r.batch_size * world) <= n_train:
-        raise UserError(f"the global batch ({gb}) must be positive and not larger than the data set "
-                        f"({n_train} images); set --batch-size (0 = the recipe's) or raise --limit-train")
-    if not 1 <= r.topk <= r.queue_size < n_train:
-        raise UserError(f"need 1 <= --topk ({r.topk}) <= --queue-size ({r.queue_size}) < the train set "
-                        f"({n_train} images); lower --queue-size or --topk")
-    return r
 
 
 # --- Model, optimiser, objectives ---
@@ -275,37 +198,87 @@ def ema_update(ema: nn.Module, online: nn.Module, momentum: float):
         e.lerp_(o.detach(), 1 - momentum)
 
 
-def heads_loss(net, views, idx, queues, targets, mim: bool, phase: int, k: int, tau: float, offset: int, gen,
-               neighbours: bool = True, pairing: str = "intended"):
+@dataclass
+class Phase:
+    """One of the run's two phases (docs/METHOD.md §7), steps [first, first + steps) of the run."""
+    index: int  # 0: the heads on the frozen encoder; 1: encoder and heads together
+    first: int
+    steps: int
+    peak_lr: float  # for the global batch
+    warmup: int  # steps of linear warm-up
+    tau: float
+    topk: int  # the positive is drawn among the top-k neighbours
+    neighbours: bool  # positives from the queues; False: each anchor's own projection (the control)
+
+
+def make_phases(cfg, spe: int, gb: int) -> list:
+    """Both phases at `spe` steps per epoch; the peak lr scales with the global batch `gb` (MAE-CT counts
+    both views, docs/METHOD.md §8); the warm-up is counted in epochs, at most the phase."""
+    mult = gb / 256 * (1 if cfg.method == "mim-refiner" else 2)
+    per_phase = [(cfg.head_epochs, cfg.head_lr, cfg.head_warmup_epochs, cfg.head_temperature, 1),
+                 (cfg.epochs, cfg.lr, cfg.warmup_epochs, cfg.temperature, cfg.topk)]
+    return [Phase(i, i * cfg.head_epochs * spe, ep * spe, lr * mult, min(ep * spe, round(warm * spe)), tau, k,
+                  cfg.neighbours == "all" or (cfg.neighbours, i) == ("refine", 1))
+            for i, (ep, lr, warm, tau, k) in enumerate(per_phase)]
+
+
+@dataclass
+class Parts:
+    """What a refinement trains and keeps besides the optimizer, all of it in last.pt."""
+    refiner: Refiner  # the encoder and one contrastive head per chosen block
+    ema: nn.Module  # the EMA encoder, what encoder.pth gets
+    queues: nn.ModuleDict  # one nearest-neighbour queue per head
+    targets: nn.ModuleDict  # MAE-CT: the EMA copy of each head's projector (MIM-Refiner: empty)
+
+    def state(self) -> dict:
+        return dict(encoder=self.refiner.vit, ema=self.ema, heads=self.refiner.heads, queues=self.queues,
+                    targets=self.targets)
+
+
+def heads_loss(net, parts: Parts, views, idx, phase: Phase, mim: bool, offset: int, gen, pairing: str):
     """One step's loss: Eq. (9) (MIM-Refiner) or Eq. (11) (MAE-CT) per head, summed over the heads, with
-    neighbours drawn from each head's queue by `gen` (neighbours=False, the control: each anchor is its own
-    positive); and per head the first global view's projections (B, d), what the queue gets."""
+    neighbours drawn from each head's queue by `gen`; and per head the first global view's projections
+    (B, d), what the queue gets. offset: this rank's first row in the gathered batch."""
     loss, first_view = 0.0, {}
     h, zp = net(views)  # h {block: (V*B, D)}, zp {block: (z, p)} each (V*B, d)
     for b, (z, p) in zp.items():
-        if not mim and phase == 1:  # MAE-CT's refinement: the EMA projector's projections, view by view
+        if not mim and phase.index == 1:  # MAE-CT's refinement: the EMA projector's projections, view by view
             with torch.no_grad():
-                z = torch.cat([targets[str(b)](x) for x in h[b].detach().chunk(len(views))])
+                z = torch.cat([parts.targets[str(b)](x) for x in h[b].detach().chunk(len(views))])
         z = z.detach().float().chunk(len(views))  # per view (B, d)
         p_all = [common.all_gather(pv, grad=True) for pv in p.chunk(len(views))]  # [(W*B, d)]
-        nns = [queues[str(b)].lookup(z[i], idx, k, gen) if neighbours else z[i]
+        nns = [parts.queues[str(b)].lookup(z[i], idx, phase.topk, gen) if phase.neighbours else z[i]
                for i in range(2)]  # (B, d) each
-        loss = loss + (mim_refiner_loss(z, nns, p_all, tau, offset, pairing) if mim
-                       else mae_ct_loss(nns, p_all, tau, offset))  # heads summed
+        loss = loss + (mim_refiner_loss(z, nns, p_all, phase.tau, offset, pairing) if mim
+                       else mae_ct_loss(nns, p_all, phase.tau, offset))  # heads summed
         first_view[b] = z[0]
     return loss, first_view
 
 
-def after_step(queues, first_view, idx, ema, targets, refiner: Refiner, cfg, phase: int):
-    """What follows each optimizer step: every head's queue gets every rank's first global view
-    (Eq. (7)); in the second phase (phase == 1) the EMA encoder follows the encoder, and MAE-CT's
-    target projectors follow theirs (Eq. (12)), from the copies start_phase made."""
-    for b, queue in queues.items():  # (W*B, d) and the dataset indices (W*B,)
+def refine_step(net, optim, parts: Parts, views, idx, phase: Phase, step: int, cfg, rank: int = 0,
+                sync=lambda loss: (loss.item(), False)) -> tuple:
+    """One optimizer step (docs/METHOD.md §7): the heads' losses with neighbours from the queues, backward,
+    AdamW; then every head's queue takes every rank's first global view (Eq. (7)) and, in phase 2, the EMA
+    encoder and MAE-CT's target projectors follow (Eq. (12)). views: normalised, on the device, global first;
+    idx (B,): their data set indices. sync(loss) -> (value, stop) is the step's one host sync (refine.main's
+    also averages over the ranks and carries a stop signal). Returns (loss value, stop)."""
+    gen = torch.Generator(views[0].device).manual_seed((cfg.seed * 10**9 + step) * 10**4 + rank)  # the picks
+    with torch.autocast(views[0].device.type, torch.bfloat16, enabled=views[0].is_cuda):
+        loss, first_view = heads_loss(net, parts, views, idx, phase, cfg.method == "mim-refiner",
+                                      rank * len(idx), gen, cfg.pairing)  # row j's positive: column offset + j
+    optim.zero_grad(set_to_none=True)
+    loss.backward()  # queued before the host sync
+    value, stop = sync(loss)
+    if not math.isfinite(value):
+        raise UserError(f"the loss is not finite at step {step + 1}; {cfg.out}/last.pt keeps the last good state")
+    optim.step()
+    for b, queue in parts.queues.items():  # (W*B, d) and the data set indices (W*B,)
         queue.enqueue(common.all_gather(first_view[int(b)]), common.all_gather(idx))
-    if phase == 1:  # the warm-up leaves the encoder untouched, so its EMA stays equal
-        ema_update(ema, refiner.vit, cfg.ema_momentum)
-        for b, target in targets.items():
-            ema_update(target, refiner.heads[b].projector, cfg.target_momentum)
+    if phase.index == 1:  # the warm-up leaves the encoder untouched, so its EMA stays equal
+        ema_update(parts.ema, parts.refiner.vit, cfg.ema_momentum)
+        for b, target in parts.targets.items():
+            ema_update(target, parts.refiner.heads[b].projector, cfg.target_momentum)
+    return value, stop
 
 
 def check_same_settings(ck: dict, cfg, world: int, last: str, n_train: int = 0):
@@ -318,20 +291,33 @@ def check_same_settings(ck: dict, cfg, world: int, last: str, n_train: int = 0):
                         f"rerun with the same flags or give a new --out")
 
 
-def start_phase(refiner: Refiner, cfg, phase: int, d, peak: float, ck, targets):
+def start_phase(parts: Parts, cfg, phase: Phase, d, ck):
     """What trains in `phase`, wrapped for DDP (rebuilt per phase, as what trains changes), and a new
     AdamW; resuming inside this phase, with the optimizer state of the checkpoint `ck`. As the second
     phase starts (not resumes), MAE-CT's target projectors become exact copies of the projectors."""
-    set_trainable(refiner, phase, cfg.freeze_blocks)
-    if phase == 1 and not (ck and ck["phase"] == 1):
-        for b, target in targets.items():  # weights and BatchNorm statistics
+    refiner = parts.refiner
+    set_trainable(refiner, phase.index, cfg.freeze_blocks)
+    if phase.index == 1 and not (ck and ck["phase"] == 1):
+        for b, target in parts.targets.items():  # weights and BatchNorm statistics
             target.load_state_dict(refiner.heads[b].projector.state_dict())
     gc.collect()  # the last phase's DDP wrapper, dropped by the caller, drops its gradient hooks
     net = refiner if d.world == 1 else DDP(refiner, [d.device] if d.device.type == "cuda" else None)
-    optim = torch.optim.AdamW(param_groups(refiner, cfg), lr=peak, betas=(0.9, 0.95))
-    if ck and ck["phase"] == phase:  # resuming inside this phase
+    optim = torch.optim.AdamW(param_groups(refiner, cfg), lr=phase.peak_lr, betas=(0.9, 0.95))
+    if ck and ck["phase"] == phase.index:  # resuming inside this phase
         optim.load_state_dict(ck["optimizer"])
     return net, optim
+
+
+def build(cfg, vit) -> Parts:
+    """The heads, queues, EMA encoder and target projectors around `vit`, seeded alike on every rank."""
+    mim = cfg.method == "mim-refiner"
+    blocks = [int(b) for b in cfg.heads.split(",")]
+    refiner = Refiner(vit, blocks, cfg.feature, not mim, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
+                      pred_hidden=cfg.pred_hidden, act="gelu" if mim else "relu", predictor_bn=mim)
+    queues = nn.ModuleDict({str(b): model.NNQueue(cfg.queue_size, cfg.proj_dim) for b in blocks})
+    # MAE-CT looks up and enqueues with an EMA copy of the projector in phase 2 (docs/METHOD.md §6)
+    targets = nn.ModuleDict({} if mim else {b: copy.deepcopy(h.projector) for b, h in refiner.heads.items()})
+    return Parts(refiner, copy.deepcopy(vit).requires_grad_(False), queues, targets)
 
 
 # --- Training ---
@@ -349,83 +335,55 @@ def main(cfg: Settings) -> dict:
     for blk in vit.blocks if cfg.compile else []:  # per block, in place: keys stay, memory as checkpointed
         blk.compile()
     cfg = resolve(cfg, vit, d.world, len(data))
-    gb, mim = cfg.batch_size * d.world, cfg.method == "mim-refiner"
-    blocks = [int(b) for b in cfg.heads.split(",")]
+    gb = cfg.batch_size * d.world
     data, keys = Views(data, make_views(cfg), cfg.seed), EpochKeys()  # one loader: workers persist
     loader = DataLoader(data, cfg.batch_size, sampler=keys, drop_last=True, generator=torch.Generator(),
                         **loader_kwargs(d.device, cfg.workers))
-    refiner = Refiner(vit, blocks, cfg.feature, not mim, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
-                      pred_hidden=cfg.pred_hidden, act="gelu" if mim else "relu", predictor_bn=mim)
-    queues = nn.ModuleDict({str(b): model.NNQueue(cfg.queue_size, cfg.proj_dim) for b in blocks})
-    # MAE-CT looks up and enqueues with an EMA copy of the projector in phase 2 (docs/METHOD.md §6)
-    targets = nn.ModuleDict({} if mim else {b: copy.deepcopy(h.projector) for b, h in refiner.heads.items()})
-    ema = copy.deepcopy(vit).requires_grad_(False)
-    parts = dict(encoder=vit, ema=ema, heads=refiner.heads, queues=queues, targets=targets)  # in last.pt
-    for key, part in parts.items():
+    parts = build(cfg, vit)
+    for key, part in parts.state().items():
         if ck:
             model.load_state_dict_strict(part, ck[key], f"{last} ({key})")
         part.to(d.device)
     step = ck["step"] if ck else 0
     if ck:  # (the run draws on its own generators; restored for whatever else may draw)
         runfiles.set_rng_state(ck["rng"])
-
     spe = len(DistributedSampler(data, d.world, d.rank, drop_last=True)) // cfg.batch_size  # steps/epoch
-    mult = gb / 256 * (1 if mim else 2)  # the lr scales with the batch; MAE-CT counts both views
-    p1, total = cfg.head_epochs * spe, (cfg.head_epochs + cfg.epochs) * spe
-    # per phase: first step, steps, peak lr, temperature, top-k, epochs
-    phases = [(0, p1, cfg.head_lr * mult, cfg.head_temperature, 1, cfg.head_epochs),
-              (p1, total - p1, cfg.lr * mult, cfg.temperature, cfg.topk, cfg.epochs)]
+    phases, total = make_phases(cfg, spe, gb), (cfg.head_epochs + cfg.epochs) * spe
     stop = min(total, cfg.max_steps or total)
     if d.main:
         print(f"refine.py: {cfg.method} on {cfg.data} ({len(data)} images), encoder {vit.arch()} "
               f"{getattr(vit, 'heads_from', '')}, world {d.world} x {d.device}, torch {torch.__version__}\n"
               f"recipe: {' ('.join(scale_of(vit, len(data)))})\n"
-              f"heads on blocks {blocks}; views 2x{cfg.global_size} + {cfg.local_crops}x{cfg.local_size} px; "
-              f"global batch {gb}; lr {phases[0][2]:.3g} / {phases[1][2]:.3g} for {cfg.head_epochs} + "
+              f"heads on blocks {cfg.heads}; views 2x{cfg.global_size} + {cfg.local_crops}x{cfg.local_size} px; "
+              f"global batch {gb}; lr {phases[0].peak_lr:.3g} / {phases[1].peak_lr:.3g} for {cfg.head_epochs} + "
               f"{cfg.epochs} epochs of {spe} steps" + (f"; resuming at step {step}" if ck else "")
               + "\nsettings: " + json.dumps(dataclasses.asdict(cfg)))
         runfiles.trim_log(os.path.join(cfg.out, "log.jsonl"), step)  # a killed run logged past last.pt
 
     def save(phase, optim):  # every rank checks (the weights are the same), so all stop together
-        if not all(map(common.all_finite, parts.values())):  # a diverged update keeps the last file
+        if not all(map(common.all_finite, parts.state().values())):  # a diverged update keeps the last file
             raise UserError(f"the weights are not finite at step {step}; {last} keeps the last good state")
         if d.main:
-            run.save({**{k: m.state_dict() for k, m in parts.items()}, "arch": vit.arch(), "phase": phase,
+            run.save({**{k: m.state_dict() for k, m in parts.state().items()}, "arch": vit.arch(), "phase": phase,
                       "optimizer": optim.state_dict(), "step": step, "global_batch": gb, "loss": loss_value,
                       "settings": dataclasses.asdict(cfg), "rng": runfiles.rng_state(), "n_train": len(data)})
 
-    gen = torch.Generator(device=d.device)  # neighbour picks, reseeded from (seed, step, rank)
-    autocast = torch.autocast(d.device.type, torch.bfloat16, enabled=d.device.type == "cuda")
     bar = tqdm(total=stop, initial=step, disable=not d.main, desc=cfg.method, dynamic_ncols=True)
     phase, net, loss_value, t0, step0 = None, None, (ck or {}).get("loss", math.nan), time.perf_counter(), step
     while step < stop:
         epoch = step // spe
-        if phase != int(epoch >= cfg.head_epochs):  # a phase starts (or resumes)
-            phase = int(epoch >= cfg.head_epochs)
-            first, steps, peak, tau, k, ep = phases[phase]
-            warm = min(steps, round((cfg.warmup if cfg.warmup >= 1 else cfg.warmup * ep) * spe))
-            net = None  # the last phase's wrapper goes before the next is built
-            net, optim = start_phase(refiner, cfg, phase, d, peak, ck, targets)
+        if phase is None or phase.index != int(epoch >= cfg.head_epochs):  # a phase starts (or resumes)
+            phase, net = phases[int(epoch >= cfg.head_epochs)], None  # the last wrapper goes before the next
+            net, optim = start_phase(parts, cfg, phase, d, ck)
             ck = None
         keys.keys = epoch_keys(data, cfg, d, epoch, step - epoch * spe)
         for views, idx in loader:
-            lr = common.warmup_cosine(step - first, steps, warm, peak, cfg.min_lr)  # Eq. (14)
-            for g in optim.param_groups:
+            lr = common.warmup_cosine(step - phase.first, phase.steps, phase.warmup, phase.peak_lr, cfg.min_lr)
+            for g in optim.param_groups:  # Eq. (14), times each group's layer-wise scale (Eq. (13))
                 g["lr"] = lr * g["lr_scale"]
             views, idx = [to_input(v, d.device) for v in views], idx.to(d.device, non_blocking=True)
-            gen.manual_seed((cfg.seed * 10**9 + step) * 10**4 + d.rank)
-            offset = d.rank * cfg.batch_size  # row j's positive: column offset + j
-            with autocast:
-                loss, first_view = heads_loss(net, views, idx, queues, targets, mim, phase, k, tau, offset, gen,
-                                              cfg.neighbours == "all" or (cfg.neighbours, phase) == ("refine", 1),
-                                              cfg.pairing)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()  # queued before the one host sync of the step, the loss check below
-            loss_value, stopping = run.gather_loss(loss)  # the same on every rank; a signal to any stops all
-            if not math.isfinite(loss_value):
-                raise UserError(f"the loss is not finite at step {step + 1}; {last} keeps the last good state")
-            optim.step()
-            after_step(queues, first_view, idx, ema, targets, refiner, cfg, phase)
+            loss_value, stopping = refine_step(net, optim, parts, views, idx, phase, step, cfg, d.rank,
+                                               run.gather_loss)  # the same on every rank; a signal stops all
             step += 1
             ips = gb * (step - step0) / (time.perf_counter() - t0)
             bar.update(1)
@@ -433,16 +391,16 @@ def main(cfg: Settings) -> dict:
             if d.main and (step % cfg.log_every == 0 or step == stop):
                 with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
                     f.write(json.dumps(dict(step=step, loss=loss_value, lr=lr, images_per_s=ips,
-                                            phase=phase + 1, epoch=epoch)) + "\n")
+                                            phase=phase.index + 1, epoch=epoch)) + "\n")
             if step % cfg.save_every == 0 or step == stop or stopping:
-                save(phase, optim)
+                save(phase.index, optim)
             run.stop_if(stopping and step < stop, step)  # after the checkpoint: every rank exits with code 3
             if step >= stop:
                 break
     bar.close()
     out = os.path.join(cfg.out, "encoder.pth")
     if d.main:
-        runfiles.write_encoder(model.export_encoder(ema), cfg.out)  # and encoder.safetensors
+        runfiles.write_encoder(model.export_encoder(parts.ema), cfg.out)  # and encoder.safetensors
         print(f"step {step}/{total}: loss {loss_value:.4f}; EMA encoder -> {out}")
     return dict(step=step, loss=loss_value, encoder=out, global_batch=gb, settings=dataclasses.asdict(cfg))
 

@@ -54,14 +54,14 @@ def test_lars_step_equals_maes_lars_per_probe():
     torch.testing.assert_close(stacked.weight.detach(), w)
     torch.testing.assert_close(stacked.bias.detach(), b)
     trainer = probe.GridTrainer(6, 4, [0.1], 10, 5, 100, 2, 0, "cpu", lars=True)
-    assert (trainer.total, trainer.warmup) == (50, 20)  # --warmup >= 1 counts epochs
+    assert (trainer.total, trainer.warmup) == (50, 2 * 10)  # 2 epochs of 100 // 10 steps
 
 
 def test_stacked_grid_equals_torch_sgd_per_lr():
     """Each lr of the grid trains exactly as a separate BatchNorm + Linear under torch.optim.SGD."""
     x, y = blobs(100, dim=8, classes=3, spread=1.0)
     lrs, epochs, batch = [0.01, 0.3], 3, 32
-    trainer = probe.GridTrainer(8, 3, lrs, batch, epochs, len(x), 0.1, seed=5, device="cpu")
+    trainer = probe.GridTrainer(8, 3, lrs, batch, epochs, len(x), 0.1 * epochs, seed=5, device="cpu")
     init_w = trainer.probe.weight.detach().clone()
     for _ in range(epochs):
         trainer.train_epoch(x, y)

@@ -12,6 +12,7 @@ import torch
 
 import common
 import model
+import recipe
 import refine
 from data import IMAGENET_MEAN, IMAGENET_STD
 
@@ -45,48 +46,50 @@ def load(out):
 
 def test_head_placement_by_depth():
     span = lambda a, b: list(range(a, b + 1))  # noqa: E731
-    assert refine.head_blocks("mim-refiner", 1024, 24) == span(17, 24)  # ViT-L/16
-    assert refine.head_blocks("mim-refiner", 1280, 32) == span(21, 32)  # ViT-H/14: 12 heads
-    assert refine.head_blocks("mim-refiner", 2560, 24) == span(17, 24)  # 2B
-    assert refine.head_blocks("mim-refiner", 32, 4) == [3, 4]
-    assert refine.head_blocks("mim-refiner", 192, 12) == span(9, 12)
-    assert refine.head_blocks("mae-ct", 1024, 24) == [24]
+    assert recipe.head_blocks("mim-refiner", 1024, 24) == span(17, 24)  # ViT-L/16
+    assert recipe.head_blocks("mim-refiner", 1280, 32) == span(21, 32)  # ViT-H/14: 12 heads
+    assert recipe.head_blocks("mim-refiner", 2560, 24) == span(17, 24)  # 2B
+    assert recipe.head_blocks("mim-refiner", 32, 4) == [3, 4]
+    assert recipe.head_blocks("mim-refiner", 192, 12) == span(9, 12)
+    assert recipe.head_blocks("mae-ct", 1024, 24) == [24]
     vit = model.ViT(dim=32, depth=4, patch=4, img_size=32)
-    cfg = refine.resolve(refine.Settings(heads="2-3", batch_size=4), vit, 1, 100)
+    cfg = recipe.resolve(refine.Settings(heads="2-3", batch_size=4), vit, 1, 100)
     assert cfg.heads == "2,3"
 
 
 def test_recipe_by_scale():
     large = SimpleNamespace(dim=1024, depth=24, patch=16, img_size=224, post_norm=False)  # ViT-L/16
-    cfg = refine.resolve(refine.Settings(), large, 8, 1_281_167)
+    cfg = recipe.resolve(refine.Settings(), large, 8, 1_281_167)
     assert (cfg.batch_size * 8, cfg.epochs, cfg.head_epochs, cfg.temperature) == (1024, 30, 20, 0.2)
     assert (cfg.local_crops, cfg.global_size, cfg.local_size, cfg.queue_size) == (10, 224, 96, 65536)
-    assert (cfg.heads, cfg.ema_momentum, cfg.warmup) == (",".join(map(str, range(17, 25))), 0.9999, 4.0)
-    cfg = refine.resolve(refine.Settings(method="mae-ct"), large, 8, 1_281_167)
+    assert (cfg.heads, cfg.ema_momentum, cfg.head_warmup_epochs, cfg.warmup_epochs) == (
+        ",".join(map(str, range(17, 25))), 0.9999, 4.0, 4.0)
+    cfg = recipe.resolve(refine.Settings(method="mae-ct"), large, 8, 1_281_167)
     assert (cfg.views, cfg.local_crops, cfg.freeze_blocks, cfg.heads, cfg.epochs) == ("crop-flip", 0, 12, "24", 20)
-    assert (cfg.temperature, cfg.head_temperature, cfg.warmup) == (0.2, 0.15, 0.2)
+    assert (cfg.temperature, cfg.head_temperature) == (0.2, 0.15)
+    assert (cfg.head_warmup_epochs, cfg.warmup_epochs) == (0.2 * 20, 0.2 * 20)  # 20% of each phase
 
 
 def test_recipe_for_other_sizes_scales_with_the_data():
     """Not a paper size: 'small' (ours, CPUs) only for an encoder under 384 wide on under 50k images, else the
     nearest paper size's recipe with the global batch and the EMA horizon scaled to the data set."""
     vit_s = SimpleNamespace(dim=384, depth=12, patch=16, img_size=224, post_norm=False)  # ViT-S/16
-    assert refine.scale_of(vit_s, 100_000)[0] == "base" and "no paper size" in refine.scale_of(vit_s, 100_000)[1]
-    cfg = refine.resolve(refine.Settings(), vit_s, 1, 100_000)
+    assert recipe.scale_of(vit_s, 100_000)[0] == "base" and "no paper size" in recipe.scale_of(vit_s, 100_000)[1]
+    cfg = recipe.resolve(refine.Settings(), vit_s, 1, 100_000)
     assert (cfg.batch_size, cfg.head_epochs, cfg.epochs, cfg.queue_size) == (1024, 20, 30, 49152)
     assert cfg.ema_momentum == pytest.approx(1 - 2 / (30 * 97)) and cfg.local_crops == 10
-    cfg = refine.resolve(refine.Settings(), vit_s, 1, 10_000)  # fewer images: a smaller batch, a shorter horizon
+    cfg = recipe.resolve(refine.Settings(), vit_s, 1, 10_000)  # fewer images: a smaller batch, a shorter horizon
     assert cfg.batch_size == 256 and cfg.ema_momentum == pytest.approx(1 - 2 / (30 * 39))
     tiny = SimpleNamespace(dim=128, depth=6, patch=4, img_size=32, post_norm=False)
-    assert refine.scale_of(tiny, 10_000) == ("small", "ours for CPUs: 128 wide, 6 deep (under 384 wide) on 10000 "
+    assert recipe.scale_of(tiny, 10_000) == ("small", "ours for CPUs: 128 wide, 6 deep (under 384 wide) on 10000 "
                                                       "images (under 50000)")
-    small = refine.resolve(refine.Settings(), tiny, 1, 10_000)  # the demo's recipe (README deviations table)
+    small = recipe.resolve(refine.Settings(), tiny, 1, 10_000)  # the demo's recipe (README deviations table)
     assert small.ema_momentum == 0.95 and (small.layer_decay, small.topk, small.jitter) == (1.0, 5, 2.0)
     assert (small.global_crop_min, small.queue_size, small.lr, small.neighbours) == (0.3, 4096, 4e-3, "refine")
     assert (small.local_crops, small.freeze_blocks, small.epochs) == (0, tiny.depth // 2, 6)
-    assert refine.scale_of(tiny, 1_281_167)[0] == "base"  # a small encoder on much data: not the toy recipe
+    assert recipe.scale_of(tiny, 1_281_167)[0] == "base"  # a small encoder on much data: not the toy recipe
     large = SimpleNamespace(dim=1024, depth=24, patch=16, img_size=224, post_norm=False)
-    assert refine.resolve(refine.Settings(), large, 8, 1_281_167).ema_momentum == 0.9999  # ImageNet: the paper's
+    assert recipe.resolve(refine.Settings(), large, 8, 1_281_167).ema_momentum == 0.9999  # ImageNet: the paper's
 
 
 def test_lr_multipliers_and_weight_decay_follow_eq_13():
@@ -118,7 +121,7 @@ def test_lr_schedule_warms_up_then_cosine():
 
 
 def test_views_are_a_function_of_seed_epoch_index():
-    cfg = refine.resolve(refine.Settings(batch_size=4, local_crops=2), model.ViT(dim=32, depth=4, patch=4, img_size=32),
+    cfg = recipe.resolve(refine.Settings(batch_size=4, local_crops=2), model.ViT(dim=32, depth=4, patch=4, img_size=32),
                          1, 100)
     data = refine.Views(refine.train_set(refine.Settings(limit_train=8)), refine.make_views(cfg), 0)
     views, i = data[0, 3]  # key (epoch, index)
@@ -144,9 +147,9 @@ def test_blur_sigma_follows_the_global_side_for_every_view():
                         out.append((u.lambd.keywords["lo"], u.lambd.keywords["hi"]))
         return out
 
-    cfg = refine.resolve(refine.Settings(batch_size=4, global_size=224, local_size=96, local_crops=3), vit, 1, 100)
+    cfg = recipe.resolve(refine.Settings(batch_size=4, global_size=224, local_size=96, local_crops=3), vit, 1, 100)
     assert ranges(cfg) == [(0.1, 2.0)] * 5
-    cfg = refine.resolve(refine.Settings(batch_size=4, local_crops=2), vit, 1, 100)  # 32 px globals, 16 px locals
+    cfg = recipe.resolve(refine.Settings(batch_size=4, local_crops=2), vit, 1, 100)  # 32 px globals, 16 px locals
     assert ranges(cfg) == [(pytest.approx(0.1 * 32 / 224), pytest.approx(2.0 * 32 / 224))] * 4
 
 
@@ -186,7 +189,7 @@ def test_official_pairing_has_the_public_codes_22_terms(tiny_ckpt, tmp_path, mon
     assert len(pairs) == 22 and {id(p[10]), id(p[11])} <= {id(b) for _, b in pairs}
     vit = model.ViT(dim=32, depth=4, patch=4, img_size=32)
     with pytest.raises(model.UserError, match="unknown --pairing"):
-        refine.resolve(refine.Settings(pairing="public", batch_size=4), vit, 1, 100)
+        recipe.resolve(refine.Settings(pairing="public", batch_size=4), vit, 1, 100)
     used = []  # refine.main hands --pairing to the loss
     monkeypatch.setattr(refine, "mim_refiner_loss", lambda *a: used.append(a[-1]) or 1 / 0)
     with pytest.raises(ZeroDivisionError):
@@ -211,9 +214,10 @@ def test_mae_ct_heads_normalise_each_view_alone_mim_refiner_all_views(tiny_ckpt,
         net = refine.Refiner(vit, [2], "cls", not mim, act="gelu" if mim else "relu", predictor_bn=mim, **kw)
         head = net.heads["2"]
         targets = torch.nn.ModuleDict({"2": copy.deepcopy(head.projector)})
-        queues = torch.nn.ModuleDict({"2": model.NNQueue(16, 8)})
+        parts = refine.Parts(net, vit, torch.nn.ModuleDict({"2": model.NNQueue(16, 8)}), targets)
         for phase in (0, 1):
-            refine.heads_loss(net, views, torch.arange(4), queues, targets, mim, phase, 1, 0.2, 0, None, False)
+            refine.heads_loss(net, parts, views, torch.arange(4), refine.Phase(phase, 0, 1, 0.1, 0, 0.2, 1, False),
+                              mim, 0, None, "intended")
             proj = targets["2"] if phase == 1 and not mim else head.projector
             want_z = torch.cat([proj(x) for x in h.chunk(2)]) if not mim else head(h)[0]
             want_p = torch.cat([head(x)[1] for x in h.chunk(2)]) if not mim else head(h)[1]
@@ -287,7 +291,8 @@ def test_mae_ct_target_projector_is_copied_when_phase_2_starts(tiny_ckpt, tmp_pa
 def test_two_processes_equal_one(tiny_ckpt, tmp_path):
     """Same global batch of 8: 2 x 4 under torchrun (gloo) vs 1 x 8, across both phases, with
     top-1 neighbours (the pick is then deterministic)."""
-    kw = dict(head_epochs=1, epochs=1, max_steps=6, topk=1, warmup=0.0, head_lr=0.05, lr=0.05)
+    kw = dict(head_epochs=1, epochs=1, max_steps=6, topk=1, head_warmup_epochs=0, warmup_epochs=0,
+              head_lr=0.05, lr=0.05)
     args = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "refine.py",
            f"--ckpt={tiny_ckpt}", f"--out={tmp_path / 'two'}", "--limit-train=32", "--batch-size=4",
