@@ -2,61 +2,66 @@
 function of (seed, e, i).
 
 Two recipes: crop-flip (MAE-CT's) and BYOL's multi-crop (MIM-Refiner's: two global views plus
-local crops, colour jitter, grayscale, blur, solarisation). Views leave the loader as uint8 and are
-normalised on the device (`to_input`): four times less to copy than float32.
+local crops, colour jitter, grayscale, blur, solarisation). The work is split where it is cheapest:
+a loader worker decodes the image, cuts and flips each view's crop and draws each view's photometric
+parameters (photometric.draw); the device then applies colour jitter, grayscale, blur, solarisation
+and the normalisation to the whole batch of a view at once (`to_input`, photometric.augment). Crops
+leave the worker as uint8, four times less to copy than float32.
 """
-from functools import partial
+from dataclasses import dataclass
+from typing import Optional
 
+import numpy as np
 import torch
-from PIL import ImageFilter
+from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler, Subset
 from torchvision import transforms as T
 
+import photometric
 from data import IMAGENET_MEAN, IMAGENET_STD, JitteredDigits, build_dataset
 
 
-def blur(img, lo: float, hi: float):
-    """Gaussian blur, sigma uniform in (lo, hi); PIL's, as torchvision's takes ~50 ms per 32 px image."""
-    return img.filter(ImageFilter.GaussianBlur(float(torch.empty(1).uniform_(lo, hi))))
+@dataclass(frozen=True)
+class View:
+    """One view of every image: a random resized crop of `size` px covering `scale` of the image's area
+    (aspect 3/4-4/3, bicubic), flipped with probability 1/2, then `colour` on the device (None: nothing)."""
+    size: int
+    scale: tuple
+    colour: Optional[photometric.Recipe] = None
 
 
 def make_views(cfg) -> list:
-    """Transforms, global views first: crop-flip (MAE-CT) or BYOL multicrop (MIM-Refiner: blur
-    p 1.0 / 0.1 / 0.5 on global 1 / global 2 / local, solarize on global 2); uint8, see to_input.
+    """The views, global first: crop-flip (MAE-CT) or BYOL multicrop (MIM-Refiner: blur p 1.0 / 0.1 / 0.5
+    on global 1 / global 2 / local, solarize on global 2).
     cfg: views, global_size, local_size, local_crops, global_crop_min, local_crop_min, jitter (x BYOL's)."""
-    j = cfg.jitter
-    bicubic = T.InterpolationMode.BICUBIC
-    if cfg.views == "crop-flip":
-        v = T.Compose([T.RandomResizedCrop(cfg.global_size, (cfg.global_crop_min, 1.0), interpolation=bicubic),
-                       T.RandomHorizontalFlip(), T.PILToTensor()])
-        return [v, v]
-
-    def byol(size, scale, blur_p, solarize_p):
-        s = cfg.global_size / 224  # blur sigma 0.1-2.0 px at 224, scaled with the global side for every view
-        return T.Compose([
-            T.RandomResizedCrop(size, scale, interpolation=bicubic), T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.4 * j, 0.4 * j, 0.2 * j, min(0.5, 0.1 * j))], p=0.8),
-            T.RandomGrayscale(0.2), T.RandomApply([T.Lambda(partial(blur, lo=0.1 * s, hi=2.0 * s))], p=blur_p),
-            T.RandomSolarize(128, p=solarize_p), T.PILToTensor()])
-
     g, loc = (cfg.global_crop_min, 1.0), (cfg.local_crop_min, cfg.global_crop_min)  # crop area fractions
-    return ([byol(cfg.global_size, g, 1.0, 0.0), byol(cfg.global_size, g, 0.1, 0.2)]
-            + [byol(cfg.local_size, loc, 0.5, 0.0)] * cfg.local_crops)
+    if cfg.views == "crop-flip":
+        return [View(cfg.global_size, g)] * 2
+    j, s = cfg.jitter, cfg.global_size / 224  # blur sigma 0.1-2.0 px at 224, scaled with the global side
+
+    def byol(blur_p, solarize_p):
+        return photometric.Recipe(0.8, 0.4 * j, 0.4 * j, 0.2 * j, min(0.5, 0.1 * j), 0.2, blur_p, 0.1 * s, 2.0 * s,
+                                  solarize_p)
+    return ([View(cfg.global_size, g, byol(1.0, 0.0)), View(cfg.global_size, g, byol(0.1, 0.2))]
+            + [View(cfg.local_size, loc, byol(0.5, 0.0))] * cfg.local_crops)
 
 
-def to_input(view: torch.Tensor, device) -> torch.Tensor:
-    """uint8 views (B, C, H, W) -> float32 on `device`: ToTensor + Normalize's ops, after a 4x smaller copy."""
-    x = view.to(device, non_blocking=True).float().div(255)  # (B, C, H, W)
-    for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):
-        x[:, c].sub_(m).div_(s)  # python scalars: a mean/std tensor copied to the GPU would sync each time
-    return x
+def crop_flip(img: Image.Image, view: View) -> torch.Tensor:
+    """torchvision's RandomResizedCrop(view.size, view.scale, bicubic) + RandomHorizontalFlip, drawn from
+    torch's default generator, as a uint8 tensor (3, size, size). PIL's resize with a box crops and scales
+    in one pass."""
+    top, left, h, w = T.RandomResizedCrop.get_params(img, view.scale, (3 / 4, 4 / 3))
+    img = img.resize((view.size, view.size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W) uint8
+    return x.flip(2).contiguous() if float(torch.rand(1)) < 0.5 else x.contiguous()
 
 
 class Views(Dataset):
-    """Key (epoch, index) -> (list of views, index). The augmentations draw from torch's CPU generator
-    seeded by (seed, epoch, index), so the data do not depend on workers, world size or resuming."""
+    """Key (epoch, index) -> (list of uint8 crops (3, s, s), one per view; their photometric parameters
+    (V, len(photometric.COLUMNS)); index). Crops and parameters draw from torch's CPU generator seeded by
+    (seed, epoch, index), so the data do not depend on workers, world size or resuming."""
 
-    def __init__(self, data, views, seed: int):
+    def __init__(self, data, views: list, seed: int):
         self.data, self.views, self.seed = data, views, seed
 
     def __len__(self):
@@ -67,7 +72,29 @@ class Views(Dataset):
         img = self.data[i][0].convert("RGB")
         with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
             torch.default_generator.manual_seed((self.seed * 100_000 + epoch) * 10**8 + i)
-            return [t(img) for t in self.views], i
+            crops, params = [], []
+            for view in self.views:
+                crops.append(crop_flip(img, view))
+                params.append(view.colour.draw() if view.colour else torch.tensor(photometric.IDENTITY))
+            return crops, torch.stack(params), i  # params (V, 11)
+
+
+def to_input(crops: list, params: torch.Tensor, views: list, device) -> list:
+    """A batch from Views -> the views the encoder reads, float32 normalised on `device`: per view v the
+    uint8 crops (B, 3, s, s) with their parameters params[:, v] (B, 11) through photometric.augment,
+    or (no colour) ToTensor + Normalize's arithmetic alone."""
+    params = params.to(device, non_blocking=True)  # (B, V, 11)
+    out = []
+    for v, (x, view) in enumerate(zip(crops, views)):
+        x = x.to(device, non_blocking=True)
+        if view.colour:
+            out.append(photometric.augment(x, params[:, v], IMAGENET_MEAN, IMAGENET_STD, view.colour.kernel_size))
+            continue
+        x = x.float().div(255)  # (B, 3, s, s)
+        for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):
+            x[:, c].sub_(m).div_(s)  # python scalars: a mean/std tensor copied to the GPU would sync each time
+        out.append(x)
+    return out
 
 
 def train_set(cfg):

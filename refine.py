@@ -336,7 +336,8 @@ def main(cfg: Settings) -> dict:
         blk.compile()
     cfg = resolve(cfg, vit, d.world, len(data))
     gb = cfg.batch_size * d.world
-    data, keys = Views(data, make_views(cfg), cfg.seed), EpochKeys()  # one loader: workers persist
+    views = make_views(cfg)
+    data, keys = Views(data, views, cfg.seed), EpochKeys()  # one loader: workers persist
     loader = DataLoader(data, cfg.batch_size, sampler=keys, drop_last=True, generator=torch.Generator(),
                         **loader_kwargs(d.device, cfg.workers))
     parts = build(cfg, vit)
@@ -377,12 +378,12 @@ def main(cfg: Settings) -> dict:
             net, optim = start_phase(parts, cfg, phase, d, ck)
             ck = None
         keys.keys = epoch_keys(data, cfg, d, epoch, step - epoch * spe)
-        for views, idx in loader:
+        for crops, params, idx in loader:  # uint8 crops and their photometric parameters
             lr = common.warmup_cosine(step - phase.first, phase.steps, phase.warmup, phase.peak_lr, cfg.min_lr)
             for g in optim.param_groups:  # Eq. (14), times each group's layer-wise scale (Eq. (13))
                 g["lr"] = lr * g["lr_scale"]
-            views, idx = [to_input(v, d.device) for v in views], idx.to(d.device, non_blocking=True)
-            loss_value, stopping = refine_step(net, optim, parts, views, idx, phase, step, cfg, d.rank,
+            x, idx = to_input(crops, params, views, d.device), idx.to(d.device, non_blocking=True)  # Eq. (3)
+            loss_value, stopping = refine_step(net, optim, parts, x, idx, phase, step, cfg, d.rank,
                                                run.gather_loss)  # the same on every rank; a signal stops all
             step += 1
             ips = gb * (step - step0) / (time.perf_counter() - t0)
