@@ -320,20 +320,65 @@ def proposed_grid_loss(logits, y):
 # ---------------------------------------------------------------------------------------------
 # Data loading of the refinement views
 
+def pil_views(cfg) -> list:
+    """The reference ("before"): the per-image torchvision / PIL recipe that refine.py's loader workers ran
+    before device-side augmentation (crop, flip, ColorJitter, grayscale, PIL's blur, solarisation, per view)."""
+    from functools import partial
+
+    from PIL import ImageFilter
+    from torchvision import transforms as T
+
+    def blur(img, lo, hi):
+        return img.filter(ImageFilter.GaussianBlur(float(torch.empty(1).uniform_(lo, hi))))
+
+    def byol(size, scale, blur_p, solarize_p):
+        j, s = cfg.jitter, cfg.global_size / 224
+        return T.Compose([
+            T.RandomResizedCrop(size, scale, interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4 * j, 0.4 * j, 0.2 * j, min(0.5, 0.1 * j))], p=0.8),
+            T.RandomGrayscale(0.2), T.RandomApply([T.Lambda(partial(blur, lo=0.1 * s, hi=2.0 * s))], p=blur_p),
+            T.RandomSolarize(128, p=solarize_p), T.PILToTensor()])
+    g, loc = (cfg.global_crop_min, 1.0), (cfg.local_crop_min, cfg.global_crop_min)
+    return ([byol(cfg.global_size, g, 1.0, 0.0), byol(cfg.global_size, g, 0.1, 0.2)]
+            + [byol(cfg.local_size, loc, 0.5, 0.0)] * cfg.local_crops)
+
+
+class PilViews(torch.utils.data.Dataset):
+    """augment.Views with the reference recipe: key (epoch, index) -> (uint8 views, index), same seeding."""
+
+    def __init__(self, data, transforms, seed: int):
+        self.data, self.transforms, self.seed = data, transforms, seed
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        img = self.data[i][0].convert("RGB")
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed((self.seed * 100_000 + epoch) * 10**8 + i)
+            return [t(img) for t in self.transforms], i
+
+
 def bench_loader(device, n_images, batch, workers, epochs=3):
-    """refine.py's MIM-Refiner views (2 x 224 + 10 x 96, BYOL augmentation) of JPEGs of ImageNet's
-    typical size (500 x 375) through a DataLoader with `workers` processes, pinned memory and
-    copies to the device; images/s over the epochs after the first (which starts the workers)."""
-    import dataclasses
+    """refine.py's MIM-Refiner views (2 x 224 + 10 x 96, BYOL augmentation) of JPEGs of ImageNet's typical size
+    (500 x 375), side by side: before, every view coloured per image in the loader worker (`pil_views`); after,
+    the worker decodes, crops, flips and draws the parameters (augment.Views) and the device colours whole
+    batches (augment.to_input). Loader throughput: one DataLoader per side with `workers` processes (0: the main
+    process, which then is the one worker), batches only collated and copied to the device, alternating epochs
+    (before, after, after, before, ...); img/s per worker = img/s / max(1, workers), the median over epochs after
+    the first. Then the device's share: to_input's time per batch, the loader's batches replayed."""
     import shutil
     import tempfile
+    from types import SimpleNamespace
 
     from PIL import Image
     from torch.utils.data import DataLoader
     from torchvision import datasets
-    refine = try_import("refine")
-    if refine is None or not all(hasattr(refine, a) for a in ("Views", "make_views", "Settings")):
-        return dict(skipped="refine.Views / refine.make_views do not exist yet")
+
+    import augment
+    import recipe
+    import refine
     from data import EpochKeys, loader_kwargs
     root = tempfile.mkdtemp()
     try:
@@ -343,24 +388,44 @@ def bench_loader(device, n_images, batch, workers, epochs=3):
             small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
             Image.fromarray(small).resize((500, 375), Image.BICUBIC).save(
                 os.path.join(root, "c0", f"{i}.jpg"), quality=90)
-        cfg = dataclasses.replace(refine.Settings(), views="multicrop", global_size=224, local_size=96,
-                                  local_crops=10)
-        data, keys = refine.Views(datasets.ImageFolder(root), refine.make_views(cfg), 0), EpochKeys()
-        loader = DataLoader(data, batch, sampler=keys, drop_last=True, **loader_kwargs(device, workers))
+        vit = SimpleNamespace(dim=1024, depth=24, patch=16, img_size=224, post_norm=False)  # ViT-L/16's recipe
+        cfg = recipe.resolve(refine.Settings(batch_size=batch), vit, 1, 1_281_167)
+        images, views = datasets.ImageFolder(root), augment.make_views(cfg)
+        sides = {"before": PilViews(images, pil_views(cfg), 0), "after": augment.Views(images, views, 0)}
+        keys = {k: EpochKeys() for k in sides}
+        loaders = {k: DataLoader(ds, batch, sampler=keys[k], drop_last=True, **loader_kwargs(device, workers))
+                   for k, ds in sides.items()}
+        rates = {k: [] for k in sides}
+        for epoch in range(epochs):
+            for k in (("before", "after") if epoch % 2 == 0 else ("after", "before")):
+                keys[k].keys = [(epoch, i) for i in torch.randperm(n_images).tolist()]
+                t0, n = time.perf_counter(), 0
+                for b in loaders[k]:  # collate and copy only: what the GPU would wait for
+                    b = [t.to(device, non_blocking=True) for t in b[0]]
+                    n += batch
+                sync(device)
+                rates[k].append(n / (time.perf_counter() - t0))
+        del loaders  # the workers end
+        crops, params, _ = next(iter(DataLoader(sides["after"], batch, sampler=[(0, i) for i in range(batch)])))
+        crops, params = [c.to(device) for c in crops], params.to(device)
         times = []
-        for epoch in range(epochs):  # as refine.py: one loader, its workers persist across epochs
-            keys.keys = [(epoch, i) for i in torch.randperm(n_images).tolist()]
-            t0, n = time.perf_counter(), 0
-            for views, idx in loader:
-                views = [refine.to_input(v, device) for v in views]  # uint8 -> normalised on the device
-                n += len(idx)
+        for _ in range(3 if device.type == "cpu" else 20):
+            t0 = time.perf_counter()
+            augment.to_input(crops, params, views, device)
             sync(device)
-            times.append((time.perf_counter() - t0, n))
-        t = sum(a for a, _ in times[1:]) or times[0][0]
-        n = sum(b for _, b in times[1:]) or times[0][1]
-        return dict(images=n_images, batch=batch, workers=workers, views="2x224 + 10x96 (BYOL)",
-                    img_s=n / t, first_epoch_s=times[0][0], cpu_count=os.cpu_count(),
-                    note="persistent workers, pinned memory; JPEG 500x375")
+            times.append(time.perf_counter() - t0)
+        per = {k: statistics.median(v[1:] or v) / max(1, workers) for k, v in rates.items()}
+        r = dict(images=n_images, batch=batch, workers=workers, views="2x224 + 10x96 (BYOL)",
+                 before_img_s_per_worker=per["before"], after_img_s_per_worker=per["after"],
+                 ratio=per["after"] / per["before"], img_s=per["after"] * max(1, workers),
+                 device_augment_ms_per_batch=1e3 * statistics.median(times),
+                 device_augment_img_s=batch / statistics.median(times), cpu_count=os.cpu_count(),
+                 note="persistent workers, pinned memory on CUDA; JPEG 500x375; loader batches collated and "
+                      "copied, not coloured; the device's colouring timed apart")
+        print(f"loader, img/s per worker ({workers} workers): before {per['before']:.1f}, after {per['after']:.1f}, "
+              f"ratio {r['ratio']:.2f}; device augmentation {r['device_augment_ms_per_batch']:.0f} ms per batch "
+              f"of {batch} ({r['device_augment_img_s']:.0f} img/s on {device.type})", flush=True)
+        return r
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
