@@ -25,7 +25,6 @@ One GPU, about 15 minutes (ViT-B/L in bf16, k-NN 50k x 10k at D = 384, ViT-L/16 
 See BENCHMARKS.md for the figures measured so far and the machines they come from.
 """
 import gc
-import importlib
 import math
 import os
 import platform
@@ -34,14 +33,18 @@ import statistics
 import time
 from dataclasses import dataclass
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # read as tqdm is imported (torch imports it): no bars from the features
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import cluster
+import knn
 import model
+import probe
+import refine
 from common import cli, opt, write_json
-
-os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars from the feature extraction
 
 # the goals: a ratio at or above its goal is a win (CPU, CUDA)
 GOALS = {"vit_vs_timm": (1.0, 1.0), "knn_vs_sklearn": (2.0, 50.0),
@@ -108,14 +111,6 @@ def summary(t_ours, t_theirs, ratio, goal, **extra):
                 goal=goal, ok=ratio >= goal, rounds=len(t_ours), **extra)
 
 
-def try_import(name):
-    """A sibling stage module, or None while it does not exist yet."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
-
-
 # ---------------------------------------------------------------------------------------------
 # ViT against timm
 
@@ -176,9 +171,6 @@ def clustered_features(n, m, d, classes, seed=0, spread=1.0):
 
 def bench_knn(n, m, d, k, classes, device, rounds, goal):
     from sklearn.neighbors import KNeighborsClassifier
-    knn = try_import("knn")
-    if knn is None or not hasattr(knn, "knn_predict"):
-        return dict(skipped="knn.knn_predict does not exist yet")
     T = 0.07
     xtr, ytr, xte, yte = clustered_features(n, m, d, classes, spread=2.0)
     # the same vote as ours: scikit-learn hands the weight function cosine distances 1 - sim
@@ -216,9 +208,6 @@ def bench_knn(n, m, d, k, classes, device, rounds, goal):
 
 def bench_kmeans(n, d, K, n_init, iters, device, rounds, goal):
     from sklearn.cluster import KMeans
-    cluster = try_import("cluster")
-    if cluster is None or not hasattr(cluster, "kmeans"):
-        return dict(skipped="cluster.kmeans does not exist yet")
     x, _, _, _ = clustered_features(n, 1, d, K, seed=1, spread=0.5)
     sk = KMeans(n_clusters=K, init="k-means++", n_init=n_init, max_iter=iters, tol=1e-4,
                 algorithm="lloyd", random_state=0)
@@ -253,9 +242,6 @@ def bench_kmeans(n, d, K, n_init, iters, device, rounds, goal):
 # Stacked-grid probe against 13 separate trainings
 
 def bench_probe(n, d, classes, epochs, device, rounds, goal):
-    probe = try_import("probe")
-    if probe is None or not hasattr(probe, "linear_probe"):
-        return dict(skipped="probe.linear_probe does not exist yet")
     xtr, ytr, xva, yva = clustered_features(n, max(1, n // 5), d, classes, seed=2, spread=4.0)
     x, y, vx, vy = (torch.from_numpy(a).to(device) for a in (xtr, ytr, xva, yva))
     batch = min(1024, n)
@@ -283,9 +269,6 @@ def bench_probe_augment(n, epochs, device, rounds, goal):
     embeds a new RandomResizedCrop + flip of every train image. Trained one lr at a time, each of
     the 13 trainings needs its own encoder passes; the stacked grid needs one per epoch.
     Encoder: pretrain.py's tiny MAE size (128 wide, 6 deep, patch 4) on the embedded data set."""
-    probe = try_import("probe")
-    if probe is None or not all(hasattr(probe, a) for a in ("GridTrainer", "train_transform")):
-        return dict(skipped="probe.GridTrainer / probe.train_transform do not exist yet")
     from data import JitteredDigits
     from features import extract_features
     data = JitteredDigits("train", n=n, transform=probe.train_transform(32))
@@ -310,13 +293,6 @@ def bench_probe_augment(n, epochs, device, rounds, goal):
                    encoder="ViT 128 wide, 6 deep, patch 4, 32 px")
 
 
-def proposed_grid_loss(logits, y):
-    """probe.grid_loss's value (sum over the G probes of each one's mean cross-entropy) from one
-    contiguous (G*B, C) cross-entropy instead of a 2-D loss over a permuted (B, C, G) view."""
-    G, B, C = logits.shape
-    return F.cross_entropy(logits.reshape(G * B, C), y.repeat(G), reduction="sum") / B
-
-
 # ---------------------------------------------------------------------------------------------
 # Data loading of the refinement views
 
@@ -331,9 +307,7 @@ def bench_loader(device, n_images, batch, workers, epochs=3):
     from PIL import Image
     from torch.utils.data import DataLoader
     from torchvision import datasets
-    refine = try_import("refine")
-    if refine is None or not all(hasattr(refine, a) for a in ("Views", "make_views", "Settings")):
-        return dict(skipped="refine.Views / refine.make_views do not exist yet")
+
     from data import EpochKeys, loader_kwargs
     root = tempfile.mkdtemp()
     try:
@@ -382,53 +356,6 @@ def tokens_per_image(patch, views):
     return sum(n * (1 + (s // patch) ** 2) for s, n in views)
 
 
-class StandInStep:
-    """A MIM-Refiner training step built from model.py alone, for when refine.py offers none:
-    ViT, one ContrastiveHead + NNQueue per block of the last third, NNA loss over every (global
-    anchor, other view) pair, AdamW, bf16 autocast on CUDA. Views of one size go through the
-    encoder together; the heads see all views of the batch at once (their BN statistics)."""
-
-    def __init__(self, vit, blocks, head_kwargs, queue_size, device, tau=0.2, topk=20):
-        self.vit, self.blocks, self.device, self.tau, self.topk = vit, blocks, device, tau, topk
-        self.heads = torch.nn.ModuleList(model.ContrastiveHead(vit.dim, **head_kwargs) for _ in blocks)
-        self.queues = torch.nn.ModuleList(model.NNQueue(queue_size, head_kwargs["proj_dim"])
-                                          for _ in blocks)
-        self.heads.to(device), self.queues.to(device), vit.to(device).train()
-        params = list(vit.parameters()) + list(self.heads.parameters())
-        self.opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.05,
-                                     fused=device.type == "cuda")
-
-    def __call__(self, views, idx):
-        """views: list of (B, 3, s, s) per view, globals first; idx (B,) dataset indices."""
-        B, n_views = len(idx), len(views)
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
-            cls = {b: [None] * n_views for b in self.blocks}
-            by_size = {}
-            for v, x in enumerate(views):
-                by_size.setdefault(x.shape[-1], []).append(v)
-            for vs in by_size.values():  # one encoder pass per view size
-                outs = self.vit.forward_blocks(torch.cat([views[v] for v in vs]), self.blocks)
-                for b, t in zip(self.blocks, outs):  # t (len(vs)*B, 1+N, D)
-                    if b == self.vit.depth:
-                        t = self.vit.final_norm(t)
-                    for j, v in enumerate(vs):
-                        cls[b][v] = t[j * B:(j + 1) * B, 0]  # (B, D)
-            zp = [head(torch.cat(cls[b])) for b, head in zip(self.blocks, self.heads)]  # all views: one BN
-        loss = 0.0
-        for (z, p), queue in zip(zp, self.queues):  # float32 losses, outside autocast
-            z, p = z.float().view(n_views, B, -1), p.float().view(n_views, B, -1)  # (V, B, d)
-            terms = []
-            for i in range(2):  # anchor: global view i
-                nn_z = queue.lookup(z[i].detach(), idx, self.topk)
-                terms += [model.nna_loss(z[i], nn_z, p[v], self.tau) for v in range(n_views) if v != i]
-            loss = loss + torch.stack(terms).mean()
-            queue.enqueue(z[0].detach(), idx)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return loss.detach()
-
-
 class RefinePyStep:
     """refine.py's phase-2 MIM-Refiner step, built from its own parts (Refiner, set_trainable,
     param_groups, mim_refiner_loss, ema_update) with the body of its training loop: encoder and
@@ -441,7 +368,6 @@ class RefinePyStep:
 
     def __init__(self, vit, blocks, head_kwargs, queue_size, device, tau=0.2, topk=20, fast=False):
         import copy
-        refine = importlib.import_module("refine")
         self.refine, self.device, self.tau, self.topk, self.blocks = refine, device, tau, topk, blocks
         self.fast = fast
         self.refiner = refine.Refiner(vit, blocks, "cls", act="gelu", predictor_bn=True,
@@ -481,16 +407,10 @@ class RefinePyStep:
 
 
 def refine_step_factory(fast=False):
-    """refine.py's training step where refine.py exists, else the stand-in built from model.py.
-    -> (description, callable(vit, blocks, head_kwargs, device) -> step(views, idx))."""
-    refine = try_import("refine")
+    """refine.py's training step. -> (description, callable(vit, blocks, head_kwargs, device) -> step(views, idx))."""
     queue = lambda dev: 65536 if dev.type == "cuda" else 4096  # noqa: E731
-    if refine is not None and all(hasattr(refine, a) for a in
-                                  ("Refiner", "set_trainable", "param_groups", "mim_refiner_loss", "ema_update")):
-        return ("refine.py parts" + (", proposed loop" if fast else "")), lambda vit, blocks, hk, dev: \
-            RefinePyStep(vit, blocks, hk, queue(dev), dev, fast=fast)
-    return "bench.StandInStep (model.py pieces)", lambda vit, blocks, hk, dev: StandInStep(
-        vit, blocks, hk, queue(dev), dev)
+    return ("refine.py parts" + (", proposed loop" if fast else "")), lambda vit, blocks, hk, dev: \
+        RefinePyStep(vit, blocks, hk, queue(dev), dev, fast=fast)
 
 
 def free_cuda():
@@ -636,9 +556,6 @@ def machine(device):
 def print_table(rows):
     print(f"{'comparison':<28}{'setting':<44}{'ours s':>9}{'theirs s':>10}{'ratio':>8}{'goal':>7}  ok   same result")
     for key, r in rows:
-        if "skipped" in r:
-            print(f"{key:<28}{'skipped: ' + r['skipped']}")
-            continue
         print(f"{key:<28}{r.get('setting', ''):<44}{r['ours_s']:>9.4f}{r['theirs_s']:>10.4f}"
               f"{r['ratio']:>8.2f}{r['goal']:>7.1f}  {'yes' if r['ok'] else 'NO ':<5}"
               f"{({True: 'yes', False: 'NO'}.get(r.get('agree_ok'), '-'))}")
@@ -759,15 +676,6 @@ def main(cfg: Settings) -> dict:
         r = bench_probe(n, d, c, ep, device, max(1, rounds // 2), goal["probe_grid_vs_sequential"])
         record("probe (features once)", "probe_grid_vs_sequential_features_once", r,
                f"features once: {n} x D {d}, {c} classes, {ep} epochs")
-        probe = try_import("probe")
-        if gpu and probe is not None and hasattr(probe, "grid_loss"):  # the proposed loss, both sides
-            original, probe.grid_loss = probe.grid_loss, proposed_grid_loss
-            try:
-                r2 = bench_probe(n, d, c, ep, device, max(1, rounds // 2), goal["probe_grid_vs_sequential"])
-            finally:
-                probe.grid_loss = original
-            record("probe_grid_vs_sequential", "probe_grid_vs_sequential_proposed_loss", r2,
-                   r["setting"] + ", proposed grid_loss")
         save()
 
     if "loader" in only:
