@@ -12,21 +12,33 @@ the median over rounds of (their time / our time), so > 1 means ours is faster.
 - `kmeans_vs_sklearn`: `cluster.kmeans` against `sklearn.cluster.KMeans`, same K, n_init,
   iterations and data; from the same initial centres both reach the same inertia (within 1%).
 - `probe_grid_vs_sequential`: the 13 learning rates of the MIM-Refiner grid trained one after the
-  other against the stacked-grid probe of `probe.py` (one pass for all 13).
-- refinement step (not a ratio): images/s and peak memory of the MIM-Refiner training step
-  (2 global + 10 local views), with and without activation checkpointing; on CUDA also the model
-  FLOP utilisation MFU = 6 x params x tokens per image (summed over the views) x images/s / peak,
-  and the largest batch that fits.
+  other against the stacked-grid probe of `probe.py` (one pass for all 13), in the papers'
+  protocol (`probe.py --augment`: crops re-embedded every epoch; the ratio) and, as a detail row,
+  on features extracted once.
+- refinement step (not a ratio): images/s and peak memory of refine.py's own training step,
+  `refine.refine_step` in phase 2 (encoder and heads train, queues and EMA encoder update), on the
+  parts refine.main builds for a preset's encoder (recipe.py's settings, 2 global + 10 local
+  views: synthetic, normalised, already on the device), with and without activation
+  checkpointing; on CUDA also the model FLOP utilisation MFU = 6 x params x tokens per image
+  (summed over the views) x images/s / peak, and the largest ViT-L batch that fits.
+- data loading (`--only loader`, not by default): refine.py's MIM-Refiner views (2 x 224 + 10 x 96) of
+  500 x 375 JPEGs, img/s per loader worker side by side, before (the per-image torchvision / PIL
+  recipe in the worker, `pil_views`) and after (crops and parameter draws in the worker, colour on the
+  device); and the device's colouring time per batch.
 
 CPU, the quick version (about 70 s on 2 cores; writes all four ratios):
     python bench.py --quick --device cpu --out bench.json
+its refinement part alone (tiny preset, checkpointing on and off; about 6 s, 50 s beside other jobs):
+    python bench.py --quick --device cpu --only refine
+every part at microscopic sizes, as the test suite runs them (timings meaningless; about 13 s):
+    python bench.py --tiny --device cpu
+the loader, one worker (about N s on this CPU):
+    python bench.py --quick --device cpu --only loader --workers 1
 One GPU, about 15 minutes (ViT-B/L in bf16, k-NN 50k x 10k at D = 384, ViT-L/16 refinement step):
     python bench.py --device cuda --out bench_gpu.json
 See BENCHMARKS.md for the figures measured so far and the machines they come from.
 """
 import gc
-import importlib
-import math
 import os
 import platform
 import resource
@@ -34,14 +46,20 @@ import statistics
 import time
 from dataclasses import dataclass
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # read as tqdm is imported (torch imports it): no bars from the features
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import cluster
+import common
+import knn
 import model
+import probe
+import refine
 from common import cli, opt, write_json
-
-os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars from the feature extraction
+from recipe import resolve
 
 # the goals: a ratio at or above its goal is a win (CPU, CUDA)
 GOALS = {"vit_vs_timm": (1.0, 1.0), "knn_vs_sklearn": (2.0, 50.0),
@@ -65,8 +83,8 @@ class Settings:
     presets: str = opt("", "refinement presets, comma-separated of tiny,base,large (default: tiny "
                            "on CPU, tiny,base,large on CUDA)")
     refine_ckpt: str = opt("both", "refinement with activation checkpointing: on, off or both")
-    compile: str = opt("", "torch.compile in the refinement benchmark: '' (no), model (the whole "
-                           "Refiner, as refine.py --compile) or blocks (each encoder block)")
+    compile: str = opt("", "torch.compile in the refinement benchmark: '' (no), blocks (each encoder block, "
+                           "as refine.py --compile) or model (the whole Refiner)")
     max_batch: bool = opt(True, "on CUDA, search the largest ViT-L refinement batch that fits")
     peak_tflops: float = opt(0.0, "peak bf16 TFLOP/s for the MFU (0: from the device name)")
     threads: int = opt(0, "CPU threads for torch and, through threadpoolctl, for numpy/scikit-learn, "
@@ -106,14 +124,6 @@ def summary(t_ours, t_theirs, ratio, goal, **extra):
                 ratio=ratio, ratio_min=min(b / a for a, b in zip(t_ours, t_theirs)),
                 ratio_max=max(b / a for a, b in zip(t_ours, t_theirs)),
                 goal=goal, ok=ratio >= goal, rounds=len(t_ours), **extra)
-
-
-def try_import(name):
-    """A sibling stage module, or None while it does not exist yet."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,9 +186,6 @@ def clustered_features(n, m, d, classes, seed=0, spread=1.0):
 
 def bench_knn(n, m, d, k, classes, device, rounds, goal):
     from sklearn.neighbors import KNeighborsClassifier
-    knn = try_import("knn")
-    if knn is None or not hasattr(knn, "knn_predict"):
-        return dict(skipped="knn.knn_predict does not exist yet")
     T = 0.07
     xtr, ytr, xte, yte = clustered_features(n, m, d, classes, spread=2.0)
     # the same vote as ours: scikit-learn hands the weight function cosine distances 1 - sim
@@ -216,9 +223,6 @@ def bench_knn(n, m, d, k, classes, device, rounds, goal):
 
 def bench_kmeans(n, d, K, n_init, iters, device, rounds, goal):
     from sklearn.cluster import KMeans
-    cluster = try_import("cluster")
-    if cluster is None or not hasattr(cluster, "kmeans"):
-        return dict(skipped="cluster.kmeans does not exist yet")
     x, _, _, _ = clustered_features(n, 1, d, K, seed=1, spread=0.5)
     sk = KMeans(n_clusters=K, init="k-means++", n_init=n_init, max_iter=iters, tol=1e-4,
                 algorithm="lloyd", random_state=0)
@@ -253,9 +257,6 @@ def bench_kmeans(n, d, K, n_init, iters, device, rounds, goal):
 # Stacked-grid probe against 13 separate trainings
 
 def bench_probe(n, d, classes, epochs, device, rounds, goal):
-    probe = try_import("probe")
-    if probe is None or not hasattr(probe, "linear_probe"):
-        return dict(skipped="probe.linear_probe does not exist yet")
     xtr, ytr, xva, yva = clustered_features(n, max(1, n // 5), d, classes, seed=2, spread=4.0)
     x, y, vx, vy = (torch.from_numpy(a).to(device) for a in (xtr, ytr, xva, yva))
     batch = min(1024, n)
@@ -283,9 +284,6 @@ def bench_probe_augment(n, epochs, device, rounds, goal):
     embeds a new RandomResizedCrop + flip of every train image. Trained one lr at a time, each of
     the 13 trainings needs its own encoder passes; the stacked grid needs one per epoch.
     Encoder: pretrain.py's tiny MAE size (128 wide, 6 deep, patch 4) on the embedded data set."""
-    probe = try_import("probe")
-    if probe is None or not all(hasattr(probe, a) for a in ("GridTrainer", "train_transform")):
-        return dict(skipped="probe.GridTrainer / probe.train_transform do not exist yet")
     from data import JitteredDigits
     from features import extract_features
     data = JitteredDigits("train", n=n, transform=probe.train_transform(32))
@@ -308,13 +306,6 @@ def bench_probe_augment(n, epochs, device, rounds, goal):
     return summary(t_ours, t_theirs, ratio, goal, protocol="augment (probe.py --augment)", train=n,
                    epochs=epochs, batch=batch, grid=len(MIM_REFINER_LR_GRID),
                    encoder="ViT 128 wide, 6 deep, patch 4, 32 px")
-
-
-def proposed_grid_loss(logits, y):
-    """probe.grid_loss's value (sum over the G probes of each one's mean cross-entropy) from one
-    contiguous (G*B, C) cross-entropy instead of a 2-D loss over a permuted (B, C, G) view."""
-    G, B, C = logits.shape
-    return F.cross_entropy(logits.reshape(G * B, C), y.repeat(G), reduction="sum") / B
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,8 +368,6 @@ def bench_loader(device, n_images, batch, workers, epochs=3):
     from torchvision import datasets
 
     import augment
-    import recipe
-    import refine
     from data import EpochKeys, loader_kwargs
     root = tempfile.mkdtemp()
     try:
@@ -389,7 +378,7 @@ def bench_loader(device, n_images, batch, workers, epochs=3):
             Image.fromarray(small).resize((500, 375), Image.BICUBIC).save(
                 os.path.join(root, "c0", f"{i}.jpg"), quality=90)
         vit = SimpleNamespace(dim=1024, depth=24, patch=16, img_size=224, post_norm=False)  # ViT-L/16's recipe
-        cfg = recipe.resolve(refine.Settings(batch_size=batch), vit, 1, 1_281_167)
+        cfg = resolve(refine.Settings(batch_size=batch), vit, 1, 1_281_167)
         images, views = datasets.ImageFolder(root), augment.make_views(cfg)
         sides = {"before": PilViews(images, pil_views(cfg), 0), "after": augment.Views(images, views, 0)}
         keys = {k: EpochKeys() for k in sides}
@@ -431,131 +420,18 @@ def bench_loader(device, n_images, batch, workers, epochs=3):
 
 
 # ---------------------------------------------------------------------------------------------
-# The refinement step
+# The refinement step: refine.py's own
 
-def mim_refiner_views(patch: int, img: int):
-    """(global size, count), (local size, count): 2 x 224 + 10 x 96 for patch 16 at 224 (98
-    for patch 14), scaled by img/224 for small images (kept divisible by the patch)."""
-    local = 98 if patch == 14 else 96
-    if img != 224:
-        local = max(patch, round(img * local / 224 / patch) * patch)
-    return [(img, 2), (local, 10)]
+# name: (dim, depth, heads, patch, image size, train images; the recipe follows both). micro: the test suite's;
+# tiny: pretrain.py's tiny MAE on the embedded digits (recipe.py's small recipe); base, large: ViT-B/16 and
+# ViT-L/16 on ImageNet-1k (the papers' recipe).
+REFINE_PRESETS = {"micro": (32, 2, 2, 8, 16, 10_000), "tiny": (128, 6, 2, 4, 32, 10_000),
+                  "base": (*model.SIZES["base"], 224, 1_281_167), "large": (*model.SIZES["large"], 224, 1_281_167)}
 
 
 def tokens_per_image(patch, views):
     """Encoder tokens one image costs, summed over its views (CLS included)."""
     return sum(n * (1 + (s // patch) ** 2) for s, n in views)
-
-
-class StandInStep:
-    """A MIM-Refiner training step built from model.py alone, for when refine.py offers none:
-    ViT, one ContrastiveHead + NNQueue per block of the last third, NNA loss over every (global
-    anchor, other view) pair, AdamW, bf16 autocast on CUDA. Views of one size go through the
-    encoder together; the heads see all views of the batch at once (their BN statistics)."""
-
-    def __init__(self, vit, blocks, head_kwargs, queue_size, device, tau=0.2, topk=20):
-        self.vit, self.blocks, self.device, self.tau, self.topk = vit, blocks, device, tau, topk
-        self.heads = torch.nn.ModuleList(model.ContrastiveHead(vit.dim, **head_kwargs) for _ in blocks)
-        self.queues = torch.nn.ModuleList(model.NNQueue(queue_size, head_kwargs["proj_dim"])
-                                          for _ in blocks)
-        self.heads.to(device), self.queues.to(device), vit.to(device).train()
-        params = list(vit.parameters()) + list(self.heads.parameters())
-        self.opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.05,
-                                     fused=device.type == "cuda")
-
-    def __call__(self, views, idx):
-        """views: list of (B, 3, s, s) per view, globals first; idx (B,) dataset indices."""
-        B, n_views = len(idx), len(views)
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
-            cls = {b: [None] * n_views for b in self.blocks}
-            by_size = {}
-            for v, x in enumerate(views):
-                by_size.setdefault(x.shape[-1], []).append(v)
-            for vs in by_size.values():  # one encoder pass per view size
-                outs = self.vit.forward_blocks(torch.cat([views[v] for v in vs]), self.blocks)
-                for b, t in zip(self.blocks, outs):  # t (len(vs)*B, 1+N, D)
-                    if b == self.vit.depth:
-                        t = self.vit.final_norm(t)
-                    for j, v in enumerate(vs):
-                        cls[b][v] = t[j * B:(j + 1) * B, 0]  # (B, D)
-            zp = [head(torch.cat(cls[b])) for b, head in zip(self.blocks, self.heads)]  # all views: one BN
-        loss = 0.0
-        for (z, p), queue in zip(zp, self.queues):  # float32 losses, outside autocast
-            z, p = z.float().view(n_views, B, -1), p.float().view(n_views, B, -1)  # (V, B, d)
-            terms = []
-            for i in range(2):  # anchor: global view i
-                nn_z = queue.lookup(z[i].detach(), idx, self.topk)
-                terms += [model.nna_loss(z[i], nn_z, p[v], self.tau) for v in range(n_views) if v != i]
-            loss = loss + torch.stack(terms).mean()
-            queue.enqueue(z[0].detach(), idx)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return loss.detach()
-
-
-class RefinePyStep:
-    """refine.py's phase-2 MIM-Refiner step, built from its own parts (Refiner, set_trainable,
-    param_groups, mim_refiner_loss, ema_update) with the body of its training loop: encoder and
-    heads under bf16 autocast on CUDA, loss per head over every (global anchor, other view) pair,
-    the loss read back to the host every step (its non-finite check), AdamW, queue and EMA update.
-
-    Two deviations, both named in BENCHMARKS.md: the losses are computed outside autocast (inside
-    it, nna_loss mixes a bf16 logit matrix with float32 positives and fails on CUDA), and
-    `fast=True` measures the proposed loop: fused AdamW, no host sync per step, one fused EMA."""
-
-    def __init__(self, vit, blocks, head_kwargs, queue_size, device, tau=0.2, topk=20, fast=False):
-        import copy
-        refine = importlib.import_module("refine")
-        self.refine, self.device, self.tau, self.topk, self.blocks = refine, device, tau, topk, blocks
-        self.fast = fast
-        self.refiner = refine.Refiner(vit, blocks, "cls", act="gelu", predictor_bn=True,
-                                      **head_kwargs).to(device)
-        refine.set_trainable(self.refiner, 1, 0)
-        self.queues = {b: model.NNQueue(queue_size, head_kwargs["proj_dim"]).to(device) for b in blocks}
-        self.ema = copy.deepcopy(vit).requires_grad_(False)
-        self.ema_pairs = (list(self.ema.parameters()), [p.detach() for p in vit.parameters()])
-        self.opt = torch.optim.AdamW(refine.param_groups(self.refiner, refine.Settings(layer_decay=0.65)),
-                                     lr=1e-5, betas=(0.9, 0.95),
-                                     **({"fused": True} if fast and device.type == "cuda" else {}))
-        self.gen = torch.Generator(device=device).manual_seed(0)
-
-    def __call__(self, views, idx):
-        n_views, loss, enqueue = len(views), 0.0, []
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
-            _, zp = self.refiner(views)
-        for b in self.blocks:  # float32 from here on
-            z, p = zp[b]
-            z = z.detach().float().chunk(n_views)  # per view (B, d)
-            p_all = list(p.float().chunk(n_views))  # one process: nothing to gather
-            nns = [self.queues[b].lookup(z[i], idx, self.topk, self.gen) for i in range(2)]
-            loss = loss + self.refine.mim_refiner_loss(z, nns, p_all, self.tau, 0)
-            enqueue.append((b, z[0]))
-        if not self.fast:
-            loss.detach().clone().item()  # as refine.py: a host sync every step
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        for b, z0 in enqueue:
-            self.queues[b].enqueue(z0, idx)
-        if self.fast:  # e += (1 - m) (o - e) for all parameters in a few fused kernels
-            torch._foreach_lerp_(self.ema_pairs[0], self.ema_pairs[1], 1 - 0.9999)
-        else:
-            self.refine.ema_update(self.ema, self.refiner.vit, 0.9999)
-        return loss.detach()
-
-
-def refine_step_factory(fast=False):
-    """refine.py's training step where refine.py exists, else the stand-in built from model.py.
-    -> (description, callable(vit, blocks, head_kwargs, device) -> step(views, idx))."""
-    refine = try_import("refine")
-    queue = lambda dev: 65536 if dev.type == "cuda" else 4096  # noqa: E731
-    if refine is not None and all(hasattr(refine, a) for a in
-                                  ("Refiner", "set_trainable", "param_groups", "mim_refiner_loss", "ema_update")):
-        return ("refine.py parts" + (", proposed loop" if fast else "")), lambda vit, blocks, hk, dev: \
-            RefinePyStep(vit, blocks, hk, queue(dev), dev, fast=fast)
-    return "bench.StandInStep (model.py pieces)", lambda vit, blocks, hk, dev: StandInStep(
-        vit, blocks, hk, queue(dev), dev)
 
 
 def free_cuda():
@@ -568,47 +444,36 @@ def is_oom(e: Exception) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e)
 
 
-# name: (dim, depth, heads, patch, image size, head widths). tiny is the CPU recipe of refine.py
-# on the embedded data (pretrain.py's tiny MAE: 128 wide, 6 deep, patch 4, 32 px; small heads).
-SMALL_HEADS = dict(proj_hidden=512, proj_dim=128, pred_hidden=1024)
-FULL_HEADS = dict(proj_hidden=2048, proj_dim=256, pred_hidden=4096)
-REFINE_PRESETS = {"micro": (32, 2, 2, 8, 16, dict(proj_hidden=32, proj_dim=16, pred_hidden=32)),
-                  "tiny": (128, 6, 2, 4, 32, SMALL_HEADS),
-                  "base": (*model.SIZES["base"], 224, FULL_HEADS),
-                  "large": (*model.SIZES["large"], 224, FULL_HEADS)}
-
-
 class RefineBench:
-    """One encoder + heads + optimizer of a preset, stepped at any batch size: the optimizer
-    state stays allocated between batch sizes, as in a real run."""
+    """refine.py's MIM-Refiner parts for a preset's encoder, built as refine.main builds them (recipe.py's
+    settings, with 2 global + 10 local views), in phase 2 (encoder and heads train, the EMA encoder follows),
+    stepped by `refine.refine_step` at any batch size: the optimizer state stays allocated between batch
+    sizes, as in a real run."""
 
-    def __init__(self, preset, ckpt, device, fast=False, compile=False):
-        dim, depth, heads, patch, img, self.head_kwargs = REFINE_PRESETS[preset]
+    def __init__(self, preset, ckpt, device, batch, compile=""):
+        dim, depth, heads, patch, img, n_train = REFINE_PRESETS[preset]
         torch.manual_seed(0)
         with torch.device(device):  # initialised where it runs: ViT-L init on a CPU takes seconds
-            vit = model.ViT(dim=dim, depth=depth, heads=heads, patch=patch, img_size=img,
-                            grad_checkpointing=ckpt)
-        self.blocks = list(range(depth - math.ceil(depth / 3) + 1, depth + 1))  # last third: L 17-24
-        self.desc, factory = refine_step_factory(fast)
-        self.step = factory(vit, self.blocks, self.head_kwargs, device)
-        if compile == "model":  # what refine.py --compile does: the whole Refiner
-            if hasattr(self.step, "refiner"):
-                self.step.refiner = torch.compile(self.step.refiner)
-            else:
-                self.step.vit = torch.compile(self.step.vit)
-        elif compile == "blocks":  # each block alone: activation checkpointing stays outside
-            for i, blk in enumerate(vit.blocks):
-                vit.blocks[i] = torch.compile(blk)
-        elif compile:
-            raise model.UserError(f"--compile {compile!r}: use model or blocks")
-        if compile:
-            self.desc += f", torch.compile ({compile})"
-        self.preset, self.ckpt, self.device, self.patch = preset, ckpt, device, patch
-        self.views_spec = mim_refiner_views(patch, img)
+            vit = model.ViT(dim=dim, depth=depth, heads=heads, patch=patch, img_size=img, grad_checkpointing=ckpt)
+        for blk in vit.blocks if compile == "blocks" else []:  # as refine.py --compile: each block, in place
+            blk.compile()
+        self.cfg = resolve(refine.Settings(local_crops=10, batch_size=batch, device=device.type,
+                                           grad_checkpointing=ckpt), vit, 1, n_train)
+        self.parts = refine.build(self.cfg, vit)
+        for part in self.parts.state().values():
+            part.to(device)
+        self.phase = refine.make_phases(self.cfg, n_train // batch, batch)[1]
+        self.net, self.optim = refine.start_phase(self.parts, self.cfg, self.phase, common.Dist(0, 1, device), None)
+        if compile == "model":  # the whole Refiner, as refine.py --compile did before it compiled each block
+            self.net = torch.compile(self.net)
+        self.desc = "refine.refine_step, phase 2" + (f", torch.compile ({compile})" if compile else "")
+        self.preset, self.ckpt, self.device, self.patch, self.steps_done = preset, ckpt, device, patch, 0
+        self.views_spec = [(self.cfg.global_size, 2), (self.cfg.local_size, self.cfg.local_crops)]
         self.n_params = sum(p.numel() for p in vit.parameters())
 
     def run(self, batch, steps, warmup=1):
-        """Median seconds per step at this batch; peak memory on CUDA. Raises on OOM."""
+        """Median seconds per step at this batch; peak memory on CUDA. Raises on OOM. The views: synthetic,
+        normalised, already on the device (data loading is not timed)."""
         dev = self.device
         views = [torch.randn(batch, 3, s, s, device=dev) for s, n in self.views_spec for _ in range(n)]
         idx = torch.arange(batch, device=dev)
@@ -618,15 +483,18 @@ class RefineBench:
         for i in range(warmup + steps):
             sync(dev)
             t0 = time.perf_counter()
-            self.step(views, idx)
+            loss, _ = refine.refine_step(self.net, self.optim, self.parts, views, idx, self.phase, self.steps_done,
+                                         self.cfg, rank=0)  # its default sync: the loss read back, once a step
             sync(dev)
+            self.steps_done += 1
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
+        blocks = self.parts.refiner.blocks
         res = dict(preset=self.preset, step=self.desc, batch=batch, grad_checkpointing=self.ckpt,
                    views=" + ".join(f"{n}x{s}" for s, n in self.views_spec),
-                   heads_on_blocks=f"{self.blocks[0]}-{self.blocks[-1]}", encoder_params=self.n_params,
-                   tokens_per_image=tokens_per_image(self.patch, self.views_spec), steps=steps,
-                   step_s=statistics.median(times), img_s=batch / statistics.median(times))
+                   heads_on_blocks=f"{blocks[0]}-{blocks[-1]}", frozen_blocks=self.cfg.freeze_blocks,
+                   encoder_params=self.n_params, tokens_per_image=tokens_per_image(self.patch, self.views_spec),
+                   steps=steps, loss=loss, step_s=statistics.median(times), img_s=batch / statistics.median(times))
         if dev.type == "cuda":
             res["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
         else:  # no allocator statistics on a CPU: the peak resident set of the process so far
@@ -644,7 +512,7 @@ class RefineBench:
         return None
 
     def recover(self):
-        self.step.opt.zero_grad(set_to_none=True)
+        self.optim.zero_grad(set_to_none=True)
         free_cuda()
 
     def largest_batch(self, start=32, granularity=16, cap=4096):
@@ -667,7 +535,7 @@ class RefineBench:
                     peak_mem_gib=mem.get(lo), first_oom=hi, tried_ok=sorted(mem))
 
     def close(self):
-        del self.step
+        del self.net, self.optim, self.parts
         free_cuda()
 
 
@@ -701,9 +569,6 @@ def machine(device):
 def print_table(rows):
     print(f"{'comparison':<28}{'setting':<44}{'ours s':>9}{'theirs s':>10}{'ratio':>8}{'goal':>7}  ok   same result")
     for key, r in rows:
-        if "skipped" in r:
-            print(f"{key:<28}{'skipped: ' + r['skipped']}")
-            continue
         print(f"{key:<28}{r.get('setting', ''):<44}{r['ours_s']:>9.4f}{r['theirs_s']:>10.4f}"
               f"{r['ratio']:>8.2f}{r['goal']:>7.1f}  {'yes' if r['ok'] else 'NO ':<5}"
               f"{({True: 'yes', False: 'NO'}.get(r.get('agree_ok'), '-'))}")
@@ -824,15 +689,6 @@ def main(cfg: Settings) -> dict:
         r = bench_probe(n, d, c, ep, device, max(1, rounds // 2), goal["probe_grid_vs_sequential"])
         record("probe (features once)", "probe_grid_vs_sequential_features_once", r,
                f"features once: {n} x D {d}, {c} classes, {ep} epochs")
-        probe = try_import("probe")
-        if gpu and probe is not None and hasattr(probe, "grid_loss"):  # the proposed loss, both sides
-            original, probe.grid_loss = probe.grid_loss, proposed_grid_loss
-            try:
-                r2 = bench_probe(n, d, c, ep, device, max(1, rounds // 2), goal["probe_grid_vs_sequential"])
-            finally:
-                probe.grid_loss = original
-            record("probe_grid_vs_sequential", "probe_grid_vs_sequential_proposed_loss", r2,
-                   r["setting"] + ", proposed grid_loss")
         save()
 
     if "loader" in only:
@@ -857,7 +713,7 @@ def main(cfg: Settings) -> dict:
     return result
 
 
-def bench_refine(cfg, device, tiny, quick, out_path=None, partial=None):
+def bench_refine(cfg, device, tiny, quick, partial=None):
     """Refinement step per preset, checkpointing on and off; on CUDA the MFU and the largest
     ViT-L batch that fits."""
     gpu = device.type == "cuda"
@@ -867,11 +723,12 @@ def bench_refine(cfg, device, tiny, quick, out_path=None, partial=None):
     if set(names) - set(REFINE_PRESETS) or cfg.refine_ckpt not in ("on", "off", "both"):
         raise model.UserError(f"--presets {cfg.presets} / --refine-ckpt {cfg.refine_ckpt}: use presets "
                               f"from {sorted(REFINE_PRESETS)} and on, off or both")
-    configs = [(name, cfg.refine_batch or default_batch[name]) for name in names]
+    if cfg.compile not in ("", "model", "blocks"):
+        raise model.UserError(f"--compile {cfg.compile!r}: use model or blocks")
     ckpts = {"on": (True,), "off": (False,), "both": (True, False)}[cfg.refine_ckpt]
     steps = 2 if tiny else 3 if quick else 10
-    out = {"runs": [], "note": "synthetic images already on the device: data loading not timed; "
-                               "MIM-Refiner views (2 global + 10 local) for every preset"}
+    out = {"runs": [], "note": "refine.refine_step in phase 2 on refine.build's parts, settings by recipe.py; "
+                               "synthetic views (2 global + 10 local) already on the device: data loading not timed"}
     if gpu:
         peak, src = peak_flops(device, cfg.peak_tflops)
         out["peak_flops"], out["peak_source"] = peak, src
@@ -879,9 +736,10 @@ def bench_refine(cfg, device, tiny, quick, out_path=None, partial=None):
                               "the views) x images/s / peak bf16 FLOP/s"
                               f" (peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s, {src}; "
                               "attention scores, heads and checkpoint recompute not counted)")
-    for preset, batch in configs:
+    for preset in names:
+        batch = cfg.refine_batch or default_batch[preset]
         for ckpt in ckpts:  # checkpointed first: on a CPU its peak RSS is not masked
-            rb = RefineBench(preset, ckpt, device, compile=cfg.compile)
+            rb = RefineBench(preset, ckpt, device, batch, compile=cfg.compile)
             r = dict(preset=preset, batch=batch, grad_checkpointing=ckpt, oom=True)
             try:
                 r = rb.run(batch, steps)
@@ -894,17 +752,7 @@ def bench_refine(cfg, device, tiny, quick, out_path=None, partial=None):
                 r["mfu"] = 6 * r["encoder_params"] * r["tokens_per_image"] * r["img_s"] / peak
             out["runs"].append(r)
             if gpu and cfg.max_batch and preset == "large":
-                lb = rb.largest_batch()
-                out.setdefault("largest_batch", []).append(lb)
-            rb.close()
-            if partial is not None:
-                partial(out)
-    if gpu and not tiny and cfg.max_batch and "large" in names:  # refine.py's loop against the proposed one
-        for fast in (False, True):
-            rb = RefineBench("large", True, device, fast=fast)
-            r = rb.run(256, steps)
-            r["mfu"] = 6 * r["encoder_params"] * r["tokens_per_image"] * r["img_s"] / peak if peak else None
-            out.setdefault("loop_variants", []).append(r)
+                out.setdefault("largest_batch", []).append(rb.largest_batch())
             rb.close()
             if partial is not None:
                 partial(out)

@@ -1,27 +1,54 @@
-"""bench.py on microscopic sizes: the JSON layout and the agreement checks (never the speed)."""
+"""bench.py on microscopic sizes: the JSON layout, the agreement checks and what the refinement
+benchmark runs (never the speed)."""
 import json
+import math
+
+import pytest
 
 import bench
+import model
+import refine
 
 
-def test_quick_harness_writes_ratios_and_agrees(tmp_path):
+def test_tiny_harness_writes_ratios_and_agrees(tmp_path):
     out = tmp_path / "bench.json"
-    res = bench.main(bench.Settings(tiny=True, device="cpu", out=str(out), only="vit,knn,kmeans,refine"))
+    res = bench.main(bench.Settings(tiny=True, device="cpu", out=str(out), only="vit,knn,kmeans"))
     saved = json.loads(out.read_text())
     assert set(saved) == {"ratios", "details"} and saved["ratios"] == res["ratios"]
     assert set(saved["ratios"]) == {"vit_vs_timm", "knn_vs_sklearn", "kmeans_vs_sklearn"}
+    assert all(r > 0 for r in saved["ratios"].values())
     d = saved["details"]
+    assert {"machine", "wall_s", "vit_vs_timm", "knn_vs_sklearn", "kmeans_vs_sklearn"} == set(d)
+    for r in [*d["vit_vs_timm"], d["knn_vs_sklearn"], d["kmeans_vs_sklearn"]]:
+        assert r["ours_s"] > 0 and r["theirs_s"] > 0 and r["rounds"] >= 2 and r["setting"]
     assert d["vit_vs_timm"][0]["max_abs_diff_fp32"] < 1e-4  # same weights, same function as timm
     assert d["knn_vs_sklearn"]["prediction_agreement"] == 1.0  # same vote weights as scikit-learn
     assert d["knn_vs_sklearn"]["neighbour_set_overlap"] == 1.0
     assert d["kmeans_vs_sklearn"]["inertia_same_start_rel_diff"] <= 1e-4  # same start: same Lloyd steps
-    run = d["refine_step"]["runs"][0]
-    assert run["img_s"] > 0 and run["tokens_per_image"] == 2 * (1 + 4) + 10 * (1 + 1)  # 2x16 + 10x8, patch 8
 
 
-def test_unknown_part_is_a_user_error():
-    import pytest
+def test_refine_benchmark_times_refine_py_s_own_step(monkeypatch):
+    calls = []
 
-    import model
+    def counted(net, optim, parts, views, idx, phase, *args, **kwargs):
+        calls.append((phase.index, [tuple(v.shape) for v in views]))
+        return step(net, optim, parts, views, idx, phase, *args, **kwargs)
+
+    step = refine.refine_step
+    monkeypatch.setattr(refine, "refine_step", counted)
+    runs = bench.main(bench.Settings(tiny=True, device="cpu", only="refine"))["details"]["refine_step"]["runs"]
+    assert [r["grad_checkpointing"] for r in runs] == [True, False]
+    assert len(calls) == 2 * (1 + 2)  # per run one warm-up step and two timed ones
+    # phase 2 (encoder and heads), 2 global views of 16 px and 10 local of 8 px (the recipe's 96/224, patch 8)
+    assert calls[0] == (1, [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 10)
+    for r in runs:
+        assert r["step"].startswith("refine.refine_step") and r["views"] == "2x16 + 10x8"
+        assert r["img_s"] > 0 and r["step_s"] > 0 and math.isfinite(r["loss"]) and r["peak_rss_gib_process"] > 0
+        assert r["tokens_per_image"] == 2 * (1 + 4) + 10 * (1 + 1)  # patch 8
+
+
+@pytest.mark.parametrize("bad", [dict(only="nope"), dict(only="refine", presets="huge"),
+                                 dict(only="refine", refine_ckpt="maybe"), dict(only="refine", compile="all")])
+def test_bad_flags_are_user_errors(bad):
     with pytest.raises(model.UserError):
-        bench.main(bench.Settings(tiny=True, device="cpu", only="nope"))
+        bench.main(bench.Settings(tiny=True, device="cpu", **bad))
