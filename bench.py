@@ -77,7 +77,7 @@ class Settings:
     out: str = opt("", "write {'ratios': ..., 'details': ...} to this JSON file")
     only: str = opt("", "comma-separated subset of vit,knn,kmeans,probe,refine,loader (default: "
                         "all but loader, the data-loading throughput of the refinement views)")
-    workers: int = opt(-1, "loader benchmark: DataLoader processes (-1: all cores but one on CUDA, 0 on CPU)")
+    workers: int = opt(-1, "loader benchmark: DataLoader processes (-1: all cores but one on CUDA, 1 on CPU)")
     rounds: int = opt(0, "alternating timed rounds per comparison (0: 5 quick, 7 otherwise)")
     refine_batch: int = opt(0, "batch per step for the refinement benchmark (0: by preset)")
     presets: str = opt("", "refinement presets, comma-separated of tiny,base,large (default: tiny "
@@ -692,8 +692,8 @@ def main(cfg: Settings) -> dict:
         save()
 
     if "loader" in only:
-        w = cfg.workers if cfg.workers >= 0 else (max(1, (os.cpu_count() or 2) - 1) if gpu else 0)
-        details["refine_loader"] = bench_loader(device, 16 if tiny else 1024 if gpu else 128,
+        w = cfg.workers if cfg.workers >= 0 else (max(1, (os.cpu_count() or 2) - 1) if gpu else 0 if tiny else 1)
+        details["refine_loader"] = bench_loader(device, 8 if tiny else 1024 if gpu else 128,
                                                 4 if tiny else 64 if gpu else 32, w, 2 if tiny else 3)
         save()
 

@@ -52,3 +52,10 @@ def test_refine_benchmark_times_refine_py_s_own_step(monkeypatch):
 def test_bad_flags_are_user_errors(bad):
     with pytest.raises(model.UserError):
         bench.main(bench.Settings(tiny=True, device="cpu", **bad))
+
+
+def test_loader_benchmark_reports_both_sides_and_the_device_share():
+    r = bench.main(bench.Settings(tiny=True, device="cpu", only="loader"))["details"]["refine_loader"]
+    assert r["before_img_s_per_worker"] > 0 and r["after_img_s_per_worker"] > 0
+    assert r["ratio"] == r["after_img_s_per_worker"] / r["before_img_s_per_worker"]
+    assert r["device_augment_ms_per_batch"] > 0 and r["views"] == "2x224 + 10x96 (BYOL)"
