@@ -1,6 +1,5 @@
 """refine.py: recipe resolution, lr multipliers, views, losses, both phases, resume, DDP (docs/METHOD.md §4-8)."""
 import copy
-import json
 import os
 import re
 import subprocess
@@ -9,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import ROOT, cpu_settings, make_image_folder, make_images, read_log
 
 import common
 import model
@@ -16,28 +16,17 @@ import recipe
 import refine
 from data import IMAGENET_MEAN, IMAGENET_STD
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    """An MAE-layout checkpoint of a tiny encoder (what pretrain.py writes, decoder left out)."""
-    torch.manual_seed(0)
-    vit = model.ViT(dim=32, depth=4, patch=4, img_size=32)
-    path = str(tmp_path_factory.mktemp("ckpt") / "tiny.pth")
-    torch.save({"model": model.export_encoder(vit)}, path)
-    return path
-
 
 def settings(ckpt, out, **kw):
+    """refine.py on 32 images of the embedded data, batch 8 (4 steps an epoch), tiny heads, one local crop."""
     base = dict(ckpt=ckpt, out=str(out), limit_train=32, batch_size=8, proj_hidden=32, proj_dim=16,
-                pred_hidden=32, local_crops=1, log_every=1, device="cpu", workers=0)
-    return refine.Settings(**{**base, **kw})
+                pred_hidden=32, local_crops=1, log_every=1)
+    return cpu_settings(refine.Settings, **{**base, **kw})
 
 
 def losses(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+    """{step: loss} of OUT/log.jsonl."""
+    return {r["step"]: r["loss"] for r in read_log(out)}
 
 
 def load(out):
@@ -365,13 +354,7 @@ def test_user_errors(tiny_ckpt, tmp_path):
 
 def test_limit_train_spreads_over_every_class(tmp_path):
     """An ImageFolder is sorted by class: --limit-train takes evenly spaced images, not the first N."""
-    from PIL import Image
-    for c in "abc":
-        os.makedirs(tmp_path / "train" / c)
-        os.makedirs(tmp_path / "val" / c)
-        for i in range(4):
-            Image.new("RGB", (8, 8)).save(tmp_path / "train" / c / f"{i}.png")
-        Image.new("RGB", (8, 8)).save(tmp_path / "val" / c / "0.png")
+    make_image_folder(tmp_path, classes=("a", "b", "c"), per_class=(4, 1), size=8)
     part = refine.train_set(refine.Settings(data=str(tmp_path), limit_train=3))
     assert list(part.indices) == [0, 4, 8] and [part.dataset.targets[i] for i in part.indices] == [0, 1, 2]
     assert len(refine.train_set(refine.Settings(data=str(tmp_path), limit_train=50))) == 12
@@ -429,11 +412,8 @@ def test_resume_compares_data_paths_allows_a_moved_folder_and_reports_the_loss(t
                                                                                capsys):
     """--data ./x/ then x: the same folder; x moved to y: a warning; other data: refused. A folder of images
     without classes is data enough. Rerunning a finished run reports its loss, not nan."""
-    from PIL import Image
-    for name, n in (("x", 40), ("z", 20)):
-        os.makedirs(tmp_path / name)
-        for i in range(n):
-            Image.new("RGB", (32, 32), (6 * i, 3 * i, 100)).save(tmp_path / name / f"{i}.png")
+    make_images(tmp_path / "x", 40)
+    make_images(tmp_path / "z", 20)
     monkeypatch.chdir(tmp_path)
     kw = dict(head_epochs=1, epochs=0, limit_train=32)
     refine.main(settings(tiny_ckpt, "run", data="./x/", max_steps=1, **kw))
