@@ -53,7 +53,7 @@ def test_kmeans_reaches_sklearn_inertia_on_blobs():
     x = x.astype(np.float32)
     ref = KMeans(6, n_init=5, random_state=0).fit(x).inertia_
     ours = min(cluster.kmeans(torch.from_numpy(x), 6, iters=300, seed=s)[2] for s in range(5))
-    assert ours <= ref * 1.01
+    assert ours <= ref * 1.01  # the best of 5 seeds each; 1%: another start may end in another local optimum
     a, c, inertia = cluster.kmeans(torch.from_numpy(x), 6, iters=300, seed=0)
     d = torch.cdist(torch.from_numpy(x).double(), c.double()) ** 2  # (n, k), independent of ours
     assert torch.equal(a, d.argmin(1))  # assignments of the returned centroids

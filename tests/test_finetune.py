@@ -59,8 +59,8 @@ def test_split_file_and_label_smoothing(tmp_path, monkeypatch):
 
 
 def test_two_processes_equal_one(tmp_path, two_ranks):
-    """DDP (gloo) with 2 x 4 images per step equals one process with 8: the same images, crops
-    (seeded per image) and averaged gradients, so the same losses and accuracies."""
+    """DDP (gloo) with 2 x 2 images per step equals one process with 4 (--batch-size is the global batch): the
+    same images, crops (seeded per image) and averaged gradients, so the same losses and accuracies."""
     data = make_image_folder(tmp_path / "d", per_class=(8, 2))  # 24 train images
     ckpt = str(tmp_path / "e.pth")
     make_checkpoint(ckpt, depth=2)

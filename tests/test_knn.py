@@ -91,9 +91,10 @@ def test_main_imagefolder_feature_file_roundtrip(tiny):
     assert all(0 <= r["top1"] <= 1 for r in res["results"])
     assert json.load(open(out))["results"] == res["results"]
     f = torch.load(feats, weights_only=True)
-    assert set(f["train_features"]) == {1, 2, 3, 4} and f["train_features"][4].shape == (9, 32)
+    # conftest's image folder, 3 classes x (3 train, 2 val); the encoder is 32 wide with 4 blocks
+    assert set(f["train_features"]) == {1, 2, 3, 4} and f["train_features"][4].shape == (3 * 3, 32)
     assert f["train_labels"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # ImageFolder's sorted order
-    assert f["val_labels"].dtype == torch.int64 and f["val_features"][1].shape == (6, 32)
+    assert f["val_labels"].dtype == torch.int64 and f["val_features"][1].shape == (3 * 2, 32)
     again = knn.main(cpu_settings(knn.Settings, load_features=feats, blocks="all", k="1,3"))
     assert again["results"] == res["results"]
     sub = knn.main(cpu_settings(knn.Settings, load_features=feats, blocks="2-3", k="1", concat=True))

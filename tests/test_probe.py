@@ -92,11 +92,12 @@ def test_stacked_grid_equals_torch_sgd_per_lr():
 
 
 def test_lr_schedule_warmup_then_cosine():
-    assert probe.lr_factor(0, 100, 10) == pytest.approx(0.1)
-    assert probe.lr_factor(9, 100, 10) == pytest.approx(1.0)
-    assert probe.lr_factor(10, 100, 10) == pytest.approx(1.0)
-    assert probe.lr_factor(55, 100, 10) == pytest.approx(0.5)
-    assert probe.lr_factor(100, 100, 10) == pytest.approx(0.0, abs=1e-12)
+    """100 steps, 10 of warm-up: (s + 1) / 10 for s < 10, then (1 + cos(pi * (s - 10) / 90)) / 2."""
+    assert probe.lr_factor(0, 100, 10) == pytest.approx(0.1)  # 1 / 10: the first step already trains
+    assert probe.lr_factor(9, 100, 10) == pytest.approx(1.0)  # 10 / 10
+    assert probe.lr_factor(10, 100, 10) == pytest.approx(1.0)  # cos(0)
+    assert probe.lr_factor(55, 100, 10) == pytest.approx(0.5)  # half way, (55 - 10) / 90 = 1/2: cos(pi / 2) = 0
+    assert probe.lr_factor(100, 100, 10) == pytest.approx(0.0, abs=1e-12)  # cos(pi) = -1
 
 
 def test_draw_split_exact_shots_and_deterministic():
