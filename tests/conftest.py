@@ -51,8 +51,8 @@ def image_folder(tmp_path_factory):
 # --- A tiny encoder ----------------------------------------------------------------------------
 
 def make_checkpoint(path, seed=0, depth=4, img_size=32):
-    """A random tiny encoder (32 wide, patch 4) saved as MAE and pretrain.py export it, {'model': state dict};
-    returns the ViT."""
+    """A random tiny encoder (32 wide, patch 4) saved in MAE's layout, {'model': export_encoder(vit)}; returns
+    the ViT."""
     import model  # after the sys.path line above
     torch.manual_seed(seed)
     vit = model.ViT(dim=32, depth=depth, patch=4, img_size=img_size)

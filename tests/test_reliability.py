@@ -135,8 +135,7 @@ def refine_cmd(ckpt, folder, out):
 
 @pytest.fixture(scope="module")
 def whole_refine(folder, tmp_path_factory):
-    """(a tiny encoder's path, the last.pt of the uninterrupted refine.py run from it that the interrupted ones
-    must equal)."""
+    """(a tiny encoder's path, last.pt of the uninterrupted refine.py run from it the interrupted ones must equal)."""
     d = tmp_path_factory.mktemp("refine")
     make_checkpoint(d / "mae.pth", depth=2, img_size=16)
     done = run(refine_cmd(d / "mae.pth", folder, d / "whole"))
