@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 import pytest
 import torch
+from conftest import make_images
 
 import common
 import knn
@@ -149,10 +150,7 @@ def test_loader_workers_leave_signals_to_the_main_process():
 
 
 def test_trainers_read_a_folder_of_images_evaluations_need_the_same_classes(tmp_path):
-    from PIL import Image
-    (tmp_path / "photos").mkdir()
-    for i in range(3):
-        Image.new("RGB", (8, 8)).save(tmp_path / "photos" / f"{i}.jpg")
+    make_images(tmp_path / "photos", 3, size=8, ext="jpg")
     ds = build_dataset(str(tmp_path / "photos"), "train", labels=False)
     assert len(ds) == 3 and ds.targets == [-1] * 3 and ds[0][0].size == (8, 8)
     with pytest.raises(model.UserError, match="has no train/ folder"):

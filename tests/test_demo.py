@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from test_knn import make_checkpoint, make_image_folder
+from conftest import make_checkpoint, make_image_folder
 
 import demo
 import knn

@@ -11,6 +11,7 @@ from digits import JitteredDigits, draw
 
 @pytest.fixture(scope="module")
 def digits():
+    """300 train and 200 val images of jittered-digits, built once for the module."""
     return JitteredDigits("train", n=300), JitteredDigits("val", n=200)
 
 

@@ -5,11 +5,11 @@ import os
 import re
 import shlex
 
+from conftest import ROOT
+
 import common
 import knn
 import refine
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def readme() -> str:

@@ -1,12 +1,11 @@
 """Bad input: one line `error: ...` naming the problem and the fix, exit code 2, no traceback."""
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import ROOT, make_checkpoint, make_image_folder, make_images
 
 import cluster
 import common
@@ -16,26 +15,19 @@ import pretrain
 import probe
 import refine
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
+    """A folder of good and bad inputs: checkpoints, feature files, image folders."""
     d = tmp_path_factory.mktemp("bad")
-    vit = model.ViT(dim=32, depth=2, patch=4, img_size=32)
-    torch.save({"model": model.export_encoder(vit)}, d / "mae.pth")
+    vit = make_checkpoint(d / "mae.pth", depth=2)
     torch.save({**model.export_encoder(vit), "fc.weight": torch.zeros(3)}, d / "other.pth")
     (d / "notes.txt").write_text("not a checkpoint")
     torch.save({"train_features": torch.zeros(2, 3)}, d / "feats.pt")
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            (d / "ok" / split / c).mkdir(parents=True)
-            for i in range(2):
-                Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(d / "ok" / split / c / f"{i}.png")
+    make_image_folder(d / "ok", classes=("a", "b"), per_class=(2, 2))
     for split, classes in (("train", "ab"), ("val", "a")):  # val/ lacks a class: every later label would shift
         for c in classes:
-            (d / "oneless" / split / c).mkdir(parents=True)
-            Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(d / "oneless" / split / c / "0.png")
+            make_images(d / "oneless" / split / c, 1)
     torch.save({"model": model.export_encoder(vit), "args": __import__("argparse").Namespace(lr=0.1),
                 "scaler": {"scale": np.float64(65536.0)}}, d / "foreign.pth")  # numpy: not weights-only
     (d / "noval" / "train" / "a").mkdir(parents=True)

@@ -5,12 +5,9 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from test_knn import make_checkpoint, make_image_folder
-from test_losses import free_port
+from conftest import cpu_settings, make_checkpoint, make_image_folder
 
-import common
 import finetune
 import model
 from data import build_dataset
@@ -18,7 +15,7 @@ from model import UserError
 
 
 def settings(**kw):
-    return finetune.Settings(**{"workers": 0, "device": "cpu", "epochs": 2, "batch_size": 6, **kw})
+    return cpu_settings(finetune.Settings, **{"epochs": 2, "batch_size": 6, **kw})
 
 
 def test_param_groups_layer_decay_and_trainable_positions():
@@ -61,27 +58,15 @@ def test_split_file_and_label_smoothing(tmp_path, monkeypatch):
         finetune.main(settings(ckpt=ckpt, data=data, split_file=str(tmp_path / "split.txt"), batch_size=8))
 
 
-def _worker(rank, port, cfg):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    try:
-        finetune.main(cfg)
-    finally:
-        common.teardown_distributed()
-
-
-def test_two_processes_equal_one(tmp_path):
-    """DDP (gloo) with 2 x 4 images per step equals one process with 8: the same images, crops
-    (seeded per image) and averaged gradients, so the same losses and accuracies."""
+def test_two_processes_equal_one(tmp_path, two_ranks):
+    """DDP (gloo) with 2 x 2 images per step equals one process with 4 (--batch-size is the global batch): the
+    same images, crops (seeded per image) and averaged gradients, so the same losses and accuracies."""
     data = make_image_folder(tmp_path / "d", per_class=(8, 2))  # 24 train images
     ckpt = str(tmp_path / "e.pth")
     make_checkpoint(ckpt, depth=2)
     kw = dict(ckpt=ckpt, data=data, percent=50, batch_size=4, lr=0.05, warmup=0.5)
     one = finetune.main(settings(**kw))["results"]
-    # fork: the children inherit the imported modules (spawn would re-import torch in each)
-    mp.start_processes(_worker, args=(free_port(), settings(out=str(tmp_path / "two.json"), **kw)), nprocs=2,
-                       start_method="fork")
+    two_ranks(finetune.main, settings(out=str(tmp_path / "two.json"), **kw))
     two = json.load(open(tmp_path / "two.json"))["results"]
     assert [r["step"] for r in two] == [r["step"] for r in one] == [3, 6]  # 12 labelled, global batch 4
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-4)

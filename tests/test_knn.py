@@ -1,17 +1,13 @@
 """knn.py: the weighted vote against a naive loop, chunking, the feature file, checkpoint layouts,
-and 2-process extraction against 1 process. Also holds the tiny fixtures the evaluation tests share."""
+and 2-process extraction against 1 process."""
 import json
-import os
-import socket
 import sys
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
-from PIL import Image
+from conftest import cpu_settings
 
-import common
 import knn
 import model
 import pretrain
@@ -19,41 +15,11 @@ from data import build_dataset, eval_transform
 from features import extract_features
 from model import UserError
 
-# --- tiny fixtures shared with test_probe.py and test_cluster.py -------------------------------
-
-def make_image_folder(root, classes=("a", "b", "c"), per_class=(3, 2), size=32, seed=0):
-    """root/train and root/val with `per_class` PNGs per class; each class has its own colour
-    under the noise, so even a random encoder separates them."""
-    rng = np.random.default_rng(seed)
-    for split, n in zip(("train", "val"), per_class):
-        for c, name in enumerate(classes):
-            os.makedirs(os.path.join(root, split, name), exist_ok=True)
-            colour = np.array([(c * 97) % 256, (c * 53 + 80) % 256, (c * 191 + 40) % 256])
-            for i in range(n):
-                img = 0.6 * colour + rng.integers(0, 100, (size, size, 3))
-                path = os.path.join(root, split, name, f"{name}_{i}.png")
-                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path)
-    return str(root)
-
-
-def make_checkpoint(path, seed=0, depth=4):
-    """A random tiny encoder in the MAE layout {'model': sd}; returns the ViT."""
-    torch.manual_seed(seed)
-    vit = model.ViT(dim=32, depth=depth, patch=4, img_size=32)
-    torch.save({"model": model.export_encoder(vit)}, path)
-    return vit
-
-
-def settings(cls, **kw):
-    return cls(**{"workers": 0, "device": "cpu", "batch_size": 4, **kw})
-
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("knn")
-    data = make_image_folder(root / "data")
-    make_checkpoint(root / "enc.pth")
-    return root, data, str(root / "enc.pth")
+def tiny(tmp_path_factory, image_folder, tiny_ckpt):
+    """(a folder for this module's outputs, conftest's image folder, conftest's tiny encoder)."""
+    return tmp_path_factory.mktemp("knn"), image_folder, tiny_ckpt
 
 
 # --- knn_predict ------------------------------------------------------------------------------
@@ -111,7 +77,7 @@ def test_knn_bad_k():
         with pytest.raises(UserError):
             knn.knn_predict(x, y, x, k)
     with pytest.raises(UserError, match="--k"):
-        knn.main(settings(knn.Settings, k="0"))
+        knn.main(cpu_settings(knn.Settings, k="0"))
 
 
 # --- the script end to end --------------------------------------------------------------------
@@ -119,37 +85,38 @@ def test_knn_bad_k():
 def test_main_imagefolder_feature_file_roundtrip(tiny):
     root, data, ckpt = tiny
     feats, out = str(root / "f.pt"), str(root / "r.json")
-    res = knn.main(settings(knn.Settings, ckpt=ckpt, data=data, blocks="all", k="1,3",
-                            save_features=feats, out=out))
+    res = knn.main(cpu_settings(knn.Settings, ckpt=ckpt, data=data, blocks="all", k="1,3",
+                                save_features=feats, out=out))
     assert [(r["block"], r["k"]) for r in res["results"]] == [(b, k) for b in (1, 2, 3, 4) for k in (1, 3)]
     assert all(0 <= r["top1"] <= 1 for r in res["results"])
     assert json.load(open(out))["results"] == res["results"]
     f = torch.load(feats, weights_only=True)
-    assert set(f["train_features"]) == {1, 2, 3, 4} and f["train_features"][4].shape == (9, 32)
+    # conftest's image folder, 3 classes x (3 train, 2 val); the encoder is 32 wide with 4 blocks
+    assert set(f["train_features"]) == {1, 2, 3, 4} and f["train_features"][4].shape == (3 * 3, 32)
     assert f["train_labels"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # ImageFolder's sorted order
-    assert f["val_labels"].dtype == torch.int64 and f["val_features"][1].shape == (6, 32)
-    again = knn.main(settings(knn.Settings, load_features=feats, blocks="all", k="1,3"))
+    assert f["val_labels"].dtype == torch.int64 and f["val_features"][1].shape == (3 * 2, 32)
+    again = knn.main(cpu_settings(knn.Settings, load_features=feats, blocks="all", k="1,3"))
     assert again["results"] == res["results"]
-    sub = knn.main(settings(knn.Settings, load_features=feats, blocks="2-3", k="1", concat=True))
+    sub = knn.main(cpu_settings(knn.Settings, load_features=feats, blocks="2-3", k="1", concat=True))
     assert [r["block"] for r in sub["results"]] == ["2+3"]
     with pytest.raises(UserError, match="block 5"):
-        knn.main(settings(knn.Settings, load_features=feats, blocks="5"))
+        knn.main(cpu_settings(knn.Settings, load_features=feats, blocks="5"))
 
 
 def test_feature_file_single_block_and_bad_files(tiny, tmp_path):
     root, data, ckpt = tiny
     path = str(tmp_path / "one.pt")
-    knn.main(settings(knn.Settings, ckpt=ckpt, data=data, k="1", save_features=path))
+    knn.main(cpu_settings(knn.Settings, ckpt=ckpt, data=data, k="1", save_features=path))
     f = torch.load(path, weights_only=True)
     assert torch.is_tensor(f["train_features"]) and f["train_features"].shape == (9, 32)
-    assert knn.main(settings(knn.Settings, load_features=path, k="1"))["results"][0]["block"] == 4
+    assert knn.main(cpu_settings(knn.Settings, load_features=path, k="1"))["results"][0]["block"] == 4
     with pytest.raises(UserError, match=r"holds blocks \[4\]"):  # another block than the one stored
-        knn.main(settings(knn.Settings, load_features=path, k="1", blocks="2"))
+        knn.main(cpu_settings(knn.Settings, load_features=path, k="1", blocks="2"))
     torch.save({"train_features": torch.zeros(3, 2)}, tmp_path / "bad.pt")
     with pytest.raises(UserError, match="lacks"):
-        knn.main(settings(knn.Settings, load_features=str(tmp_path / "bad.pt")))
+        knn.main(cpu_settings(knn.Settings, load_features=str(tmp_path / "bad.pt")))
     with pytest.raises(UserError, match="does not exist"):
-        knn.main(settings(knn.Settings, load_features=str(tmp_path / "missing.pt")))
+        knn.main(cpu_settings(knn.Settings, load_features=str(tmp_path / "missing.pt")))
 
 
 def test_checkpoint_layouts_refine_and_mae(tiny, tmp_path):
@@ -165,8 +132,8 @@ def test_checkpoint_layouts_refine_and_mae(tiny, tmp_path):
     for path, weights, vit in [("last.pt", "ema", ema), ("last.pt", "online", online),
                                ("mae.pth", "ema", mae)]:
         out = str(tmp_path / f"{path}.{weights}.pt")
-        knn.main(settings(knn.Settings, ckpt=str(tmp_path / path), weights=weights, data=data, k="1",
-                          feature="cls-norm", save_features=out))
+        knn.main(cpu_settings(knn.Settings, ckpt=str(tmp_path / path), weights=weights, data=data, k="1",
+                              feature="cls-norm", save_features=out))
         want, _ = extract_features(vit, ds, [2], "cls-norm", batch_size=6)
         torch.testing.assert_close(torch.load(out)["val_features"], want[2])
 
@@ -174,7 +141,7 @@ def test_checkpoint_layouts_refine_and_mae(tiny, tmp_path):
 def test_plot_needs_matplotlib(tiny, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     with pytest.raises(UserError, match="matplotlib"):
-        knn.main(settings(knn.Settings, plot="curve.png"))
+        knn.main(cpu_settings(knn.Settings, plot="curve.png"))
 
 
 def test_plot_curve_when_matplotlib_is_installed(tmp_path):
@@ -186,27 +153,13 @@ def test_plot_curve_when_matplotlib_is_installed(tmp_path):
 
 # --- 2 processes (gloo) == 1 process ----------------------------------------------------------
 
-def _worker(rank, port, cfg):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    try:
-        knn.main(cfg)
-    finally:
-        common.teardown_distributed()
-
-
-def test_two_process_extraction_equals_one_process(tiny, tmp_path):
+def test_two_process_extraction_equals_one_process(tiny, tmp_path, two_ranks):
     root, data, ckpt = tiny
     one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
     kw = dict(ckpt=ckpt, data=data, blocks="2,4", k="1", batch_size=2)
-    res1 = knn.main(settings(knn.Settings, save_features=one, **kw))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = settings(knn.Settings, save_features=two, out=str(tmp_path / "two.json"), **kw)
-    # fork: the children inherit the imported modules (spawn would re-import torch in each)
-    mp.start_processes(_worker, args=(port, cfg), nprocs=2, start_method="fork")
+    res1 = knn.main(cpu_settings(knn.Settings, save_features=one, **kw))
+    cfg = cpu_settings(knn.Settings, save_features=two, out=str(tmp_path / "two.json"), **kw)
+    two_ranks(knn.main, cfg)
     a, b = torch.load(one), torch.load(two)
     for split in ("train", "val"):  # 9 train images: rank 1's shard is padded, the pad dropped
         assert torch.equal(a[f"{split}_labels"], b[f"{split}_labels"])
@@ -218,12 +171,12 @@ def test_two_process_extraction_equals_one_process(tiny, tmp_path):
 def test_results_describe_the_feature_file_not_the_flags(tiny, tmp_path, capsys):
     root, data, ckpt = tiny
     feats = str(tmp_path / "mean.pt")
-    knn.main(settings(knn.Settings, ckpt=ckpt, data=data, k="1", feature="mean", save_features=feats))
+    knn.main(cpu_settings(knn.Settings, ckpt=ckpt, data=data, k="1", feature="mean", save_features=feats))
     stored = torch.load(feats, weights_only=True)
     assert (stored["ckpt"], stored["data"], stored["feature"], stored["arch"]["heads"]) == (ckpt, data, "mean", 1)
     capsys.readouterr()
-    res = knn.main(settings(knn.Settings, load_features=feats, k="1", ckpt="other.pth", data="jittered-digits",
-                            out=str(tmp_path / "r.json")))  # --feature cls by default
+    res = knn.main(cpu_settings(knn.Settings, load_features=feats, k="1", ckpt="other.pth", data="jittered-digits",
+                                out=str(tmp_path / "r.json")))  # --feature cls by default
     assert res["results"][0]["feature"] == "mean"
     saved = json.load(open(tmp_path / "r.json"))["settings"]
     assert (saved["ckpt"], saved["data"], saved["feature"], saved["img_size"]) == (ckpt, data, "mean", 32)
@@ -239,10 +192,10 @@ def test_num_heads_flag_and_the_printed_architecture(tiny, tmp_path, capsys):
                                                            num_heads=4, num_classes=0, global_pool="token").eval()
     torch.save(net.state_dict(), tmp_path / "timm.pth")
     out = str(tmp_path / "f.pt")
-    knn.main(settings(knn.Settings, ckpt=str(tmp_path / "timm.pth"), data=data, k="1", save_features=out))
+    knn.main(cpu_settings(knn.Settings, ckpt=str(tmp_path / "timm.pth"), data=data, k="1", save_features=out))
     assert "1 heads (by width: not stored in the file)" in capsys.readouterr().out
-    knn.main(settings(knn.Settings, ckpt=str(tmp_path / "timm.pth"), data=data, k="1", num_heads=4,
-                      feature="cls-norm", save_features=out))
+    knn.main(cpu_settings(knn.Settings, ckpt=str(tmp_path / "timm.pth"), data=data, k="1", num_heads=4,
+                          feature="cls-norm", save_features=out))
     assert "'heads': 4" in capsys.readouterr().out
     x = torch.stack([img for img, _ in build_dataset(data, "val", eval_transform(32))])
     with torch.no_grad():

@@ -1,11 +1,9 @@
 """Losses, the queue and the head (docs/METHOD.md Eqs. (5)-(10)) and their 2-process behaviour."""
 import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import common
@@ -139,10 +137,9 @@ def head_loss(head, x, idx_offset, offset):
     return model.nna_loss(z, nn_z, p_all, 0.2, offset) + model.nnclr_loss(nn_z, p_all, 0.2, offset)
 
 
-def two_rank_worker(rank, port, state, x, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    torch.set_num_threads(1)
-    common.setup_distributed("cpu")
+def two_rank_worker(state, x, out_dir):
+    """One rank of two (conftest's two_ranks): its half of x through a DDP copy of the head."""
+    rank = common.setup_distributed("cpu").rank
     head = model.ContrastiveHead(8, proj_hidden=16, proj_dim=8, pred_hidden=16)
     head.load_state_dict(state)
     ddp = torch.nn.parallel.DistributedDataParallel(head)
@@ -153,22 +150,14 @@ def two_rank_worker(rank, port, state, x, out_dir):
     if rank == 0:
         torch.save({"loss": mean_loss, "grads": {n: p.grad for n, p in head.named_parameters()},
                     "buffers": dict(head.named_buffers())}, os.path.join(out_dir, "r0.pt"))
-    common.teardown_distributed()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_equal_one_on_the_whole_batch(tmp_path):
+def test_two_processes_equal_one_on_the_whole_batch(tmp_path, two_ranks):
     torch.manual_seed(0)
     head = model.ContrastiveHead(8, proj_hidden=16, proj_dim=8, pred_hidden=16)
     x = torch.randn(8, 8)
     state = {k: v.clone() for k, v in head.state_dict().items()}
-    # fork: the workers need no fresh interpreter (spawn would re-import torch for seconds)
-    mp.start_processes(two_rank_worker, args=(free_port(), state, x, str(tmp_path)), nprocs=2, start_method="fork")
+    two_ranks(two_rank_worker, state, x, str(tmp_path))
     got = torch.load(tmp_path / "r0.pt", weights_only=True)
     # one process: the same loss on each half's rows against all predictions, averaged
     z, p = head(x)

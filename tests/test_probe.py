@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from test_knn import make_checkpoint, make_image_folder, settings
+from conftest import cpu_settings, make_checkpoint, make_image_folder
 
 import labelled
 import probe
@@ -92,11 +92,12 @@ def test_stacked_grid_equals_torch_sgd_per_lr():
 
 
 def test_lr_schedule_warmup_then_cosine():
-    assert probe.lr_factor(0, 100, 10) == pytest.approx(0.1)
-    assert probe.lr_factor(9, 100, 10) == pytest.approx(1.0)
-    assert probe.lr_factor(10, 100, 10) == pytest.approx(1.0)
-    assert probe.lr_factor(55, 100, 10) == pytest.approx(0.5)
-    assert probe.lr_factor(100, 100, 10) == pytest.approx(0.0, abs=1e-12)
+    """100 steps, 10 of warm-up: (s + 1) / 10 for s < 10, then (1 + cos(pi * (s - 10) / 90)) / 2."""
+    assert probe.lr_factor(0, 100, 10) == pytest.approx(0.1)  # 1 / 10: the first step already trains
+    assert probe.lr_factor(9, 100, 10) == pytest.approx(1.0)  # 10 / 10
+    assert probe.lr_factor(10, 100, 10) == pytest.approx(1.0)  # cos(0)
+    assert probe.lr_factor(55, 100, 10) == pytest.approx(0.5)  # half way, (55 - 10) / 90 = 1/2: cos(pi / 2) = 0
+    assert probe.lr_factor(100, 100, 10) == pytest.approx(0.0, abs=1e-12)  # cos(pi) = -1
 
 
 def test_draw_split_exact_shots_and_deterministic():
@@ -112,10 +113,9 @@ def test_draw_split_exact_shots_and_deterministic():
         labelled.draw_split(labels, 0, shots=4)
 
 
-def test_read_split_file(tmp_path):
-    data = make_image_folder(tmp_path / "d")
+def test_read_split_file(tmp_path, image_folder):
     from torchvision import datasets
-    ds = datasets.ImageFolder(f"{data}/train")
+    ds = datasets.ImageFolder(f"{image_folder}/train")
     (tmp_path / "s.txt").write_text("a_0.png\nb/b_1.png\n\n/some/where/c/c_2.png\n")
     idx = labelled.read_split_file(str(tmp_path / "s.txt"), len(ds), ds.samples, ds.root)
     assert [ds.samples[i][0].split("/")[-1] for i in idx] == ["a_0.png", "b_1.png", "c_2.png"]
@@ -155,30 +155,30 @@ def test_main_linear_lowshot_augment(tmp_path):
     data = make_image_folder(tmp_path / "d", per_class=(4, 2))
     ckpt = str(tmp_path / "e.pth")
     make_checkpoint(ckpt, depth=2)
-    res = probe.main(settings(probe.Settings, ckpt=ckpt, data=data, epochs=3, lrs="0.01,0.1", search="lr",
-                              save_features=str(tmp_path / "f.pt")))["results"]
+    res = probe.main(cpu_settings(probe.Settings, ckpt=ckpt, data=data, epochs=3, lrs="0.01,0.1", search="lr",
+                                  save_features=str(tmp_path / "f.pt")))["results"]
     assert [r["lr"] for r in res] == [0.01, 0.1] and sum(r["best"] for r in res) == 1
     assert {r["mode"] for r in res} == {"features-once"}
     feats = str(tmp_path / "f.pt")
-    again = probe.main(settings(probe.Settings, load_features=feats, epochs=3, lrs="0.01,0.1", search="lr"))
+    again = probe.main(cpu_settings(probe.Settings, load_features=feats, epochs=3, lrs="0.01,0.1", search="lr"))
     assert again["results"] == res
-    low = probe.main(settings(probe.Settings, load_features=feats, shots="1,2", splits=2))["results"]
+    low = probe.main(cpu_settings(probe.Settings, load_features=feats, shots="1,2", splits=2))["results"]
     assert [(r["shots"], r["split"]) for r in low] == [(1, 0), (1, 1), (2, 0), (2, 1), (1, "mean"),
                                                        (2, "mean")]
     assert low[4]["top1"] == pytest.approx((low[0]["top1"] + low[1]["top1"]) / 2)
-    aug = probe.main(settings(probe.Settings, ckpt=ckpt, data=data, epochs=2, lrs="0.1", augment=True))
+    aug = probe.main(cpu_settings(probe.Settings, ckpt=ckpt, data=data, epochs=2, lrs="0.1", augment=True))
     assert [(r["block"], r["feature"], r["mode"]) for r in aug["results"]] == [
         (2, "cls", "augment"), (2, "cls+mean", "augment"), ("1+2", "cls", "augment"), ("1+2", "cls+mean", "augment")]
     # a feature file of CLS tokens alone (knn.py's, as demo.py shares it): the part of the grid it allows
     every = str(tmp_path / "all.pt")
-    probe.main(settings(probe.Settings, ckpt=ckpt, data=data, blocks="all", search="lr", lrs="0.1", epochs=1,
-                        save_features=every))
-    part = probe.main(settings(probe.Settings, load_features=every, epochs=2, lrs="0.01,0.1"))["results"]
+    probe.main(cpu_settings(probe.Settings, ckpt=ckpt, data=data, blocks="all", search="lr", lrs="0.1", epochs=1,
+                            save_features=every))
+    part = probe.main(cpu_settings(probe.Settings, load_features=every, epochs=2, lrs="0.01,0.1"))["results"]
     assert [(r["block"], r["feature"]) for r in part[::2]] == [(2, "cls"), ("1+2", "cls")]
     with pytest.raises(UserError, match="--augment"):
-        probe.main(settings(probe.Settings, load_features=feats, augment=True))
+        probe.main(cpu_settings(probe.Settings, load_features=feats, augment=True))
     with pytest.raises(UserError, match="--search lr"):
-        probe.main(settings(probe.Settings, load_features=feats, concat=True))
+        probe.main(cpu_settings(probe.Settings, load_features=feats, concat=True))
 
 
 def test_grid_feature_sets():
@@ -197,7 +197,7 @@ def test_default_search_is_mim_refiners_52_probes(tmp_path, capsys):
     data = make_image_folder(tmp_path / "d", per_class=(4, 2))
     ckpt, feats, out = str(tmp_path / "e.pth"), str(tmp_path / "f.pt"), str(tmp_path / "r.json")
     vit = make_checkpoint(ckpt, depth=5)
-    res = probe.main(settings(probe.Settings, ckpt=ckpt, data=data, epochs=1, save_features=feats, out=out))
+    res = probe.main(cpu_settings(probe.Settings, ckpt=ckpt, data=data, epochs=1, save_features=feats, out=out))
     recs = res["results"]
     assert len(recs) == 52 and [r["lr"] for r in recs[:13]] == [float(v) for v in probe.LR_GRID.split(",")]
     assert [(r["block"], r["feature"]) for r in recs[::13]] == [

@@ -10,26 +10,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import ROOT, make_checkpoint, make_image_folder, read_log
 
-ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A 48-image ImageFolder of 16 px images: start-up costs nothing next to jittered-digits."""
-    d = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            (d / split / c).mkdir(parents=True)
-            for i in range(24 if split == "train" else 4):
-                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(d / split / c / f"{i}.png")
-    return d
+    return Path(make_image_folder(tmp_path_factory.mktemp("imgs"), classes=("a", "b"), per_class=(24, 4), size=16))
 
 
 def pretrain_cmd(folder, out, *extra):
@@ -76,7 +67,7 @@ def assert_same_as_whole(whole, out: Path, steps=12):
     assert whole["step"] == ck["step"] == steps
     for k in whole["model"]:
         assert torch.equal(whole["model"][k], ck["model"][k]), k
-    logged = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    logged = [r["step"] for r in read_log(out)]
     assert logged == list(range(1, steps + 1))  # the log has every step once
 
 
@@ -142,45 +133,45 @@ def refine_cmd(ckpt, folder, out):
             "--log-every", "1", "--device", "cpu"]
 
 
-def test_refine_rank_killed_and_restarted_by_torchrun_equals_uninterrupted(folder, tmp_path):
+@pytest.fixture(scope="module")
+def whole_refine(folder, tmp_path_factory):
+    """(a tiny encoder's path, last.pt of the uninterrupted refine.py run from it the interrupted ones must equal)."""
+    d = tmp_path_factory.mktemp("refine")
+    make_checkpoint(d / "mae.pth", depth=2, img_size=16)
+    done = run(refine_cmd(d / "mae.pth", folder, d / "whole"))
+    assert done.returncode == 0, done.stderr
+    return d / "mae.pth", torch.load(d / "whole" / "last.pt", weights_only=True)
+
+
+def test_refine_rank_killed_and_restarted_by_torchrun_equals_uninterrupted(folder, whole_refine, tmp_path):
     """SIGKILL the rank of `torchrun --max-restarts 1`: torchrun starts it again, it resumes from
     last.pt, and the end is bit-identical to an uninterrupted plain run."""
-    import model
-    torch.manual_seed(0)
-    vit = model.ViT(dim=32, depth=2, patch=4, img_size=16)
-    torch.save({"model": model.export_encoder(vit)}, tmp_path / "mae.pth")
-    whole = run(refine_cmd(tmp_path / "mae.pth", folder, tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr
+    ckpt, a = whole_refine
     killed = tmp_path / "killed"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                "--max-restarts=1"] + refine_cmd(tmp_path / "mae.pth", folder, killed)[1:]
+                "--max-restarts=1"] + refine_cmd(ckpt, folder, killed)[1:]
     assert kill_once_running(torchrun, killed, after_step=7, worker=True)[0] == 0
-    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
     b = torch.load(killed / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 12  # 6 steps of heads only, then 6 of everything: killed in phase 2
     for part in ("encoder", "ema"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
-    steps = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in read_log(killed)]
     assert steps == list(range(1, 13))  # lines logged after the last save are dropped on restart
 
 
-def test_refine_sigterm_to_every_process_with_loader_workers(folder, tmp_path):
+def test_refine_sigterm_to_every_process_with_loader_workers(folder, whole_refine, tmp_path):
     """SIGTERM to every process of the run, loader workers too (as SLURM signals a job): the workers live on,
     the step finishes, last.pt is written, exit code 3; the rerun equals an uninterrupted run."""
-    import model
-    torch.manual_seed(0)
-    torch.save({"model": model.export_encoder(model.ViT(dim=32, depth=2, patch=4, img_size=16))}, tmp_path / "m.pth")
-    whole = run(refine_cmd(tmp_path / "m.pth", folder, tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr
+    ckpt, a = whole_refine
     out = tmp_path / "run"
-    cmd = refine_cmd(tmp_path / "m.pth", folder, out) + ["--workers", "2", "--save-every", "100"]
+    cmd = refine_cmd(ckpt, folder, out) + ["--workers", "2", "--save-every", "100"]
     code, err = kill_once_running(cmd, out, after_step=3, sig=signal.SIGTERM, group=True)
     assert code == 3 and "stopped after step" in err and "Traceback" not in err, err
     assert 3 <= torch.load(out / "last.pt", weights_only=True)["step"] < 12
     again = run(cmd)
     assert again.returncode == 0, again.stderr
-    a, b = (torch.load(d / "last.pt", weights_only=True) for d in (tmp_path / "whole", out))
+    b = torch.load(out / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 12
     for part in ("encoder", "ema", "heads"):
         assert all(torch.equal(v, b[part][k]) for k, v in a[part].items()), part
