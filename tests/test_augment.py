@@ -48,19 +48,19 @@ def test_loader_workers_do_not_change_the_batches():
 
 
 def test_crop_flip_draws_what_torchvision_draws():
-    """The same generator state gives torchvision's crop box and flip: the images agree to a fraction of a
-    level on average (PIL's one-pass resize reads a few pixels beyond the box at its edges, for the bicubic
-    support, where crop-then-resize clamps: hence no exact equality), and far from the mirrored crop."""
+    """The same generator state gives torchvision's crop box and flip, and the same picture: torch's antialiased
+    uint8 bicubic filter against PIL's (torchvision's on PIL images) differs by rounding, at most 2 levels at a
+    pixel (measured: 1 on this image) and under a hundredth of a level on average; the mirrored crop is far."""
     img, view = smooth_image(), augment.View(96, (0.05, 1.0))
     ref = T.Compose([T.RandomResizedCrop(96, (0.05, 1.0), interpolation=T.InterpolationMode.BICUBIC),
                      T.RandomHorizontalFlip(), T.PILToTensor()])
     flips = 0
     for seed in range(20):
         torch.manual_seed(seed)
-        ours = augment.crop_flip(img, view).float()
+        ours = augment.crop_flip(augment.to_uint8(img), view).float()
         torch.manual_seed(seed)
         theirs = ref(img).float()
-        assert (ours - theirs).abs().mean() < 0.25, seed  # levels of 255
+        assert (ours - theirs).abs().max() <= 2 and (ours - theirs).abs().mean() < 0.01, seed  # levels of 255
         assert (ours - theirs.flip(2)).abs().mean() > 10 * (ours - theirs).abs().mean(), seed
         torch.manual_seed(seed)
         ref.transforms[0](img)  # the crop's draws, then the flip's
