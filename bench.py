@@ -32,7 +32,7 @@ its refinement part alone (tiny preset, checkpointing on and off; about 6 s, 50 
     python bench.py --quick --device cpu --only refine
 every part at microscopic sizes, as the test suite runs them (timings meaningless; about 13 s):
     python bench.py --tiny --device cpu
-the loader, one worker (about N s on this CPU):
+the loader, one worker (about 17 s on this CPU):
     python bench.py --quick --device cpu --only loader --workers 1
 One GPU, about 15 minutes (ViT-B/L in bf16, k-NN 50k x 10k at D = 384, ViT-L/16 refinement step):
     python bench.py --device cuda --out bench_gpu.json

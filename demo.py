@@ -16,7 +16,7 @@ this small); this file orchestrates them and aggregates their --out JSON files i
 --control adds a randomly initialised encoder of the MAE's shape ("random") and both refinements of
 it with the same budget ("random+mim-refiner", "random+mae-ct"): what the MIM pre-training brings.
 
-CPU, the embedded default (about 12 minutes on 2 cores; the numbers are in the README):
+CPU, the embedded default (about 11 minutes on 2 cores; the numbers are in the README):
     python demo.py
 Reduced size (under a minute; what tests/test_demo.py runs on a tiny encoder and image folder):
     python demo.py --quick --ckpt tiny.pth --data folder --out runs/demo-quick

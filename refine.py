@@ -9,7 +9,7 @@ then encoder and heads train together (top-k); the queue carries over. Rerun wit
 OUT/last.pt (on SIGTERM/SIGUSR1/SIGINT written after the step, then exit code 3). OUT/encoder.pth, .safetensors:
 the EMA encoder in MAE/timm layout. Settings left out (None in --help) follow the encoder and data (recipe.py), printed.
 
-CPU, the embedded default (~4 min each on one core; k-NN of the committed MAE 45% -> ~66%: README):
+CPU, the embedded default (about 10 min each on one core; k-NN of the committed MAE 45% -> 67-68%: README):
     python refine.py --feature mean --out runs/mim-refiner
     torchrun --standalone --nproc_per_node=2 refine.py --method mae-ct --feature mean --device cpu --out runs/mae-ct
 ImageNet on 8 GPUs (k-NN from public MAEs: MIM-Refiner ViT-L/16 60.6 -> 81.5; MAE-CT ViT-H/14 58.9 -> 79.1):
@@ -382,7 +382,8 @@ def main(cfg: Settings) -> dict:
             lr = common.warmup_cosine(step - phase.first, phase.steps, phase.warmup, phase.peak_lr, cfg.min_lr)
             for g in optim.param_groups:  # Eq. (14), times each group's layer-wise scale (Eq. (13))
                 g["lr"] = lr * g["lr_scale"]
-            x, idx = to_input(crops, params, views, d.device), idx.to(d.device, non_blocking=True)  # Eq. (3)
+            x = to_input(crops, params, views, d.device)  # colour jitter, blur, ... on the device, batched
+            idx = idx.to(d.device, non_blocking=True)
             loss_value, stopping = refine_step(net, optim, parts, x, idx, phase, step, cfg, d.rank,
                                                run.gather_loss)  # the same on every rank; a signal stops all
             step += 1
