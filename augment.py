@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, DistributedSampler, Subset
 from torchvision import transforms as T
 
 import photometric
-from data import IMAGENET_MEAN, IMAGENET_STD, JitteredDigits, build_dataset
+from data import IMAGENET_MEAN, IMAGENET_STD, JitteredDigits, build_dataset, key_seed
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class Views(Dataset):
         epoch, i = key
         img = to_uint8(self.data[i][0])  # (3, H, W)
         with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
-            torch.default_generator.manual_seed((self.seed * 100_000 + epoch) * 10**8 + i)
+            torch.default_generator.manual_seed(key_seed(self.seed, epoch, i))
             crops, params = [], []
             for view in self.views:
                 crops.append(crop_flip(img, view))

@@ -59,6 +59,7 @@ import model
 import probe
 import refine
 from common import cli, opt, write_json
+from data import key_seed
 from recipe import resolve
 
 # the goals: a ratio at or above its goal is a win (CPU, CUDA)
@@ -347,7 +348,7 @@ class PilViews(torch.utils.data.Dataset):
         epoch, i = key
         img = self.data[i][0].convert("RGB")
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed((self.seed * 100_000 + epoch) * 10**8 + i)
+            torch.default_generator.manual_seed(key_seed(self.seed, epoch, i))
             return [t(img) for t in self.transforms], i
 
 

@@ -100,3 +100,26 @@ class EpochKeys:
 
     def __len__(self):
         return len(self.keys)
+
+
+def key_seed(seed: int, epoch: int, i: int) -> int:
+    """The seed of image i's random draws in epoch e of a run seeded `seed` (trainers' augmentations)."""
+    return (seed * 100_000 + epoch) * 10**8 + i
+
+
+class Seeded(Dataset):
+    """Key (epoch, i) -> (transform(image i), i), the transform drawing from torch's CPU generator seeded by
+    key_seed(seed, epoch, i): what a step sees depends on the step alone, not on the loader workers, the
+    world size or a resume. The caller's generator is left as it was."""
+
+    def __init__(self, data, transform, seed: int):
+        self.data, self.transform, self.seed = data, transform, seed
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(key_seed(self.seed, epoch, i))
+            return self.transform(self.data[i][0].convert("RGB")), i

@@ -29,9 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 import common
-from augment import Views
 from common import opt
-from data import EpochKeys, build_dataset, eval_transform, loader_kwargs
+from data import EpochKeys, Seeded, build_dataset, eval_transform, loader_kwargs
 from features import extract_features, report
 from labelled import draw_split, split_file_indices, train_transform
 from model import UserError, load_encoder
@@ -126,7 +125,7 @@ def main(cfg: Settings) -> dict:
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(idx)} labelled images; lower it")
     net = Classifier(vit, len(train.classes)).to(d.device)
     ddp = net if d.world == 1 else DDP(net, [d.device] if d.device.type == "cuda" else None)
-    data, keys = Views(train, [train_transform(vit.img_size, cfg.crop_min)], cfg.seed), EpochKeys()
+    data, keys = Seeded(train, train_transform(vit.img_size, cfg.crop_min), cfg.seed), EpochKeys()
     loader = DataLoader(data, cfg.batch_size // d.world, sampler=keys, drop_last=True,
                         **loader_kwargs(d.device, cfg.workers))
     sampler = DistributedSampler(idx, d.world, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
@@ -139,7 +138,7 @@ def main(cfg: Settings) -> dict:
     for epoch in range(cfg.epochs):
         sampler.set_epoch(epoch)
         keys.keys, losses = [(epoch, idx[j]) for j in sampler], []
-        for (x,), i in loader:
+        for x, i in loader:
             for g in optim.param_groups:  # Eq. (14), floor 0
                 g["lr"] = common.warmup_cosine(step, total, warm, peak, 0.0) * g["lr_scale"]
             with autocast:

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from torchvision import transforms as T
 from tqdm import tqdm
@@ -41,7 +41,7 @@ from tqdm import tqdm
 import common
 import runfiles
 from common import cli, opt
-from data import IMAGENET_MEAN, IMAGENET_STD, EpochKeys, build_dataset, loader_kwargs
+from data import IMAGENET_MEAN, IMAGENET_STD, EpochKeys, Seeded, build_dataset, loader_kwargs
 from model import Block, UserError, ViT, export_encoder, init_weights, sincos_pos_embed
 
 
@@ -142,25 +142,10 @@ class MAE(ViT):
         return (loss * mask).sum() / mask.sum()
 
 
-class Augmented(Dataset):
-    """Key (epoch, i) -> MAE's augmentation of image i (RandomResizedCrop, bicubic, + flip), drawn
-    from torch's CPU generator seeded by (seed, epoch, i): the images of a step depend on the step
-    alone, whatever the number of loader workers, and a resumed run draws exactly the same ones."""
-
-    def __init__(self, base, size: int, crop_min: float, seed: int):
-        self.base, self.seed = base, seed
-        self.transform = T.Compose([
-            T.RandomResizedCrop(size, (crop_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, key):
-        epoch, i = key
-        with torch.random.fork_rng(devices=[]):  # the caller's generator (the masks) is left as it was
-            torch.default_generator.manual_seed((self.seed * 100_000 + epoch) * 10**8 + i)
-            return self.transform(self.base[i][0].convert("RGB"))  # labels are not used
+def mae_transform(size: int, crop_min: float):
+    """MAE's augmentation: RandomResizedCrop (bicubic) + flip, ImageNet mean/std."""
+    return T.Compose([T.RandomResizedCrop(size, (crop_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
@@ -212,7 +197,8 @@ def main(cfg: Settings) -> dict:
     common.seed_everything(cfg.seed)  # the same initial weights on every rank
     mae = MAE(cfg.dec_dim, cfg.dec_depth, cfg.dec_heads, dim=cfg.dim, depth=cfg.depth,
               heads=cfg.num_heads or None, patch=cfg.patch, img_size=cfg.img_size).to(d.device)
-    data = Augmented(build_dataset(cfg.data, "train", labels=False), cfg.img_size, cfg.crop_min, cfg.seed)
+    # image i of epoch e drawn from (seed, e, i): the same images whatever the workers, and on resuming
+    data = Seeded(build_dataset(cfg.data, "train", labels=False), mae_transform(cfg.img_size, cfg.crop_min), cfg.seed)
     sampler = DistributedSampler(data, d.world, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
     steps_per_epoch = len(sampler) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -251,7 +237,7 @@ def main(cfg: Settings) -> dict:
         epoch, done = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch)  # this rank's (epoch, i) keys in a (seed, epoch) order, less those done
         keys.keys = [(epoch, i) for i in list(sampler)[done * cfg.batch_size:]]
-        for imgs in loader:
+        for imgs, _ in loader:
             lr = common.warmup_cosine(step, total, warmup, peak, cfg.min_lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr

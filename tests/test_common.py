@@ -162,3 +162,21 @@ def test_new_settings_are_in_the_help(capsys):
         with pytest.raises(SystemExit):
             common.parse_settings(cls, ["--help"])
         assert "--num-heads" in capsys.readouterr().out
+
+
+def test_seeded_draws_from_the_key_alone():
+    """Seeded[(e, i)] is transform(image i) under torch.manual_seed(key_seed(seed, e, i)), whatever state the
+    caller's generator is in, and leaves that state as it was."""
+    from PIL import Image
+
+    from data import Seeded, key_seed
+    images = [(Image.new("RGB", (8, 8), (10 * i, 0, 0)), 0) for i in range(3)]
+    draw = lambda img: (img.getpixel((0, 0))[0], float(torch.rand(1)))  # noqa: E731 (the image, one draw)
+    data = Seeded(images, draw, seed=7)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    (pixel, u), i = data[2, 1]
+    assert torch.equal(torch.get_rng_state(), before) and (pixel, i) == (10, 1)
+    torch.manual_seed(key_seed(7, 2, 1))
+    assert u == float(torch.rand(1)) and key_seed(7, 2, 1) == (7 * 100_000 + 2) * 10**8 + 1
+    assert data[3, 1][0][1] != u  # another epoch, other draws
