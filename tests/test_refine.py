@@ -396,3 +396,18 @@ def test_resume_compares_data_paths_allows_a_moved_folder_and_reports_the_loss(t
     assert "taken as the same folder, moved" in capsys.readouterr().err and res["loss"] == losses("run")[2]
     with pytest.raises(model.UserError, match="other settings.*data"):
         refine.main(settings(tiny_ckpt, "run", data="z", max_steps=2, topk=4, queue_size=8, **kw))
+
+
+def test_multicrop_resume_and_loader_workers_change_nothing(tiny_ckpt, tmp_path):
+    """MIM-Refiner's multi-crop views, coloured on the device from parameters drawn in the loader: a run
+    stopped inside an epoch and resumed equals an uninterrupted one with two persistent loader workers,
+    bit for bit (weights, EMA, queues, losses)."""
+    kw = dict(head_epochs=1, epochs=1, save_every=100, jitter=1.0)  # 2 global + 1 local view, colour on
+    a, b = tmp_path / "a", tmp_path / "b"
+    refine.main(settings(tiny_ckpt, a, max_steps=6, **kw))  # stops inside the second epoch
+    refine.main(settings(tiny_ckpt, a, max_steps=8, **kw))
+    refine.main(settings(tiny_ckpt, b, max_steps=8, workers=2, **kw))
+    ca, cb = load(a), load(b)
+    assert ca["settings"]["views"] == "multicrop" and losses(a) == losses(b)
+    for key in ("encoder", "ema", "heads", "queues"):
+        assert all(torch.equal(v, cb[key][k]) for k, v in ca[key].items()), key
