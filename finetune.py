@@ -49,7 +49,7 @@ class Settings:
     lr: float = opt(3e-5, "AdamW peak lr per 256 images (x global batch / 256)")
     weight_decay: float = opt(0.4, "AdamW weight decay; none on biases, norms, the CLS token and positions")
     layer_decay: float = opt(0.75, "layer-wise lr decay: block j gets decay^(depth+1-j), the stem decay^(depth+1)")
-    warmup: float = opt(5.0, "linear warm-up epochs, then cosine to 0")
+    warmup_epochs: float = opt(5.0, "linear warm-up in epochs, then cosine to 0")
     label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy")
     crop_min: float = opt(0.08, "smallest area fraction of the RandomResizedCrop")
     eval_every: int = opt(1, "validation top-1 every N epochs (and after the last)")
@@ -130,7 +130,7 @@ def main(cfg: Settings) -> dict:
                         **loader_kwargs(d.device, cfg.workers))
     sampler = DistributedSampler(idx, d.world, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
     spe = len(sampler) // (cfg.batch_size // d.world)  # steps per epoch
-    total, warm, peak = cfg.epochs * spe, round(cfg.warmup * spe), cfg.lr * cfg.batch_size / 256
+    total, warm, peak = cfg.epochs * spe, round(cfg.warmup_epochs * spe), cfg.lr * cfg.batch_size / 256
     optim = torch.optim.AdamW(param_groups(net, cfg), lr=peak, betas=(0.9, 0.999))
     val = build_dataset(cfg.data, "val", eval_transform(vit.img_size))
     autocast = torch.autocast(d.device.type, torch.bfloat16, enabled=d.device.type == "cuda")

@@ -64,7 +64,7 @@ def test_two_processes_equal_one(tmp_path, two_ranks):
     data = make_image_folder(tmp_path / "d", per_class=(8, 2))  # 24 train images
     ckpt = str(tmp_path / "e.pth")
     make_checkpoint(ckpt, depth=2)
-    kw = dict(ckpt=ckpt, data=data, percent=50, batch_size=4, lr=0.05, warmup=0.5)
+    kw = dict(ckpt=ckpt, data=data, percent=50, batch_size=4, lr=0.05, warmup_epochs=0.5)
     one = finetune.main(settings(**kw))["results"]
     two_ranks(finetune.main, settings(out=str(tmp_path / "two.json"), **kw))
     two = json.load(open(tmp_path / "two.json"))["results"]
