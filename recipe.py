@@ -94,7 +94,7 @@ def resolve(cfg, vit, world: int, n_train: int):
     if not 1 <= r.topk <= r.queue_size < n_train:
         raise UserError(f"need 1 <= --topk ({r.topk}) <= --queue-size ({r.queue_size}) < the train set "
                         f"({n_train} images); lower --queue-size or --topk")
-    negative = [k for k in ("head_warmup_epochs", "warmup_epochs", "head_epochs", "epochs") if getattr(r, k) < 0]
+    negative = [k for k in ("head_epochs", "epochs", "head_warmup_epochs", "warmup_epochs") if getattr(r, k) < 0]
     if negative:
         raise UserError(f"--{negative[0].replace('_', '-')} {getattr(r, negative[0])} is negative; give 0 or more")
     return r

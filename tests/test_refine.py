@@ -411,3 +411,13 @@ def test_multicrop_resume_and_loader_workers_change_nothing(tiny_ckpt, tmp_path)
     assert ca["settings"]["views"] == "multicrop" and losses(a) == losses(b)
     for key in ("encoder", "ema", "heads", "queues"):
         assert all(torch.equal(v, cb[key][k]) for k, v in ca[key].items()), key
+
+
+@pytest.mark.parametrize("bad, message", [(dict(warmup_epochs=-1.0), "--warmup-epochs -1.0 is negative"),
+                                          (dict(head_epochs=-2), "--head-epochs -2 is negative"),
+                                          (dict(views="mixed"), "unknown --views 'mixed'"),
+                                          (dict(neighbours="some"), "unknown --neighbours 'some'")])
+def test_bad_recipe_settings_are_one_line_errors(bad, message):
+    vit = model.ViT(dim=32, depth=4, patch=4, img_size=32)
+    with pytest.raises(model.UserError, match=re.escape(message)):
+        recipe.resolve(refine.Settings(batch_size=4, **bad), vit, 1, 100)
