@@ -45,6 +45,7 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # read as tqdm is imported (torch imports it): no bars from the features
 
@@ -59,7 +60,7 @@ import model
 import probe
 import refine
 from common import cli, opt, write_json
-from data import key_seed
+from data import Seeded
 from recipe import resolve
 
 # the goals: a ratio at or above its goal is a win (CPU, CUDA)
@@ -315,8 +316,6 @@ def bench_probe_augment(n, epochs, device, rounds, goal):
 def pil_views(cfg) -> list:
     """The reference ("before"): the per-image torchvision / PIL recipe that refine.py's loader workers ran
     before device-side augmentation (crop, flip, ColorJitter, grayscale, PIL's blur, solarisation, per view)."""
-    from functools import partial
-
     from PIL import ImageFilter
     from torchvision import transforms as T
 
@@ -335,21 +334,9 @@ def pil_views(cfg) -> list:
             + [byol(cfg.local_size, loc, 0.5, 0.0)] * cfg.local_crops)
 
 
-class PilViews(torch.utils.data.Dataset):
-    """augment.Views with the reference recipe: key (epoch, index) -> (uint8 views, index), same seeding."""
-
-    def __init__(self, data, transforms, seed: int):
-        self.data, self.transforms, self.seed = data, transforms, seed
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, key):
-        epoch, i = key
-        img = self.data[i][0].convert("RGB")
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(key_seed(self.seed, epoch, i))
-            return [t(img) for t in self.transforms], i
+def each_view(transforms, img) -> list:
+    """The reference's views of one image (data.Seeded seeds the draws per (epoch, index), as augment.Views)."""
+    return [t(img) for t in transforms]
 
 
 def bench_loader(device, n_images, batch, workers, epochs=3):
@@ -381,7 +368,8 @@ def bench_loader(device, n_images, batch, workers, epochs=3):
         vit = SimpleNamespace(dim=1024, depth=24, patch=16, img_size=224, post_norm=False)  # ViT-L/16's recipe
         cfg = resolve(refine.Settings(batch_size=batch), vit, 1, 1_281_167)
         images, views = datasets.ImageFolder(root), augment.make_views(cfg)
-        sides = {"before": PilViews(images, pil_views(cfg), 0), "after": augment.Views(images, views, 0)}
+        sides = {"before": Seeded(images, partial(each_view, pil_views(cfg)), 0),  # ([views], index)
+                 "after": augment.Views(images, views, 0)}  # ([crops], params, index)
         keys = {k: EpochKeys() for k in sides}
         loaders = {k: DataLoader(ds, batch, sampler=keys[k], drop_last=True, **loader_kwargs(device, workers))
                    for k, ds in sides.items()}
