@@ -9,17 +9,18 @@ and the normalisation to the whole batch of a view at once (`to_input`, photomet
 leave the worker as uint8, four times less to copy than float32.
 """
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset, DistributedSampler, Subset
+from torch.utils.data import DistributedSampler, Subset
 from torchvision import transforms as T
 
 import photometric
-from data import IMAGENET_MEAN, IMAGENET_STD, JitteredDigits, build_dataset, key_seed
+from data import IMAGENET_MEAN, IMAGENET_STD, JitteredDigits, Seeded, build_dataset
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,8 @@ def make_views(cfg) -> list:
 
 
 def to_uint8(img: Image.Image) -> torch.Tensor:
-    """A PIL image -> uint8 (3, H, W), a view of the (H, W, 3) pixels (channels-last strides)."""
-    return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+    """An RGB PIL image -> uint8 (3, H, W), a view of the (H, W, 3) pixels (channels-last strides)."""
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
 def crop_flip(img: torch.Tensor, view: View) -> torch.Tensor:
@@ -62,27 +63,23 @@ def crop_flip(img: torch.Tensor, view: View) -> torch.Tensor:
     return x.flip(2) if float(torch.rand(1)) < 0.5 else x
 
 
-class Views(Dataset):
-    """Key (epoch, index) -> (list of uint8 crops (3, s, s), one per view; their photometric parameters
-    (V, len(photometric.COLUMNS)); index). Crops and parameters draw from torch's CPU generator seeded by
-    (seed, epoch, index), so the data do not depend on workers, world size or resuming."""
+def cut_views(views: list, img: Image.Image) -> tuple:
+    """One image's views: a uint8 crop (3, s, s) per view and their photometric parameters
+    (V, len(photometric.COLUMNS)), drawn from torch's default generator (seeded by Views)."""
+    img, crops, params = to_uint8(img), [], []  # img (3, H, W)
+    for view in views:  # each view's crop, then its parameters: one stream of draws
+        crops.append(crop_flip(img, view))
+        params.append(view.colour.draw() if view.colour else torch.tensor(photometric.IDENTITY))
+    return crops, torch.stack(params)  # params (V, 11)
+
+
+class Views(Seeded):
+    """Key (epoch, index) -> ((crops, params), index) of cut_views, drawn from the generator seeded by
+    (seed, epoch, index) as every trainer's data (data.Seeded): the data do not depend on workers, world
+    size or resuming."""
 
     def __init__(self, data, views: list, seed: int):
-        self.data, self.views, self.seed = data, views, seed
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, key):
-        epoch, i = key
-        img = to_uint8(self.data[i][0])  # (3, H, W)
-        with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
-            torch.default_generator.manual_seed(key_seed(self.seed, epoch, i))
-            crops, params = [], []
-            for view in self.views:
-                crops.append(crop_flip(img, view))
-                params.append(view.colour.draw() if view.colour else torch.tensor(photometric.IDENTITY))
-            return crops, torch.stack(params), i  # params (V, 11)
+        super().__init__(data, partial(cut_views, views), seed)
 
 
 def to_input(crops: list, params: torch.Tensor, views: list, device) -> list:
@@ -93,13 +90,8 @@ def to_input(crops: list, params: torch.Tensor, views: list, device) -> list:
     out = []
     for v, (x, view) in enumerate(zip(crops, views)):
         x = x.to(device, non_blocking=True)
-        if view.colour:
-            out.append(photometric.augment(x, params[:, v], IMAGENET_MEAN, IMAGENET_STD, view.colour.kernel_size))
-            continue
-        x = x.float().div(255)  # (B, 3, s, s)
-        for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):
-            x[:, c].sub_(m).div_(s)  # python scalars: a mean/std tensor copied to the GPU would sync each time
-        out.append(x)
+        out.append(photometric.augment(x, params[:, v], IMAGENET_MEAN, IMAGENET_STD, view.colour.kernel_size)
+                   if view.colour else photometric.normalize(x.float().div(255), IMAGENET_MEAN, IMAGENET_STD))
     return out
 
 

@@ -335,7 +335,7 @@ def pil_views(cfg) -> list:
 
 
 def each_view(transforms, img) -> list:
-    """The reference's views of one image (data.Seeded seeds the draws per (epoch, index), as augment.Views)."""
+    """The reference's views of one image (data.Seeded seeds the draws per (epoch, index), as for augment.Views)."""
     return [t(img) for t in transforms]
 
 
@@ -346,7 +346,7 @@ def bench_loader(device, n_images, batch, workers, epochs=3):
     batches (augment.to_input). Loader throughput: one DataLoader per side with `workers` processes (0: the main
     process, which then is the one worker), batches only collated and copied to the device, alternating epochs
     (before, after, after, before, ...); img/s per worker = img/s / max(1, workers), the median over epochs after
-    the first. Then the device's share: to_input's time per batch, the loader's batches replayed."""
+    the first. Then the device's share: to_input's time on one batch, repeated."""
     import shutil
     import tempfile
     from types import SimpleNamespace
@@ -369,7 +369,7 @@ def bench_loader(device, n_images, batch, workers, epochs=3):
         cfg = resolve(refine.Settings(batch_size=batch), vit, 1, 1_281_167)
         images, views = datasets.ImageFolder(root), augment.make_views(cfg)
         sides = {"before": Seeded(images, partial(each_view, pil_views(cfg)), 0),  # ([views], index)
-                 "after": augment.Views(images, views, 0)}  # ([crops], params, index)
+                 "after": augment.Views(images, views, 0)}  # (([crops], params), index)
         keys = {k: EpochKeys() for k in sides}
         loaders = {k: DataLoader(ds, batch, sampler=keys[k], drop_last=True, **loader_kwargs(device, workers))
                    for k, ds in sides.items()}
@@ -378,13 +378,13 @@ def bench_loader(device, n_images, batch, workers, epochs=3):
             for k in (("before", "after") if epoch % 2 == 0 else ("after", "before")):
                 keys[k].keys = [(epoch, i) for i in torch.randperm(n_images).tolist()]
                 t0, n = time.perf_counter(), 0
-                for b in loaders[k]:  # collate and copy only: what the GPU would wait for
-                    b = [t.to(device, non_blocking=True) for t in b[0]]
+                for x, _ in loaders[k]:  # collate and copy only: what the GPU would wait for
+                    x = [t.to(device, non_blocking=True) for t in (x[0] if k == "after" else x)]  # the crops
                     n += batch
                 sync(device)
                 rates[k].append(n / (time.perf_counter() - t0))
         del loaders  # the workers end
-        crops, params, _ = next(iter(DataLoader(sides["after"], batch, sampler=[(0, i) for i in range(batch)])))
+        (crops, params), _ = next(iter(DataLoader(sides["after"], batch, sampler=[(0, i) for i in range(batch)])))
         crops, params = [c.to(device) for c in crops], params.to(device)
         times = []
         for _ in range(3 if device.type == "cpu" else 20):

@@ -188,9 +188,14 @@ def augment(x: torch.Tensor, params: torch.Tensor, mean, std, kernel_size: int) 
     y = colour_jitter(y, params)
     y = grayscale(y, p["grayscale"] > 0)
     y = gaussian_blur(y, p["sigma"], kernel_size)
-    y = solarize(y, p["solarize"] > 0)
+    return normalize(solarize(y, p["solarize"] > 0), mean, std)  # solarize's torch.where made a new tensor
+
+
+def normalize(y: torch.Tensor, mean, std) -> torch.Tensor:
+    """(y - mean) / std per channel, in place on float (B, 3, H, W): torchvision's Normalize. mean, std: Python
+    floats, as a tensor of them copied to the GPU would sync every call."""
     for ch, (m, s) in enumerate(zip(mean, std)):
-        y[:, ch].sub_(m).div_(s)  # y is a new tensor here (solarize's torch.where)
+        y[:, ch].sub_(m).div_(s)
     return y
 
 

@@ -378,7 +378,7 @@ def main(cfg: Settings) -> dict:
             net, optim = start_phase(parts, cfg, phase, d, ck)
             ck = None
         keys.keys = epoch_keys(data, cfg, d, epoch, step - epoch * spe)
-        for crops, params, idx in loader:  # uint8 crops and their photometric parameters
+        for (crops, params), idx in loader:  # uint8 crops and their photometric parameters
             lr = common.warmup_cosine(step - phase.first, phase.steps, phase.warmup, phase.peak_lr, cfg.min_lr)
             for g in optim.param_groups:  # Eq. (14), times each group's layer-wise scale (Eq. (13))
                 g["lr"] = lr * g["lr_scale"]

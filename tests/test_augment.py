@@ -29,13 +29,13 @@ def smooth_image(seed=0, size=(400, 300)) -> Image.Image:
 def test_views_are_a_function_of_seed_epoch_index():
     views = augment.make_views(resolved(local_crops=2))
     data = augment.Views(augment.train_set(refine.Settings(limit_train=8)), views, 0)
-    crops, params, i = data[0, 3]  # key (epoch, index)
+    (crops, params), i = data[0, 3]  # key (epoch, index)
     assert i == 3 and [tuple(v.shape) for v in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
     assert params.shape == (4, len(photometric.COLUMNS)) and all(c.dtype == torch.uint8 for c in crops)
     torch.manual_seed(123)  # the caller's generator plays no part
-    again, params_again, _ = data[0, 3]
+    (again, params_again), _ = data[0, 3]
     assert all(torch.equal(a, b) for a, b in zip(crops, again)) and torch.equal(params, params_again)
-    assert not torch.equal(crops[0], data[1, 3][0][0])
+    assert not torch.equal(crops[0], data[1, 3][0][0][0])
 
 
 def test_loader_workers_do_not_change_the_batches():
@@ -43,7 +43,7 @@ def test_loader_workers_do_not_change_the_batches():
     data = augment.Views(augment.train_set(refine.Settings(limit_train=16)), augment.make_views(resolved()), 0)
     keys = [(1, i) for i in (5, 3, 9, 0, 15, 7, 2, 11)]
     batches = [list(DataLoader(data, 4, sampler=keys, num_workers=w)) for w in (0, 2)]
-    for (c0, p0, i0), (c2, p2, i2) in zip(*batches):
+    for ((c0, p0), i0), ((c2, p2), i2) in zip(*batches):
         assert torch.equal(i0, i2) and torch.equal(p0, p2) and all(torch.equal(a, b) for a, b in zip(c0, c2))
 
 
@@ -102,7 +102,7 @@ def test_each_view_gets_its_own_images_parameters():
     view: nothing mixes images or views."""
     views = augment.make_views(resolved(local_crops=1))
     data = augment.Views(augment.train_set(refine.Settings(limit_train=8)), views, 0)
-    crops, params, _ = next(iter(DataLoader(data, 4, sampler=[(0, i) for i in range(4)])))
+    (crops, params), _ = next(iter(DataLoader(data, 4, sampler=[(0, i) for i in range(4)])))
     batch = augment.to_input(crops, params, views, torch.device("cpu"))
     for v, view in enumerate(views):
         for b in range(4):
