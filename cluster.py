@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import cli, opt, setup_distributed
-from features import FeatureSettings, get_features, report
 from model import UserError
+from util.common import cli, opt, setup_distributed
+from util.features import FeatureSettings, get_features, report
 
 DOGS15 = ("n02085936 n02086646 n02088238 n02091467 n02097130 n02099601 n02101388 n02101556 "
           "n02102177 n02105056 n02105412 n02105855 n02107142 n02110958 n02112137").split()

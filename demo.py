@@ -33,13 +33,12 @@ from dataclasses import dataclass
 
 import torch
 
-import common
 import knn
-import runfiles
-from common import opt
-from data import build_dataset
-from features import read_feature_file
 from model import UserError, ViT, export_encoder, load_encoder
+from util import common
+from util.common import opt
+from util.data import build_dataset
+from util.features import read_feature_file
 
 ENCODERS = ("mae", "mim-refiner", "mae-ct")
 CONTROLS = ("random", "random+mim-refiner", "random+mae-ct")  # --control
@@ -133,7 +132,7 @@ def random_encoder(cfg: Settings):
     torch.manual_seed(1)
     fresh = ViT(**vit.arch())
     os.makedirs(os.path.join(cfg.out, "random"), exist_ok=True)
-    runfiles.save_atomic(export_encoder(fresh), os.path.join(cfg.out, "random", "encoder.pth"))
+    common.save_atomic(export_encoder(fresh), os.path.join(cfg.out, "random", "encoder.pth"))
 
 
 def read(path: str) -> list:

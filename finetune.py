@@ -28,12 +28,20 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-import common
-from common import opt
-from data import EpochKeys, Seeded, build_dataset, eval_transform, loader_kwargs
-from features import extract_features, report
-from labelled import draw_split, split_file_indices, train_transform
 from model import UserError, load_encoder
+from util import common
+from util.common import opt
+from util.data import (
+    EpochKeys,
+    Seeded,
+    build_dataset,
+    draw_split,
+    eval_transform,
+    loader_kwargs,
+    split_file_indices,
+    train_transform,
+)
+from util.features import extract_features, report
 
 
 @dataclass

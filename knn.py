@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common import cli, opt, parse_ints, setup_distributed
-from features import FeatureSettings, get_features, report
 from model import UserError
+from util.common import cli, opt, parse_ints, setup_distributed
+from util.features import FeatureSettings, get_features, report
 
 
 @dataclass

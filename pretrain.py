@@ -38,11 +38,11 @@ from torch.utils.data.distributed import DistributedSampler
 from torchvision import transforms as T
 from tqdm import tqdm
 
-import common
-import runfiles
-from common import cli, opt
-from data import IMAGENET_MEAN, IMAGENET_STD, EpochKeys, Seeded, build_dataset, loader_kwargs
 from model import Block, UserError, ViT, export_encoder, init_weights, sincos_pos_embed
+from util import common
+from util.common import cli, opt
+from util.data import IMAGENET_MEAN, IMAGENET_STD, EpochKeys, Seeded, build_dataset, loader_kwargs
+from util.resume import Run, all_rng_states, managed, set_rng_state, trim_log, write_encoder
 
 
 @dataclass
@@ -182,18 +182,18 @@ def resume(ck: dict, path: str, mae: MAE, cfg: Settings, d: common.Dist, optimiz
         return None
     mae.load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optimizer"])
-    runfiles.set_rng_state(ck["rng"][d.rank])
+    set_rng_state(ck["rng"][d.rank])
     return ck["step"], ck["loss"], ck.get("window", [])
 
 
-@runfiles.managed
+@managed
 def main(cfg: Settings) -> dict:
     if not 0.0 < cfg.mask_ratio < 1.0:
         raise UserError(f"--mask-ratio {cfg.mask_ratio} must lie strictly between 0 and 1 (MAE: 0.75)")
     if not 0.0 < cfg.crop_min <= 1.0 or cfg.batch_size < 1:
         raise UserError(f"--crop-min {cfg.crop_min} must be in (0, 1] and --batch-size {cfg.batch_size} positive")
     d = common.setup_distributed(cfg.device)
-    run = runfiles.Run(cfg.out, d)  # the folder, its lock; SIGTERM/SIGUSR1/SIGINT: checkpoint after the step
+    run = Run(cfg.out, d)  # the folder, its lock; SIGTERM/SIGUSR1/SIGINT: checkpoint after the step
     common.seed_everything(cfg.seed)  # the same initial weights on every rank
     mae = MAE(cfg.dec_dim, cfg.dec_depth, cfg.dec_heads, dim=cfg.dim, depth=cfg.depth,
               heads=cfg.num_heads or None, patch=cfg.patch, img_size=cfg.img_size).to(d.device)
@@ -215,7 +215,7 @@ def main(cfg: Settings) -> dict:
     ck = run.resume(lambda ck, path: resume(ck, path, mae, cfg, d)) if cfg.resume else None  # or last.prev.pt
     step, loss_logged, window = resume(ck, last, mae, cfg, d, optimizer) if ck else (0, float("nan"), [])
     if d.main:
-        runfiles.trim_log(log_path, step)
+        trim_log(log_path, step)
         print(f"MAE: encoder {mae.arch()}, decoder {mae.dec_arch}; {len(data)} images, "
               f"{steps_per_epoch} steps/epoch, global batch {cfg.batch_size * d.world}, lr {peak:.3g}; "
               f"steps {step} -> {end} of {total}")
@@ -262,7 +262,7 @@ def main(cfg: Settings) -> dict:
                         f.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "loss": loss_logged,
                                             "lr": lr, "time": round(time.time() - start, 2)}) + "\n")
             if step % cfg.save_every == 0 or step == end or stopping:
-                rngs = runfiles.all_rng_states(d.world)  # a collective: every rank takes part
+                rngs = all_rng_states(d.world)  # a collective: every rank takes part
                 if not common.all_finite(mae):  # a diverged update must not overwrite a good file
                     raise UserError(f"the weights are not finite at step {step}; {last} keeps the last good state")
                 if d.main:
@@ -272,9 +272,9 @@ def main(cfg: Settings) -> dict:
                 break
     bar.close()
     if d.main:
-        runfiles.write_encoder(export_encoder(mae), cfg.out)  # encoder.pth and encoder.safetensors
+        write_encoder(export_encoder(mae), cfg.out)  # encoder.pth and encoder.safetensors
         if cfg.export:
-            runfiles.save_atomic(make_checkpoint(mae, step, loss_logged, cfg), cfg.export)
+            common.save_atomic(make_checkpoint(mae, step, loss_logged, cfg), cfg.export)
         print(f"step {step}: loss {loss_logged:.4f}; wrote {last}, encoder.pth {cfg.export}")
     return {"step": step, "loss": loss_logged, "out": cfg.out, "seconds": time.time() - start}
 

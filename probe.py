@@ -28,15 +28,15 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import cli, opt, parse_blocks, setup_distributed
-from data import build_dataset
-from features import FeatureSettings, extract_features, get_features, load_model, report, select_blocks
-from labelled import lowshot, train_transform
 from model import UserError
+from util.common import cli, opt, parse_blocks, parse_ints, setup_distributed
+from util.data import build_dataset, draw_split, split_file_indices, train_transform
+from util.features import FeatureSettings, extract_features, get_features, load_model, report, select_blocks
 
 LR_GRID = "1e-4,2e-4,5e-4,1e-3,2e-3,5e-3,0.01,0.02,0.05,0.1,0.2,0.3,0.5"  # MIM-Refiner's grid
 MODES = {"augment": "RandomResizedCrop + flip views re-embedded every epoch, the papers' protocol",
@@ -202,6 +202,45 @@ def linear(cfg, d, feats, vit=None, aug_ds=None, grid=False) -> list:
     return records
 
 
+# --- Low-shot: logistic regression on a few labelled images per class
+
+def lowshot_accuracy(train_x, train_y, val_x, val_y) -> float:
+    """Eq. (22) of docs/METHOD.md: the low-shot classifier, logistic regression with L2 penalty
+    lambda = 2.5e-4 / N (scikit-learn C = 1 / (lambda N) = 4000), no intercept, fitted on train rows
+    each centred on its own scalar mean over its D features, then L2-normalised (cyanure's
+    preprocess(centering=True, normalize=True, columns=False), as in both papers' code); the
+    validation rows are scored as they are, as there (a row's scale never changes its argmax)."""
+    from sklearn.linear_model import LogisticRegression
+    x = train_x.double()
+    x = F.normalize(x - x.mean(1, keepdim=True), dim=1)  # (N, D): each row its own mean and norm
+    clf = LogisticRegression(C=4000, fit_intercept=False, max_iter=1000).fit(x.numpy(), train_y.numpy())
+    return float((clf.predict(val_x.double().numpy()) == val_y.numpy()).mean())
+
+
+def lowshot(cfg, feats) -> list:
+    y, records = feats["train_labels"], []
+    draws = [("shots", s, seed, draw_split(y, seed, shots=s))
+             for s in (parse_ints(cfg.shots, "--shots") if cfg.shots else []) for seed in range(cfg.splits)]
+    draws += [("percent", cfg.percent, seed, draw_split(y, seed, percent=cfg.percent))
+              for seed in range(cfg.splits) if cfg.percent > 0]
+    if cfg.split_file:  # the image paths of an ImageFolder (not of the feature file)
+        draws.append(("split_file", cfg.split_file, 0, split_file_indices(cfg.split_file, cfg.data, len(y))))
+    for b in feats["blocks"]:
+        x, vx = feats["train_features"][b], feats["val_features"][b]
+        runs = {}
+        for kind, value, seed, idx in draws:  # a record names its setting: shots, percent or split_file
+            top1 = lowshot_accuracy(x[idx], y[idx], vx, feats["val_labels"])
+            setting = {"block": b, "feature": cfg.feature, "shots": None, "percent": None,
+                       "split_file": None, kind: value}
+            runs.setdefault(kind + str(value), (setting, []))[1].append(top1)
+            records.append({**setting, "split": seed, "images": len(idx), "top1": top1})
+        for setting, accs in runs.values():
+            if len(accs) > 1:  # the reported number: mean over the draws
+                records.append({**setting, "split": "mean", "top1": float(np.mean(accs)),
+                                "top1_std": float(np.std(accs))})
+    return records
+
+
 def grid_settings(cfg, vit):
     """The extraction behind the grid: the top block of --blocks and the 3 below it, each as --feature
     with the mean patch token ('F+mean'); from a feature file, its blocks up to that top one."""
@@ -248,3 +287,4 @@ def main(cfg: Settings) -> dict:
 
 if __name__ == "__main__":
     cli(main, Settings)
+

@@ -7,8 +7,8 @@ import math
 import torch
 
 import model
-from common import parse_blocks
 from model import UserError
+from util.common import parse_blocks
 
 # By (encoder size, method): global batch, phase 2 epochs, temperature. The size is read from the
 # encoder's width and depth, else see scale_of; the "small" recipe is ours (for CPUs, sized so that

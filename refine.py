@@ -33,14 +33,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-import common
 import model
-import runfiles
-from augment import Views, epoch_keys, make_views, to_input, train_set
-from common import opt
-from data import EpochKeys, loader_kwargs
 from model import UserError
 from recipe import resolve, scale_of
+from util import common
+from util.common import opt
+from util.data import EpochKeys, loader_kwargs
+from util.resume import Run, data_of, managed, rng_state, set_rng_state, trim_log, write_encoder
+from util.views import Views, epoch_keys, make_views, to_input, train_set
 
 
 @dataclass
@@ -283,7 +283,7 @@ def refine_step(net, optim, parts: Parts, views, idx, phase: Phase, step: int, c
 
 def check_same_settings(ck: dict, cfg, world: int, last: str, n_train: int = 0):
     """A resumed run has the settings of the one that wrote `last`, but for FREE_ON_RESUME (and a moved --data)."""
-    old = dict(ck["settings"], batch_size=ck["global_batch"] // world, data=runfiles.data_of(ck, cfg.data, n_train))
+    old = dict(ck["settings"], batch_size=ck["global_batch"] // world, data=data_of(ck, cfg.data, n_train))
     diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
             if k not in FREE_ON_RESUME and k in old and old[k] != v]
     if diff:
@@ -322,10 +322,10 @@ def build(cfg, vit) -> Parts:
 
 # --- Training ---
 
-@runfiles.managed
+@managed
 def main(cfg: Settings) -> dict:
     d = common.setup_distributed(cfg.device)
-    run = runfiles.Run(cfg.out, d)  # the folder, its lock; SIGTERM/SIGUSR1/SIGINT: checkpoint after the step
+    run = Run(cfg.out, d)  # the folder, its lock; SIGTERM/SIGUSR1/SIGINT: checkpoint after the step
     common.seed_everything(cfg.seed)  # the same heads and queues on every rank
     data = train_set(cfg)
     ck, last = run.resume(lambda ck, path: check_same_settings(  # last.pt, or last.prev.pt if it cannot be used
@@ -347,7 +347,7 @@ def main(cfg: Settings) -> dict:
         part.to(d.device)
     step = ck["step"] if ck else 0
     if ck:  # (the run draws on its own generators; restored for whatever else may draw)
-        runfiles.set_rng_state(ck["rng"])
+        set_rng_state(ck["rng"])
     spe = len(DistributedSampler(data, d.world, d.rank, drop_last=True)) // cfg.batch_size  # steps/epoch
     phases, total = make_phases(cfg, spe, gb), (cfg.head_epochs + cfg.epochs) * spe
     stop = min(total, cfg.max_steps or total)
@@ -359,7 +359,7 @@ def main(cfg: Settings) -> dict:
               f"global batch {gb}; lr {phases[0].peak_lr:.3g} / {phases[1].peak_lr:.3g} for {cfg.head_epochs} + "
               f"{cfg.epochs} epochs of {spe} steps" + (f"; resuming at step {step}" if ck else "")
               + "\nsettings: " + json.dumps(dataclasses.asdict(cfg)))
-        runfiles.trim_log(os.path.join(cfg.out, "log.jsonl"), step)  # a killed run logged past last.pt
+        trim_log(os.path.join(cfg.out, "log.jsonl"), step)  # a killed run logged past last.pt
 
     def save(phase, optim):  # every rank checks (the weights are the same), so all stop together
         if not all(map(common.all_finite, parts.state().values())):  # a diverged update keeps the last file
@@ -367,7 +367,7 @@ def main(cfg: Settings) -> dict:
         if d.main:
             run.save({**{k: m.state_dict() for k, m in parts.state().items()}, "arch": vit.arch(), "phase": phase,
                       "optimizer": optim.state_dict(), "step": step, "global_batch": gb, "loss": loss_value,
-                      "settings": dataclasses.asdict(cfg), "rng": runfiles.rng_state(), "n_train": len(data)})
+                      "settings": dataclasses.asdict(cfg), "rng": rng_state(), "n_train": len(data)})
 
     bar = tqdm(total=stop, initial=step, disable=not d.main, desc=cfg.method, dynamic_ncols=True)
     phase, net, loss_value, t0, step0 = None, None, (ck or {}).get("loss", math.nan), time.perf_counter(), step
@@ -402,7 +402,7 @@ def main(cfg: Settings) -> dict:
     bar.close()
     out = os.path.join(cfg.out, "encoder.pth")
     if d.main:
-        runfiles.write_encoder(model.export_encoder(parts.ema), cfg.out)  # and encoder.safetensors
+        write_encoder(model.export_encoder(parts.ema), cfg.out)  # and encoder.safetensors
         print(f"step {step}/{total}: loss {loss_value:.4f}; EMA encoder -> {out}")
     return dict(step=step, loss=loss_value, encoder=out, global_batch=gb, settings=dataclasses.asdict(cfg))
 

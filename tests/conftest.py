@@ -15,6 +15,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: the stage scripts run from here
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "tools"))  # the harnesses: bench.py
 torch.set_num_threads(1)  # tiny ops on a shared 2-core machine: threads only add overhead
 
 
@@ -90,7 +91,7 @@ def free_port() -> int:
 
 def _as_rank(rank, port, fn, args):
     """Rank `rank` of two with the environment torchrun would give it: fn(*args), then the group ends."""
-    import common
+    from util import common
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -3,9 +3,9 @@ benchmark runs (never the speed)."""
 import json
 import math
 
+import bench  # tools/bench.py: conftest puts tools/ on the path
 import pytest
 
-import bench
 import model
 import refine
 

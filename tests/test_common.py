@@ -11,14 +11,12 @@ import pytest
 import torch
 from conftest import make_images
 
-import common
 import knn
 import model
 import pretrain
 import refine
-import runfiles
-import runguard
-from data import EpochKeys, build_dataset, loader_kwargs
+from util import common, data, resume
+from util.data import EpochKeys, build_dataset, loader_kwargs
 
 
 @dataclass
@@ -66,24 +64,24 @@ def test_parse_blocks():
 
 def test_save_atomic_never_leaves_a_torn_file(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    runfiles.save_atomic({"step": 1}, str(path))
+    common.save_atomic({"step": 1}, str(path))
 
     def broken_save(obj, f):
         open(f, "wb").write(b"half")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(model.UserError, match="cannot write .*disk full"):
-        runfiles.save_atomic({"step": 2}, str(path))
+        common.save_atomic({"step": 2}, str(path))
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert os.listdir(tmp_path) == ["last.pt"]  # the half-written temporary file is gone
 
 
 def test_rng_state_round_trip():
     common.seed_everything(3)
-    state = runfiles.rng_state()
+    state = resume.rng_state()
     a = (torch.rand(3), np.random.rand(3), __import__("random").random())
     common.seed_everything(99)
-    runfiles.set_rng_state(state)
+    resume.set_rng_state(state)
     b = (torch.rand(3), np.random.rand(3), __import__("random").random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
 
@@ -135,7 +133,7 @@ def test_loader_workers_leave_signals_to_the_main_process():
     """SLURM and a terminal signal every process; a worker ignores SIGINT and SIGUSR1, and SIGTERM from anyone
     but its parent (the main process checkpoints first; the parent's own SIGTERM still ends it)."""
     loader = torch.utils.data.DataLoader(KeyEcho(), batch_size=2, sampler=[(0, i) for i in range(4)], num_workers=1,
-                                         persistent_workers=True, worker_init_fn=runguard.quiet_worker)
+                                         persistent_workers=True, worker_init_fn=data.quiet_worker)
     pid = int(next(iter(loader))[0, 0])
     for sig in ("TERM", "USR1", "INT"):
         subprocess.run(["kill", f"-{sig}", str(pid)], check=True)  # from another process, not the parent
@@ -143,10 +141,10 @@ def test_loader_workers_leave_signals_to_the_main_process():
     assert int(torch.cat(list(loader))[0, 0]) == pid  # alive, the same worker
     os.kill(pid, signal.SIGTERM)  # from the parent
     for _ in range(100):
-        if (runguard._process(pid) or "Z")[0] == "Z":  # gone (or a zombie not yet reaped)
+        if (resume._process(pid) or "Z")[0] == "Z":  # gone (or a zombie not yet reaped)
             break
         time.sleep(0.05)
-    assert (runguard._process(pid) or "Z")[0] == "Z"
+    assert (resume._process(pid) or "Z")[0] == "Z"
 
 
 def test_trainers_read_a_folder_of_images_evaluations_need_the_same_classes(tmp_path):
@@ -169,7 +167,7 @@ def test_seeded_draws_from_the_key_alone():
     caller's generator is in, and leaves that state as it was."""
     from PIL import Image
 
-    from data import Seeded, key_seed
+    from util.data import Seeded, key_seed
     images = [(Image.new("RGB", (8, 8), (10 * i, 0, 0)), 0) for i in range(3)]
     draw = lambda img: (img.getpixel((0, 0))[0], float(torch.rand(1)))  # noqa: E731 (the image, one draw)
     data = Seeded(images, draw, seed=7)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from data import build_dataset
-from digits import JitteredDigits, draw
+from util.data import build_dataset
+from util.digits import JitteredDigits, draw
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import shlex
 
 from conftest import ROOT
 
-import common
 import knn
 import refine
+from util import common
 
 
 def readme() -> str:

@@ -8,12 +8,12 @@ import torch
 from conftest import ROOT, make_checkpoint, make_image_folder, make_images
 
 import cluster
-import common
 import knn
 import model
 import pretrain
 import probe
 import refine
+from util import common
 
 
 @pytest.fixture(scope="module")

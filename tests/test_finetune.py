@@ -10,8 +10,8 @@ from conftest import cpu_settings, make_checkpoint, make_image_folder
 
 import finetune
 import model
-from data import build_dataset
 from model import UserError
+from util.data import build_dataset
 
 
 def settings(**kw):

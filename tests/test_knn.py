@@ -11,9 +11,9 @@ from conftest import cpu_settings
 import knn
 import model
 import pretrain
-from data import build_dataset, eval_transform
-from features import extract_features
 from model import UserError
+from util.data import build_dataset, eval_transform
+from util.features import extract_features
 
 
 @pytest.fixture(scope="module")

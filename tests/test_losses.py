@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
 import model
+from util import common
 
 
 def test_nna_known_answer():

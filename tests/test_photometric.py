@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision.transforms.functional as F
 
-import photometric as P
+from util import photometric as P
 
 # The float operations are torchvision's arithmetic in float32, in another summation order at most (the batched
 # contrast mean, the separable blur): they agree to float32 rounding. 1/255 is what the views need; FLOAT_TOL is

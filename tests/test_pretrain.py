@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import cpu_settings, make_image_folder, make_images, read_log
 
-import common
 import model
 import pretrain
-from data import JitteredDigits
 from model import UserError, load_encoder
 from pretrain import MAE, patchify, random_masking
+from util import common
+from util.data import JitteredDigits
 
 TINY = dict(dim=32, depth=2, heads=2, dec_dim=32, dec_depth=1, dec_heads=2, img_size=16, patch=4)
 

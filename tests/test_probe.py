@@ -10,11 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import cpu_settings, make_checkpoint, make_image_folder
 
-import labelled
 import probe
-from data import build_dataset, eval_transform
-from features import extract_features
 from model import UserError
+from util import data
+from util.data import build_dataset, eval_transform
+from util.features import extract_features
 
 
 def blobs(n, dim=16, classes=4, seed=0, spread=0.3, noise_seed=0):
@@ -103,27 +103,27 @@ def test_lr_schedule_warmup_then_cosine():
 def test_draw_split_exact_shots_and_deterministic():
     labels = np.repeat(np.arange(5), [7, 3, 9, 4, 5])
     for shots in (1, 2, 3):
-        idx = labelled.draw_split(labels, seed=0, shots=shots)
+        idx = data.draw_split(labels, seed=0, shots=shots)
         assert np.all(np.bincount(labels[idx], minlength=5) == shots) and len(set(idx)) == len(idx)
-        assert np.array_equal(idx, labelled.draw_split(labels, seed=0, shots=shots))
-    assert not np.array_equal(labelled.draw_split(labels, 0, shots=2), labelled.draw_split(labels, 1, shots=2))
-    pct = labelled.draw_split(labels, seed=0, percent=50)  # half of every class, at least one
+        assert np.array_equal(idx, data.draw_split(labels, seed=0, shots=shots))
+    assert not np.array_equal(data.draw_split(labels, 0, shots=2), data.draw_split(labels, 1, shots=2))
+    pct = data.draw_split(labels, seed=0, percent=50)  # half of every class, at least one
     assert np.bincount(labels[pct]).tolist() == [4, 2, 4, 2, 2]
     with pytest.raises(UserError, match="fewer"):
-        labelled.draw_split(labels, 0, shots=4)
+        data.draw_split(labels, 0, shots=4)
 
 
 def test_read_split_file(tmp_path, image_folder):
     from torchvision import datasets
     ds = datasets.ImageFolder(f"{image_folder}/train")
     (tmp_path / "s.txt").write_text("a_0.png\nb/b_1.png\n\n/some/where/c/c_2.png\n")
-    idx = labelled.read_split_file(str(tmp_path / "s.txt"), len(ds), ds.samples, ds.root)
+    idx = data.read_split_file(str(tmp_path / "s.txt"), len(ds), ds.samples, ds.root)
     assert [ds.samples[i][0].split("/")[-1] for i in idx] == ["a_0.png", "b_1.png", "c_2.png"]
     (tmp_path / "n.txt").write_text("0\n4\n")  # indices, for data sets without files
-    assert labelled.read_split_file(str(tmp_path / "n.txt"), 9).tolist() == [0, 4]
+    assert data.read_split_file(str(tmp_path / "n.txt"), 9).tolist() == [0, 4]
     (tmp_path / "bad.txt").write_text("zzz.png\n")
     with pytest.raises(UserError, match="zzz.png"):
-        labelled.read_split_file(str(tmp_path / "bad.txt"), len(ds), ds.samples, ds.root)
+        data.read_split_file(str(tmp_path / "bad.txt"), len(ds), ds.samples, ds.root)
 
 
 def test_lowshot_accuracy_preprocessing_and_reference():
@@ -136,7 +136,7 @@ def test_lowshot_accuracy_preprocessing_and_reference():
     rows = xn - xn.mean(1, keepdims=True)
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)
     clf = LogisticRegression(C=4000, fit_intercept=False, max_iter=1000).fit(rows, y.numpy())
-    assert labelled.lowshot_accuracy(x, y, vx, vy) == pytest.approx((clf.predict(vn) == vy.numpy()).mean())
+    assert probe.lowshot_accuracy(x, y, vx, vy) == pytest.approx((clf.predict(vn) == vy.numpy()).mean())
 
 
 def test_lowshot_row_centring_differs_from_the_labelled_mean():
@@ -147,8 +147,8 @@ def test_lowshot_row_centring_differs_from_the_labelled_mean():
     with offset 4.5, and v = (0, 0, 1) would be class 0."""
     x, y = torch.tensor([[1.0, 0, 0], [0, 1, 3]]), torch.tensor([0, 1])
     vx, vy = torch.tensor([[0.0, 0, 1], [2, 0, 1], [0, 2, 0]]), torch.tensor([1, 0, 1])
-    assert labelled.lowshot_accuracy(x, y, vx, vy) == 1.0
-    assert labelled.lowshot_accuracy(x, y, vx[:1], torch.tensor([0])) == 0.0  # not the labelled-mean answer
+    assert probe.lowshot_accuracy(x, y, vx, vy) == 1.0
+    assert probe.lowshot_accuracy(x, y, vx[:1], torch.tensor([0])) == 0.0  # not the labelled-mean answer
 
 
 def test_main_linear_lowshot_augment(tmp_path):

@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import ROOT, cpu_settings, make_image_folder, make_images, read_log
 
-import common
 import model
 import recipe
 import refine
+from util import common
 
 
 def settings(ckpt, out, **kw):

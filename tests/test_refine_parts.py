@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
 import model
 import recipe
 import refine
+from util import common
 
 CPU = common.Dist(0, 1, torch.device("cpu"))
 

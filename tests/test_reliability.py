@@ -95,8 +95,8 @@ def test_pretrain_sigterm_mid_run_then_resume_equals_uninterrupted(folder, whole
 
 def test_second_writer_refused_while_the_first_finishes_unchanged(folder, whole_pretrain, tmp_path, monkeypatch,
                                                                     capsys):
-    import common
     import pretrain
+    from util import common
     out = tmp_path / "run"
     first = subprocess.Popen(pretrain_cmd(folder, out), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
@@ -114,9 +114,9 @@ def test_second_writer_refused_while_the_first_finishes_unchanged(folder, whole_
 
 
 def test_pretrain_non_finite_weights_never_overwrite_a_good_checkpoint(folder, tmp_path):
-    import common
     import model
     import pretrain
+    from util import common
     run_in_process = lambda *extra: pretrain.main(common.parse_settings(  # noqa: E731
         pretrain.Settings, pretrain_cmd(folder, tmp_path / "run", *extra)[2:]))
     run_in_process("--max-steps", "2")

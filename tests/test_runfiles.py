@@ -11,10 +11,8 @@ import sys
 import pytest
 import torch
 
-import common
-import runfiles
-import runguard
 from model import UserError
+from util import common, resume
 
 ONE = common.Dist(0, 1, torch.device("cpu"))
 
@@ -32,19 +30,19 @@ def test_live_holder_refused_dead_one_taken_over(tmp_path, capsys):
     out = tmp_path / "run"
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        write_lock(out, pid=live.pid, start=runguard._process(live.pid)[1])
-        refusal = runguard.take_lock(str(out))
+        write_lock(out, pid=live.pid, start=resume._process(live.pid)[1])
+        refusal = resume.take_lock(str(out))
         assert f"in use by process {live.pid} on {socket.gethostname()}" in refusal and "\n" not in refusal
         assert holder(out)["pid"] == live.pid  # untouched
     finally:
         live.kill()
         live.wait()
-    assert runguard.take_lock(str(out)) == ""  # the holder has ended: taken over, with a message
+    assert resume.take_lock(str(out)) == ""  # the holder has ended: taken over, with a message
     assert f"left by process {live.pid}" in capsys.readouterr().err
     assert holder(out)["pid"] == os.getpid()
     write_lock(out, pid=os.getppid(), start="1")  # a live pid, but another process's start time: reused
-    assert runguard.take_lock(str(out)) == "" and holder(out)["pid"] == os.getpid()
-    runguard.release_lock(str(out))
+    assert resume.take_lock(str(out)) == "" and holder(out)["pid"] == os.getpid()
+    resume.release_lock(str(out))
     assert not (out / "run.lock").exists()
 
 
@@ -53,22 +51,22 @@ def test_other_host_refused_requeued_or_restarted_job_takes_its_own(tmp_path, mo
     for var in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
         monkeypatch.delenv(var, raising=False)
     write_lock(out, host="elsewhere", pid=123, job="77", restart=[0, 0])
-    assert "in use by process 123 on elsewhere" in runguard.take_lock(str(out))
+    assert "in use by process 123 on elsewhere" in resume.take_lock(str(out))
     monkeypatch.setenv("SLURM_JOB_ID", "77")
-    assert "in use" in runguard.take_lock(str(out))  # the same start of the job: maybe a second run in it
+    assert "in use" in resume.take_lock(str(out))  # the same start of the job: maybe a second run in it
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the same job, requeued: its earlier start is over
-    assert runguard.take_lock(str(out)) == "" and holder(out)["restart"] == [1, 0]
+    assert resume.take_lock(str(out)) == "" and holder(out)["restart"] == [1, 0]
     monkeypatch.delenv("SLURM_JOB_ID")
     monkeypatch.delenv("SLURM_RESTART_COUNT")
     write_lock(out, host="elsewhere", pid=123, job="rdzv", restart=[0, 0])
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "rdzv")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun restarted its workers, rank 0 elsewhere
-    assert runguard.take_lock(str(out)) == "" and holder(out)["job"] == "rdzv"
+    assert resume.take_lock(str(out)) == "" and holder(out)["job"] == "rdzv"
 
 
-@runfiles.managed
+@resume.managed
 def opened(out, fail=False, then=None):
-    run = runfiles.Run(str(out), ONE)
+    run = resume.Run(str(out), ONE)
     if then:
         then(run)
     if fail:
@@ -101,7 +99,7 @@ def test_signal_is_gathered_and_stops_after_the_checkpoint(tmp_path):
         run.stop_if(True, 2)
     with pytest.raises(SystemExit) as e:
         opened(tmp_path / "run", then=body)
-    assert e.value.code == runguard.PREEMPTED == 3
+    assert e.value.code == resume.PREEMPTED == 3
     assert torch.load(tmp_path / "run" / "last.pt")["step"] == 2 and not (tmp_path / "run" / "run.lock").exists()
 
 
@@ -136,22 +134,22 @@ def test_previous_checkpoint_kept_and_used_when_last_is_bad(tmp_path, capsys):
 def test_same_data_written_another_way_or_moved(tmp_path, capsys):
     (tmp_path / "x").mkdir()
     ck = {"settings": {"data": str(tmp_path / "x") + "/"}, "n_train": 40}
-    assert runfiles.data_of(ck, str(tmp_path / "x"), 40) == str(tmp_path / "x")  # ./x/ is x
+    assert resume.data_of(ck, str(tmp_path / "x"), 40) == str(tmp_path / "x")  # ./x/ is x
     assert capsys.readouterr().err == ""
-    assert runfiles.data_of(ck, str(tmp_path / "y"), 40) == str(tmp_path / "y")  # moved: a warning
+    assert resume.data_of(ck, str(tmp_path / "y"), 40) == str(tmp_path / "y")  # moved: a warning
     assert "taken as the same folder, moved" in capsys.readouterr().err
-    assert runfiles.data_of(ck, str(tmp_path / "y"), 39) == ck["settings"]["data"]  # other data: a difference
-    assert runfiles.data_of({"settings": {"data": "jittered-digits"}}, "x", 40) == "jittered-digits"
+    assert resume.data_of(ck, str(tmp_path / "y"), 39) == ck["settings"]["data"]  # other data: a difference
+    assert resume.data_of({"settings": {"data": "jittered-digits"}}, "x", 40) == "jittered-digits"
 
 
 def test_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypatch):
-    runfiles.save_atomic({"step": 1}, str(tmp_path / "last.pt"))
+    common.save_atomic({"step": 1}, str(tmp_path / "last.pt"))
 
     def full_disk(obj, f):
         open(f, "wb").write(b"half")
         raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(UserError, match=r"cannot write .*last.pt \(PytorchStreamWriter.*free some disk space"):
-        runfiles.save_atomic({"step": 2}, str(tmp_path / "last.pt"))
+        common.save_atomic({"step": 2}, str(tmp_path / "last.pt"))
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["last.pt"] and torch.load(tmp_path / "last.pt") == {"step": 1}

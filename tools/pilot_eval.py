@@ -14,10 +14,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import knn  # noqa: E402
-from data import eval_transform  # noqa: E402
-from digits import JitteredDigits  # noqa: E402
-from features import extract_features  # noqa: E402
 from model import load_encoder  # noqa: E402
+from util.data import eval_transform  # noqa: E402
+from util.digits import JitteredDigits  # noqa: E402
+from util.features import extract_features  # noqa: E402
 
 
 def quick_probe(x, y, val_x, val_y, steps=200):

@@ -19,8 +19,8 @@ from PIL import Image
 from torch.utils.data import DistributedSampler, Subset
 from torchvision import transforms as T
 
-import photometric
-from data import IMAGENET_MEAN, IMAGENET_STD, JitteredDigits, Seeded, build_dataset
+from util import photometric
+from util.data import IMAGENET_MEAN, IMAGENET_STD, JitteredDigits, Seeded, build_dataset
 
 
 @dataclass(frozen=True)

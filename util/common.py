@@ -161,3 +161,25 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def write_tmp(obj, path: str) -> str:
+    """torch.save to a temporary file beside `path`, flushed to the disk, its name returned; a failed write
+    (a full disk) leaves no partial file and is one line naming the file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError or OSError for a full disk
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write {path} ({(str(e).strip() or type(e).__name__).splitlines()[0]}); "
+                        f"{path} keeps what it held: free some disk space and rerun") from None
+    return tmp
+
+
+def save_atomic(obj, path: str):
+    """torch.save to a temporary file, then rename: a kill or a full disk never leaves a torn file."""
+    os.replace(write_tmp(obj, path), path)

@@ -10,10 +10,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from common import all_gather, opt, parse_blocks, world_size, write_json
-from data import build_dataset, eval_transform, loader_kwargs
 from model import UserError, load_encoder, read_checkpoint
-from runfiles import save_atomic
+from util.common import all_gather, opt, parse_blocks, save_atomic, world_size, write_json
+from util.data import build_dataset, eval_transform, loader_kwargs
 
 
 @dataclass

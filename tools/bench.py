@@ -43,6 +43,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -53,15 +54,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import cluster
-import common
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+import cluster  # noqa: E402
 import knn
 import model
 import probe
 import refine
-from common import cli, opt, write_json
-from data import Seeded
 from recipe import resolve
+from util import common
+from util.common import cli, opt, write_json
+from util.data import Seeded
 
 # the goals: a ratio at or above its goal is a win (CPU, CUDA)
 GOALS = {"vit_vs_timm": (1.0, 1.0), "knn_vs_sklearn": (2.0, 50.0),
@@ -286,8 +288,8 @@ def bench_probe_augment(n, epochs, device, rounds, goal):
     embeds a new RandomResizedCrop + flip of every train image. Trained one lr at a time, each of
     the 13 trainings needs its own encoder passes; the stacked grid needs one per epoch.
     Encoder: pretrain.py's tiny MAE size (128 wide, 6 deep, patch 4) on the embedded data set."""
-    from data import JitteredDigits
-    from features import extract_features
+    from util.data import JitteredDigits
+    from util.features import extract_features
     data = JitteredDigits("train", n=n, transform=probe.train_transform(32))
     y = torch.as_tensor(data.targets).to(device)
     torch.manual_seed(0)
@@ -335,15 +337,15 @@ def pil_views(cfg) -> list:
 
 
 def each_view(transforms, img) -> list:
-    """The reference's views of one image (data.Seeded seeds the draws per (epoch, index), as for augment.Views)."""
+    """The reference's views of one image (data.Seeded seeds the draws per (epoch, index), as for V.Views)."""
     return [t(img) for t in transforms]
 
 
 def bench_loader(device, n_images, batch, workers, epochs=3):
     """refine.py's MIM-Refiner views (2 x 224 + 10 x 96, BYOL augmentation) of JPEGs of ImageNet's typical size
     (500 x 375), side by side: before, every view coloured per image in the loader worker (`pil_views`); after,
-    the worker decodes, crops, flips and draws the parameters (augment.Views) and the device colours whole
-    batches (augment.to_input). Loader throughput: one DataLoader per side with `workers` processes (0: the main
+    the worker decodes, crops, flips and draws the parameters (V.Views) and the device colours whole
+    batches (V.to_input). Loader throughput: one DataLoader per side with `workers` processes (0: the main
     process, which then is the one worker), batches only collated and copied to the device, alternating epochs
     (before, after, after, before, ...); img/s per worker = img/s / max(1, workers), the median over epochs after
     the first. Then the device's share: to_input's time on one batch, repeated."""
@@ -355,8 +357,8 @@ def bench_loader(device, n_images, batch, workers, epochs=3):
     from torch.utils.data import DataLoader
     from torchvision import datasets
 
-    import augment
-    from data import EpochKeys, loader_kwargs
+    from util import views as V
+    from util.data import EpochKeys, loader_kwargs
     root = tempfile.mkdtemp()
     try:
         os.makedirs(os.path.join(root, "c0"))
@@ -367,9 +369,9 @@ def bench_loader(device, n_images, batch, workers, epochs=3):
                 os.path.join(root, "c0", f"{i}.jpg"), quality=90)
         vit = SimpleNamespace(dim=1024, depth=24, patch=16, img_size=224, post_norm=False)  # ViT-L/16's recipe
         cfg = resolve(refine.Settings(batch_size=batch), vit, 1, 1_281_167)
-        images, views = datasets.ImageFolder(root), augment.make_views(cfg)
+        images, views = datasets.ImageFolder(root), V.make_views(cfg)
         sides = {"before": Seeded(images, partial(each_view, pil_views(cfg)), 0),  # ([views], index)
-                 "after": augment.Views(images, views, 0)}  # (([crops], params), index)
+                 "after": V.Views(images, views, 0)}  # (([crops], params), index)
         keys = {k: EpochKeys() for k in sides}
         loaders = {k: DataLoader(ds, batch, sampler=keys[k], drop_last=True, **loader_kwargs(device, workers))
                    for k, ds in sides.items()}
@@ -389,7 +391,7 @@ def bench_loader(device, n_images, batch, workers, epochs=3):
         times = []
         for _ in range(3 if device.type == "cpu" else 20):
             t0 = time.perf_counter()
-            augment.to_input(crops, params, views, device)
+            V.to_input(crops, params, views, device)
             sync(device)
             times.append(time.perf_counter() - t0)
         per = {k: statistics.median(v[1:] or v) / max(1, workers) for k, v in rates.items()}
