@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from model import UserError, load_encoder
 from util import common
@@ -84,23 +84,6 @@ class Classifier(nn.Module):
         return self.head(self.vit(x)[:, 0])
 
 
-def param_groups(net: Classifier, cfg) -> list:
-    """Eq. (13) of docs/METHOD.md with decay cfg.layer_decay: AdamW groups by (lr scale, weight decay),
-    block j decay^(depth+1-j); patch embedding, CLS token, positions, embedding norm decay^(depth+1);
-    final norm and head 1. No weight decay on 1-D parameters, the CLS token and the positions."""
-    depth, groups = net.vit.depth, {}
-    for name, p in net.named_parameters():
-        if name.startswith("vit.blocks."):
-            scale = cfg.layer_decay ** (depth - int(name.split(".")[2]))  # the stored index is j - 1
-        elif name.startswith(("vit.patch_embed.", "vit.cls_token", "vit.pos_embed", "vit.embed_norm.")):
-            scale = cfg.layer_decay ** (depth + 1)
-        else:
-            scale = 1.0
-        wd = 0.0 if p.ndim <= 1 or name in ("vit.cls_token", "vit.pos_embed") else cfg.weight_decay
-        groups.setdefault((scale, wd), dict(params=[], lr_scale=scale, weight_decay=wd))["params"].append(p)
-    return list(groups.values())
-
-
 def labelled_indices(cfg, train) -> list:
     """Indices of the labelled train images: those of --split-file, or --percent of every class."""
     if cfg.split_file:
@@ -133,19 +116,20 @@ def main(cfg: Settings) -> dict:
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(idx)} labelled images; lower it")
     net = Classifier(vit, len(train.classes)).to(d.device)
     ddp = net if d.world == 1 else DDP(net, [d.device] if d.device.type == "cuda" else None)
-    data, keys = Seeded(train, train_transform(vit.img_size, cfg.crop_min), cfg.seed), EpochKeys()
+    data = Seeded(train, train_transform(vit.img_size, cfg.crop_min), cfg.seed)
+    keys = EpochKeys(idx, d.world, d.rank, cfg.seed)  # the labelled images, in a (seed, epoch) order
     loader = DataLoader(data, cfg.batch_size // d.world, sampler=keys, drop_last=True,
                         **loader_kwargs(d.device, cfg.workers))
-    sampler = DistributedSampler(idx, d.world, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    spe = len(sampler) // (cfg.batch_size // d.world)  # steps per epoch
+    spe = keys.per_rank // (cfg.batch_size // d.world)  # steps per epoch
     total, warm, peak = cfg.epochs * spe, round(cfg.warmup_epochs * spe), cfg.lr * cfg.batch_size / 256
-    optim = torch.optim.AdamW(param_groups(net, cfg), lr=peak, betas=(0.9, 0.999))
+    groups = common.param_groups(net, cfg.weight_decay, cfg.layer_decay, net.vit.depth)  # Eq. (13)
+    optim = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.999))
     val = build_dataset(cfg.data, "val", eval_transform(vit.img_size))
     autocast = torch.autocast(d.device.type, torch.bfloat16, enabled=d.device.type == "cuda")
     records, step = [], 0
     for epoch in range(cfg.epochs):
-        sampler.set_epoch(epoch)
-        keys.keys, losses = [(epoch, idx[j]) for j in sampler], []
+        keys.start(epoch)
+        losses = []
         for x, i in loader:
             for g in optim.param_groups:  # Eq. (14), floor 0
                 g["lr"] = common.warmup_cosine(step, total, warm, peak, 0.0) * g["lr_scale"]

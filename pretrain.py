@@ -34,14 +34,12 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from torch.utils.data.distributed import DistributedSampler
-from torchvision import transforms as T
 from tqdm import tqdm
 
 from model import Block, UserError, ViT, export_encoder, init_weights, sincos_pos_embed
 from util import common
 from util.common import cli, opt
-from util.data import IMAGENET_MEAN, IMAGENET_STD, EpochKeys, Seeded, build_dataset, loader_kwargs
+from util.data import EpochKeys, Seeded, build_dataset, loader_kwargs, train_transform
 from util.resume import Run, all_rng_states, managed, set_rng_state, trim_log, write_encoder
 
 
@@ -142,22 +140,6 @@ class MAE(ViT):
         return (loss * mask).sum() / mask.sum()
 
 
-def mae_transform(size: int, crop_min: float):
-    """MAE's augmentation: RandomResizedCrop (bicubic) + flip, ImageNet mean/std."""
-    return T.Compose([T.RandomResizedCrop(size, (crop_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
-    """AdamW groups: decay on weight matrices only; none on biases, norm gains (all 1-D) and the
-    CLS / mask tokens, which are embeddings rather than weights."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        skip = p.ndim <= 1 or name.endswith(".bias") or name in ("cls_token", "mask_token")
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def make_checkpoint(mae: MAE, step: int, loss: float, cfg: Settings, optimizer=None, rngs=None) -> dict:
     """Our MAE layout; without optimizer and RNG states it is the slim export."""
     ck = {"model": mae.state_dict(), "arch": mae.arch(), "decoder": dict(mae.dec_arch),
@@ -198,9 +180,9 @@ def main(cfg: Settings) -> dict:
     mae = MAE(cfg.dec_dim, cfg.dec_depth, cfg.dec_heads, dim=cfg.dim, depth=cfg.depth,
               heads=cfg.num_heads or None, patch=cfg.patch, img_size=cfg.img_size).to(d.device)
     # image i of epoch e drawn from (seed, e, i): the same images whatever the workers, and on resuming
-    data = Seeded(build_dataset(cfg.data, "train", labels=False), mae_transform(cfg.img_size, cfg.crop_min), cfg.seed)
-    sampler = DistributedSampler(data, d.world, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // cfg.batch_size
+    data = Seeded(build_dataset(cfg.data, "train", labels=False), train_transform(cfg.img_size, cfg.crop_min), cfg.seed)
+    keys = EpochKeys(range(len(data)), d.world, d.rank, cfg.seed)  # the one loader's sampler
+    steps_per_epoch = keys.per_rank // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"--batch-size {cfg.batch_size} x {d.world} process(es) is larger than the "
                         f"{len(data)} training images; use a smaller --batch-size")
@@ -208,7 +190,7 @@ def main(cfg: Settings) -> dict:
     end = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     peak = cfg.base_lr * cfg.batch_size * d.world / 256  # the linear scaling rule
-    optimizer = torch.optim.AdamW(param_groups(mae, cfg.weight_decay), lr=peak, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(common.param_groups(mae, cfg.weight_decay, prefix=""), lr=peak, betas=(0.9, 0.95))
 
     common.seed_everything(cfg.seed + 1000 * (d.rank + 1))  # every rank masks differently
     last, log_path = run.last, os.path.join(cfg.out, "log.jsonl")
@@ -228,19 +210,17 @@ def main(cfg: Settings) -> dict:
         net = torch.compile(net)
     # one loader for the run, so its workers persist; its own generator, as starting an epoch must
     # not draw from the global one (the masks)
-    keys = EpochKeys()
     loader = DataLoader(data, batch_size=cfg.batch_size, sampler=keys, drop_last=True,
                         generator=torch.Generator(), **loader_kwargs(d.device, cfg.workers))
     bar = tqdm(total=end, initial=step, desc="pretrain", disable=not d.main, dynamic_ncols=True)
     start = time.time()
     while step < end:
         epoch, done = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)  # this rank's (epoch, i) keys in a (seed, epoch) order, less those done
-        keys.keys = [(epoch, i) for i in list(sampler)[done * cfg.batch_size:]]
+        keys.start(epoch, done * cfg.batch_size)  # less the batches done
         for imgs, _ in loader:
             lr = common.warmup_cosine(step, total, warmup, peak, cfg.min_lr)
             for g in optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g["lr_scale"]  # 1: MAE has no layer decay
             with torch.autocast(d.device.type, torch.bfloat16, enabled=d.device.type == "cuda"):
                 loss = net(imgs.to(d.device, non_blocking=True), cfg.mask_ratio)
             optimizer.zero_grad(set_to_none=True)

@@ -24,7 +24,6 @@ Several GPUs, ImageNet, ViT-L/16 (MIM-Refiner reports 77.5% -> 82.8% linear, 14.
     torchrun --nproc_per_node=8 probe.py --ckpt refined/encoder.pth --data /imagenet --shots 1,2,5
 """
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -34,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import UserError
-from util.common import cli, opt, parse_blocks, parse_ints, setup_distributed
+from util.common import cli, opt, parse_blocks, parse_ints, setup_distributed, warmup_cosine
 from util.data import build_dataset, draw_split, split_file_indices, train_transform
 from util.features import FeatureSettings, extract_features, get_features, load_model, report, select_blocks
 
@@ -84,12 +83,6 @@ def grid_loss(logits, y):
     return per.mean(0).sum()  # (B, G) -> mean over the batch, sum over the probes
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Eq. (21) of docs/METHOD.md: linear warm-up over `warmup` steps, then cosine decay to zero, per step."""
-    cosine = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    return (step + 1) / warmup if step < warmup else cosine
-
-
 @torch.no_grad()
 def sgd_step(probe: StackedProbe, momentum: torch.Tensor, lrs: torch.Tensor, lars: bool = False):
     """Eq. (20) of docs/METHOD.md: torch.optim.SGD (momentum 0.9, no decay), lr lrs[g] for probe g:
@@ -121,7 +114,7 @@ class GridTrainer:
         for i in range(len(x) // self.batch):  # the last incomplete batch is dropped
             idx = perm[i * self.batch:(i + 1) * self.batch]
             grid_loss(self.probe(x[idx]), y[idx]).backward()
-            lr = self.lrs * lr_factor(self.step, self.total, self.warmup)  # (G,)
+            lr = self.lrs * warmup_cosine(self.step, self.total, self.warmup, 1.0, 0.0)  # (G,) Eq. (21) = Eq. (14)
             sgd_step(self.probe, self.momentum, lr, self.lars)
             self.step += 1
 

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import model
@@ -40,7 +40,7 @@ from util import common
 from util.common import opt
 from util.data import EpochKeys, loader_kwargs
 from util.resume import Run, data_of, managed, rng_state, set_rng_state, trim_log, write_encoder
-from util.views import Views, epoch_keys, make_views, to_input, train_set
+from util.views import Views, make_views, to_input, train_set
 
 
 @dataclass
@@ -148,29 +148,6 @@ def set_trainable(refiner: Refiner, phase: int, freeze_blocks: int):
         else:  # the stem: patch embedding, CLS token, post-norm embedding norm
             train = freeze_blocks == 0
         p.requires_grad_(phase == 1 and train)
-
-
-def lr_scale(name: str, depth: int, decay: float) -> float:
-    """Eq. (13) of docs/METHOD.md: layer-wise lr decay; block j (1..depth) decay^(depth+1-j), the stem
-    (patch embedding, CLS, embedding norm) decay^(depth+1), final norm and heads 1. Names as in Refiner."""
-    if name.startswith("vit.blocks."):
-        return decay ** (depth - int(name.split(".")[2]))  # the stored index is j - 1
-    if name.startswith(("vit.patch_embed.", "vit.cls_token", "vit.embed_norm.")):
-        return decay ** (depth + 1)
-    return 1.0
-
-
-def param_groups(refiner: Refiner, cfg) -> list:
-    """AdamW groups by (lr scale, weight decay) of what trains now; no decay on 1-D or CLS parameters."""
-    groups = {}
-    for name, p in refiner.named_parameters():
-        if p.requires_grad:
-            wd = cfg.head_weight_decay if name.startswith("heads.") else cfg.weight_decay
-            wd = 0.0 if p.ndim <= 1 or name.endswith("cls_token") else wd
-            scale = lr_scale(name, refiner.vit.depth, cfg.layer_decay)
-            group = groups.setdefault((scale, wd), dict(params=[], lr_scale=scale, weight_decay=wd))
-            group["params"].append(p)
-    return list(groups.values())
 
 
 def mim_refiner_loss(z, nns, p_all, tau: float, offset: int, pairing: str = "intended"):
@@ -302,7 +279,9 @@ def start_phase(parts: Parts, cfg, phase: Phase, d, ck):
             target.load_state_dict(refiner.heads[b].projector.state_dict())
     gc.collect()  # the last phase's DDP wrapper, dropped by the caller, drops its gradient hooks
     net = refiner if d.world == 1 else DDP(refiner, [d.device] if d.device.type == "cuda" else None)
-    optim = torch.optim.AdamW(param_groups(refiner, cfg), lr=phase.peak_lr, betas=(0.9, 0.95))
+    groups = common.param_groups(refiner, cfg.weight_decay, cfg.layer_decay, refiner.vit.depth,
+                                 head_weight_decay=cfg.head_weight_decay)  # what trains in this phase
+    optim = torch.optim.AdamW(groups, lr=phase.peak_lr, betas=(0.9, 0.95))
     if ck and ck["phase"] == phase.index:  # resuming inside this phase
         optim.load_state_dict(ck["optimizer"])
     return net, optim
@@ -337,7 +316,7 @@ def main(cfg: Settings) -> dict:
     cfg = resolve(cfg, vit, d.world, len(data))
     gb = cfg.batch_size * d.world
     views = make_views(cfg)
-    data, keys = Views(data, views, cfg.seed), EpochKeys()  # one loader: workers persist
+    data, keys = Views(data, views, cfg.seed), EpochKeys(range(len(data)), d.world, d.rank, cfg.seed)
     loader = DataLoader(data, cfg.batch_size, sampler=keys, drop_last=True, generator=torch.Generator(),
                         **loader_kwargs(d.device, cfg.workers))
     parts = build(cfg, vit)
@@ -348,7 +327,7 @@ def main(cfg: Settings) -> dict:
     step = ck["step"] if ck else 0
     if ck:  # (the run draws on its own generators; restored for whatever else may draw)
         set_rng_state(ck["rng"])
-    spe = len(DistributedSampler(data, d.world, d.rank, drop_last=True)) // cfg.batch_size  # steps/epoch
+    spe = keys.per_rank // cfg.batch_size  # steps per epoch
     phases, total = make_phases(cfg, spe, gb), (cfg.head_epochs + cfg.epochs) * spe
     stop = min(total, cfg.max_steps or total)
     if d.main:
@@ -377,7 +356,7 @@ def main(cfg: Settings) -> dict:
             phase, net = phases[int(epoch >= cfg.head_epochs)], None  # the last wrapper goes before the next
             net, optim = start_phase(parts, cfg, phase, d, ck)
             ck = None
-        keys.keys = epoch_keys(data, cfg, d, epoch, step - epoch * spe)
+        keys.start(epoch, (step - epoch * spe) * cfg.batch_size)  # less the batches done
         for (crops, params), idx in loader:  # uint8 crops and their photometric parameters
             lr = common.warmup_cosine(step - phase.first, phase.steps, phase.warmup, phase.peak_lr, cfg.min_lr)
             for g in optim.param_groups:  # Eq. (14), times each group's layer-wise scale (Eq. (13))

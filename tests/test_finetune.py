@@ -11,6 +11,7 @@ from conftest import cpu_settings, make_checkpoint, make_image_folder
 import finetune
 import model
 from model import UserError
+from util import common
 from util.data import build_dataset
 
 
@@ -23,7 +24,8 @@ def test_param_groups_layer_decay_and_trainable_positions():
     and head 1. No weight decay on 1-D parameters, the CLS token and the (now trained) positions."""
     net = finetune.Classifier(model.ViT(dim=32, depth=3, patch=4, img_size=32), 5)
     assert isinstance(net.vit.pos_embed, torch.nn.Parameter) and "pos_embed" not in dict(net.vit.named_buffers())
-    groups = finetune.param_groups(net, settings())
+    cfg = settings()
+    groups = common.param_groups(net, cfg.weight_decay, cfg.layer_decay, net.vit.depth)
     seen = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
     for name, p in net.named_parameters():
         if name.startswith("vit.blocks."):

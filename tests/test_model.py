@@ -251,8 +251,8 @@ def test_pickled_code_is_refused(tmp_path, capsys):
 
 
 def test_importing_model_has_no_side_effects(tmp_path):
-    out = subprocess.run([sys.executable, "-c", "import model; from util import common"], capture_output=True, text=True,
-                         cwd=str(__import__("pathlib").Path(model.__file__).parent))
+    out = subprocess.run([sys.executable, "-c", "import model; from util import common"], capture_output=True,
+                         text=True, cwd=str(__import__("pathlib").Path(model.__file__).parent))
     assert out.returncode == 0 and out.stdout == "" and out.stderr == ""
 
 

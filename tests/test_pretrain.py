@@ -93,7 +93,9 @@ def test_normalised_pixel_loss_by_hand():
 
 def test_param_groups_and_schedule():
     mae = tiny_mae()
-    decay, no_decay = pretrain.param_groups(mae, 0.05)
+    groups = common.param_groups(mae, 0.05, prefix="")
+    assert [g["lr_scale"] for g in groups] == [1.0, 1.0]  # no layer decay in MAE
+    no_decay, decay = sorted(groups, key=lambda g: g["weight_decay"])
     names = {id(p): n for n, p in mae.named_parameters()}
     nd = {names[id(p)] for p in no_decay["params"]}
     assert {"cls_token", "mask_token", "norm.weight", "blocks.0.attn.qkv.bias"} <= nd

@@ -12,7 +12,7 @@ from conftest import cpu_settings, make_checkpoint, make_image_folder
 
 import probe
 from model import UserError
-from util import data
+from util import common, data
 from util.data import build_dataset, eval_transform
 from util.features import extract_features
 
@@ -75,7 +75,7 @@ def test_stacked_grid_equals_torch_sgd_per_lr():
             ref[1].weight.copy_(init_w[g].T)
             ref[1].bias.zero_()
         opt = torch.optim.SGD(ref.parameters(), lr=lr * batch / 256, momentum=0.9)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: probe.lr_factor(s, total, warmup))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: common.warmup_cosine(s, total, warmup, 1.0, 0.0))
         for perm in perms:
             for i in range(len(x) // batch):
                 idx = perm[i * batch:(i + 1) * batch]
@@ -93,11 +93,11 @@ def test_stacked_grid_equals_torch_sgd_per_lr():
 
 def test_lr_schedule_warmup_then_cosine():
     """100 steps, 10 of warm-up: (s + 1) / 10 for s < 10, then (1 + cos(pi * (s - 10) / 90)) / 2."""
-    assert probe.lr_factor(0, 100, 10) == pytest.approx(0.1)  # 1 / 10: the first step already trains
-    assert probe.lr_factor(9, 100, 10) == pytest.approx(1.0)  # 10 / 10
-    assert probe.lr_factor(10, 100, 10) == pytest.approx(1.0)  # cos(0)
-    assert probe.lr_factor(55, 100, 10) == pytest.approx(0.5)  # half way, (55 - 10) / 90 = 1/2: cos(pi / 2) = 0
-    assert probe.lr_factor(100, 100, 10) == pytest.approx(0.0, abs=1e-12)  # cos(pi) = -1
+    assert common.warmup_cosine(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)  # 1 / 10: the first step already trains
+    assert common.warmup_cosine(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)  # 10 / 10
+    assert common.warmup_cosine(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)  # cos(0)
+    assert common.warmup_cosine(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)  # (55 - 10) / 90 = 1/2: cos(pi / 2) = 0
+    assert common.warmup_cosine(100, 100, 10, 1.0, 0.0) == pytest.approx(0.0, abs=1e-12)  # cos(pi) = -1
 
 
 def test_draw_split_exact_shots_and_deterministic():

@@ -91,9 +91,9 @@ def test_lr_multipliers_and_weight_decay_follow_eq_13():
         net = refine.Refiner(vit, [3, 4], "cls", proj_hidden=16, proj_dim=8, pred_hidden=16)
         cfg = refine.Settings(layer_decay=0.65)
         name_of = {id(p): n for n, p in net.named_parameters()}
-        seen = {name_of[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in refine.param_groups(net, cfg)
-                for p in g["params"]}
-        assert len(seen) == sum(len(g["params"]) for g in refine.param_groups(net, cfg)) == len(name_of)
+        groups = common.param_groups(net, cfg.weight_decay, cfg.layer_decay, 4, head_weight_decay=cfg.head_weight_decay)
+        seen = {name_of[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+        assert len(seen) == sum(len(g["params"]) for g in groups) == len(name_of)
         for name, p in net.named_parameters():
             m = re.match(r"vit\.blocks\.(\d+)\.", name)
             if m:

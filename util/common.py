@@ -133,16 +133,51 @@ def parse_blocks(spec: str, depth: int) -> list:
     return out
 
 
-# --- Schedules, files, seeds ---
+# --- Optimisation: Eq. (13) layer decay and Eq. (14) schedule, for every trainer and the probe ---
+
+def lr_scale(name: str, depth: int, decay: float) -> float:
+    """Eq. (13) of docs/METHOD.md: the lr multiplier of the ViT parameter `name` (as named inside the ViT).
+
+    Block j (1..depth) gets decay^(depth+1-j); the stem (patch embedding, CLS token, positions, embedding
+    norm) decay^(depth+1); the final norm 1."""
+    if name.startswith("blocks."):
+        return decay ** (depth - int(name.split(".")[1]))  # the stored index is j - 1
+    if name.startswith(("patch_embed.", "cls_token", "pos_embed", "embed_norm.")):
+        return decay ** (depth + 1)
+    return 1.0
+
+
+def param_groups(net, weight_decay: float, layer_decay: float = 1.0, depth: int = 0, prefix: str = "vit.",
+                 head_weight_decay: typing.Optional[float] = None) -> list:
+    """AdamW groups by (lr scale, weight decay) of the parameters that train now, each with its `lr_scale`.
+
+    Parameters named `prefix` + ... belong to the ViT and get Eq. (13)'s scale; the rest (heads, a decoder)
+    scale 1 and `head_weight_decay` (default: `weight_decay`). No weight decay on 1-D parameters (biases,
+    norms) nor on the tokens and positions, which are embeddings rather than weights."""
+    groups = {}
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        inner = name[len(prefix):] if name.startswith(prefix) else None
+        scale = 1.0 if inner is None else lr_scale(inner, depth, layer_decay)
+        wd = weight_decay if inner is not None or head_weight_decay is None else head_weight_decay
+        wd = 0.0 if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "mask_token")) else wd
+        groups.setdefault((scale, wd), dict(params=[], lr_scale=scale, weight_decay=wd))["params"].append(p)
+    return list(groups.values())
+
 
 def warmup_cosine(step: int, steps: int, warmup: int, peak: float, floor: float) -> float:
-    """Eq. (14) of docs/METHOD.md: per-step lr of MAE and the refinement, linear warm-up to `peak` over
+    """Eq. (14) of docs/METHOD.md: the per-step lr of every trainer and the probe (Eq. (21)).
+
+    Linear warm-up to `peak` over
     `warmup` steps, then half a cosine down to `floor` at step `steps` (step 0 already trains)."""
     if step < warmup:
         return peak * (step + 1) / warmup
     t = min(1.0, (step - warmup) / max(1, steps - warmup))
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
+
+# --- Files, seeds ---
 
 def all_finite(module) -> bool:
     """Checked before every checkpoint write, so a diverged update never overwrites a good file."""

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 
 from model import UserError
 from util.digits import JitteredDigits
@@ -90,12 +90,21 @@ def loader_kwargs(device: torch.device, workers: int) -> dict:
 
 
 class EpochKeys:
-    """The sampler of a trainer's one DataLoader, so that its workers live through the whole run:
-    set `keys` to this epoch's (epoch, index) pairs before iterating. The data set reads the epoch
-    from the key, as persistent workers never see attributes changed in the main process."""
+    """The sampler of a trainer's one DataLoader: this rank's (epoch, index) keys, one epoch at a time.
 
-    def __init__(self):
-        self.keys = []
+    One loader serves the whole run, so that its workers persist; the data set reads the epoch from the key,
+    as persistent workers never see attributes changed in the main process. `start(epoch, skip)` sets the
+    keys of an epoch: `indices` (the images that train) in a (seed, epoch) order split over the ranks as
+    DistributedSampler does, less the first `skip` (those a resumed run has seen)."""
+
+    def __init__(self, indices=(), world: int = 1, rank: int = 0, seed: int = 0):
+        self.indices, self.keys = list(indices), []
+        self.order = DistributedSampler(self.indices, world, rank, shuffle=True, seed=seed, drop_last=True)
+        self.per_rank = len(self.order)  # images per rank and epoch
+
+    def start(self, epoch: int, skip: int = 0):
+        self.order.set_epoch(epoch)
+        self.keys = [(epoch, self.indices[j]) for j in list(self.order)[skip:]]  # (per_rank - skip,)
 
     def __iter__(self):
         return iter(self.keys)

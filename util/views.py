@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DistributedSampler, Subset
+from torch.utils.data import Subset
 from torchvision import transforms as T
 
 from util import photometric
@@ -102,10 +102,3 @@ def train_set(cfg):
     ds = build_dataset(cfg.data, "train", labels=False)
     n = min(cfg.limit_train, len(ds)) or len(ds)  # evenly spaced: an ImageFolder is sorted by class
     return Subset(ds, [i * len(ds) // n for i in range(n)]) if cfg.limit_train else ds
-
-
-def epoch_keys(data, cfg, d, epoch: int, skip: int) -> list:
-    """This rank's (epoch, index) keys in a (seed, epoch) order, less the `skip` batches a resumed run had."""
-    sampler = DistributedSampler(data, d.world, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    return [(epoch, i) for i in list(sampler)[skip * cfg.batch_size:]]  # (N // W - skip * B,)
