@@ -114,17 +114,25 @@ class MAE(ViT):
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, imgs, mask_ratio=None):
-        """The encoder's tokens (as ViT); with a mask ratio the MAE loss, so DDP and torch.compile
-        wrap the whole training computation."""
-        return super().forward(imgs) if mask_ratio is None else self.forward_loss(imgs, mask_ratio)
+        """The encoder's tokens (as ViT); with a mask ratio the MAE loss.
 
-    def forward_loss(self, imgs, mask_ratio: float = 0.75):
-        """Eq. (3) of docs/METHOD.md: MSE to per-patch normalised pixels, averaged over hidden patches."""
+        One forward for both, so that DDP and torch.compile wrap the whole training computation."""
+        if mask_ratio is None:
+            return super().forward(imgs)
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio)
+        return self.forward_loss(imgs, self.forward_decoder(latent, ids_restore), mask)
+
+    def forward_encoder(self, imgs, mask_ratio: float):
+        """The encoder on a random (1 - mask_ratio) of the patches: latent (B, 1+K, D), mask, ids_restore."""
         kept, mask, ids_restore = random_masking(self.patch_tokens(imgs), mask_ratio)
         x = self.prepend_cls(kept)
         for i in range(self.depth):
             x = self.run_block(i, x)
-        x = self.decoder_embed(self.final_norm(x))  # (B, 1+K, Dd)
+        return self.final_norm(x), mask, ids_restore
+
+    def forward_decoder(self, latent, ids_restore):
+        """The light decoder: the visible tokens and a mask token per hidden patch -> pixels (B, N, p*p*C)."""
+        x = self.decoder_embed(latent)  # (B, 1+K, Dd)
         B, N = ids_restore.shape
         fill = self.mask_token.expand(B, N + 1 - x.shape[1], -1)
         x_ = torch.cat([x[:, 1:], fill], dim=1)  # (B, N, Dd), shuffled order
@@ -132,7 +140,10 @@ class MAE(ViT):
         x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
-        pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]  # (B, N, p*p*C)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # (B, N, p*p*C)
+
+    def forward_loss(self, imgs, pred, mask):
+        """Eq. (3) of docs/METHOD.md: MSE to per-patch normalised pixels, averaged over hidden patches."""
         target = patchify(imgs, self.patch)
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
         target = (target - mean) / (var + 1e-6) ** 0.5

@@ -135,10 +135,12 @@ class Refiner(nn.Module):
         return h, {b: tuple(map(torch.cat, zip(*map(self.heads[str(b)], h[b].chunk(n))))) for b in self.blocks}
 
 
-def set_trainable(refiner: Refiner, phase: int, freeze_blocks: int):
-    """Phase 0 (warm-up): heads only. Phase 1: the encoder too, but not the frozen lower blocks
-    (nor the stem if any), nor what no head reads (blocks past the last head, the final norm unless
-    the last block has a head): DDP without find_unused_parameters needs a gradient for each."""
+def set_trainable(refiner: Refiner, phase: str, freeze_blocks: int):
+    """Make what trains in `phase` trainable: "heads" the heads only, "refine" the encoder too.
+
+    Never the frozen lower blocks (nor the stem if any), nor what no head reads (blocks past the last head,
+    the final norm unless the last block has a head): DDP without find_unused_parameters needs a gradient
+    for each."""
     vit, last = refiner.vit, max(refiner.blocks)
     for name, p in vit.named_parameters():
         if name.startswith("blocks."):
@@ -147,7 +149,7 @@ def set_trainable(refiner: Refiner, phase: int, freeze_blocks: int):
             train = last == vit.depth
         else:  # the stem: patch embedding, CLS token, post-norm embedding norm
             train = freeze_blocks == 0
-        p.requires_grad_(phase == 1 and train)
+        p.requires_grad_(phase == "refine" and train)
 
 
 def mim_refiner_loss(z, nns, p_all, tau: float, offset: int, pairing: str = "intended"):
@@ -175,10 +177,13 @@ def ema_update(ema: nn.Module, online: nn.Module, momentum: float):
         e.lerp_(o.detach(), 1 - momentum)
 
 
+PHASES = ("heads", "refine")  # docs/METHOD.md §7: the heads warm up, then everything refines
+
+
 @dataclass
 class Phase:
     """One of the run's two phases (docs/METHOD.md §7), steps [first, first + steps) of the run."""
-    index: int  # 0: the heads on the frozen encoder; 1: encoder and heads together
+    name: str  # "heads": the heads on the frozen encoder; "refine": encoder and heads together
     first: int
     steps: int
     peak_lr: float  # for the global batch
@@ -194,9 +199,9 @@ def make_phases(cfg, spe: int, gb: int) -> list:
     mult = gb / 256 * (1 if cfg.method == "mim-refiner" else 2)
     per_phase = [(cfg.head_epochs, cfg.head_lr, cfg.head_warmup_epochs, cfg.head_temperature, 1),
                  (cfg.epochs, cfg.lr, cfg.warmup_epochs, cfg.temperature, cfg.topk)]
-    return [Phase(i, i * cfg.head_epochs * spe, ep * spe, lr * mult, min(ep * spe, round(warm * spe)), tau, k,
-                  cfg.neighbours == "all" or (cfg.neighbours, i) == ("refine", 1))
-            for i, (ep, lr, warm, tau, k) in enumerate(per_phase)]
+    return [Phase(name, i * cfg.head_epochs * spe, ep * spe, lr * mult, min(ep * spe, round(warm * spe)), tau, k,
+                  cfg.neighbours in ("all", name))
+            for i, (name, (ep, lr, warm, tau, k)) in enumerate(zip(PHASES, per_phase))]
 
 
 @dataclass
@@ -219,7 +224,7 @@ def heads_loss(net, parts: Parts, views, idx, phase: Phase, mim: bool, offset: i
     loss, first_view = 0.0, {}
     h, zp = net(views)  # h {block: (V*B, D)}, zp {block: (z, p)} each (V*B, d)
     for b, (z, p) in zp.items():
-        if not mim and phase.index == 1:  # MAE-CT's refinement: the EMA projector's projections, view by view
+        if not mim and phase.name == "refine":  # MAE-CT's refinement: the EMA projector's projections, view by view
             with torch.no_grad():
                 z = torch.cat([parts.targets[str(b)](x) for x in h[b].detach().chunk(len(views))])
         z = z.detach().float().chunk(len(views))  # per view (B, d)
@@ -251,7 +256,7 @@ def refine_step(net, optim, parts: Parts, views, idx, phase: Phase, step: int, c
     optim.step()
     for b, queue in parts.queues.items():  # (W*B, d) and the data set indices (W*B,)
         queue.enqueue(common.all_gather(first_view[int(b)]), common.all_gather(idx))
-    if phase.index == 1:  # the warm-up leaves the encoder untouched, so its EMA stays equal
+    if phase.name == "refine":  # the warm-up leaves the encoder untouched, so its EMA stays equal
         ema_update(parts.ema, parts.refiner.vit, cfg.ema_momentum)
         for b, target in parts.targets.items():
             ema_update(target, parts.refiner.heads[b].projector, cfg.target_momentum)
@@ -273,8 +278,8 @@ def start_phase(parts: Parts, cfg, phase: Phase, d, ck):
     AdamW; resuming inside this phase, with the optimizer state of the checkpoint `ck`. As the second
     phase starts (not resumes), MAE-CT's target projectors become exact copies of the projectors."""
     refiner = parts.refiner
-    set_trainable(refiner, phase.index, cfg.freeze_blocks)
-    if phase.index == 1 and not (ck and ck["phase"] == 1):
+    set_trainable(refiner, phase.name, cfg.freeze_blocks)
+    if phase.name == "refine" and not (ck and ck["phase"] == "refine"):
         for b, target in parts.targets.items():  # weights and BatchNorm statistics
             target.load_state_dict(refiner.heads[b].projector.state_dict())
     gc.collect()  # the last phase's DDP wrapper, dropped by the caller, drops its gradient hooks
@@ -282,7 +287,7 @@ def start_phase(parts: Parts, cfg, phase: Phase, d, ck):
     groups = common.param_groups(refiner, cfg.weight_decay, cfg.layer_decay, refiner.vit.depth,
                                  head_weight_decay=cfg.head_weight_decay)  # what trains in this phase
     optim = torch.optim.AdamW(groups, lr=phase.peak_lr, betas=(0.9, 0.95))
-    if ck and ck["phase"] == phase.index:  # resuming inside this phase
+    if ck and ck["phase"] == phase.name:  # resuming inside this phase
         optim.load_state_dict(ck["optimizer"])
     return net, optim
 
@@ -352,8 +357,8 @@ def main(cfg: Settings) -> dict:
     phase, net, loss_value, t0, step0 = None, None, (ck or {}).get("loss", math.nan), time.perf_counter(), step
     while step < stop:
         epoch = step // spe
-        if phase is None or phase.index != int(epoch >= cfg.head_epochs):  # a phase starts (or resumes)
-            phase, net = phases[int(epoch >= cfg.head_epochs)], None  # the last wrapper goes before the next
+        if phase is not phases[epoch >= cfg.head_epochs]:  # a phase starts (or resumes)
+            phase, net = phases[epoch >= cfg.head_epochs], None  # the last wrapper goes before the next
             net, optim = start_phase(parts, cfg, phase, d, ck)
             ck = None
         keys.start(epoch, (step - epoch * spe) * cfg.batch_size)  # less the batches done
@@ -372,9 +377,9 @@ def main(cfg: Settings) -> dict:
             if d.main and (step % cfg.log_every == 0 or step == stop):
                 with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
                     f.write(json.dumps(dict(step=step, loss=loss_value, lr=lr, images_per_s=ips,
-                                            phase=phase.index + 1, epoch=epoch)) + "\n")
+                                            phase=phase.name, epoch=epoch)) + "\n")
             if step % cfg.save_every == 0 or step == stop or stopping:
-                save(phase.index, optim)
+                save(phase.name, optim)
             run.stop_if(stopping and step < stop, step)  # after the checkpoint: every rank exits with code 3
             if step >= stop:
                 break

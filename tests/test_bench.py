@@ -31,7 +31,7 @@ def test_refine_benchmark_times_refine_py_s_own_step(monkeypatch):
     calls = []
 
     def counted(net, optim, parts, views, idx, phase, *args, **kwargs):
-        calls.append((phase.index, [tuple(v.shape) for v in views]))
+        calls.append((phase.name, [tuple(v.shape) for v in views]))
         return step(net, optim, parts, views, idx, phase, *args, **kwargs)
 
     step = refine.refine_step
@@ -40,7 +40,7 @@ def test_refine_benchmark_times_refine_py_s_own_step(monkeypatch):
     assert [r["grad_checkpointing"] for r in runs] == [True, False]
     assert len(calls) == 2 * (1 + 2)  # per run one warm-up step and two timed ones
     # phase 2 (encoder and heads), 2 global views of 16 px and 10 local of 8 px (the recipe's 96/224, patch 8)
-    assert calls[0] == (1, [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 10)
+    assert calls[0] == ("refine", [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 10)
     for r in runs:
         assert r["step"].startswith("refine.refine_step") and r["views"] == "2x16 + 10x8"
         assert r["img_s"] > 0 and r["step_s"] > 0 and math.isfinite(r["loss"]) and r["peak_rss_gib_process"] > 0

@@ -135,7 +135,7 @@ def reference_view(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def drawn(n: int, seed: int = 0, **recipe) -> torch.Tensor:
     torch.manual_seed(seed)
-    r = P.Recipe(**recipe)
+    r = P.Photometric(**recipe)
     return torch.stack([r.draw() for _ in range(n)])  # (n, 11)
 
 
@@ -179,7 +179,7 @@ def within_5_sd(count: int, n: int, p: float, what: str):
 
 
 def test_draw_distribution_matches_the_recipe():
-    r = P.Recipe(jitter_p=0.8, grayscale_p=0.2, blur_p=0.5, solarize_p=0.2)
+    r = P.Photometric(jitter_p=0.8, grayscale_p=0.2, blur_p=0.5, solarize_p=0.2)
     n = 20000
     v = drawn(n, **vars(r))  # (n, 11)
     identity = torch.tensor(P.IDENTITY)
@@ -213,11 +213,11 @@ def test_draw_clips_factors_at_0():
 
 def test_draw_is_deterministic_and_consumes_the_same_randomness_whatever_it_applies():
     torch.manual_seed(5)
-    a = P.Recipe().draw()
+    a = P.Photometric().draw()
     torch.manual_seed(5)
-    assert torch.equal(a, P.Recipe().draw()) and a.shape == (len(P.COLUMNS),) and a.dtype == torch.float32
+    assert torch.equal(a, P.Photometric().draw()) and a.shape == (len(P.COLUMNS),) and a.dtype == torch.float32
     after = []
-    for r in (P.Recipe(0, 0, 0, 0, 0, 0, 0, 0, 0, 0), P.Recipe(1, 2, 2, 2, 0.5, 1, 1, 1, 3, 1)):
+    for r in (P.Photometric(0, 0, 0, 0, 0, 0, 0, 0, 0, 0), P.Photometric(1, 2, 2, 2, 0.5, 1, 1, 1, 3, 1)):
         torch.manual_seed(5)
         r.draw()
         after.append(torch.rand(1))

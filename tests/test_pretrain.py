@@ -64,14 +64,14 @@ def test_masking_keeps_fraction_and_restores(n, ratio):
 
 
 def test_normalised_pixel_loss_by_hand():
-    """forward_loss == MSE to per-patch normalised pixels over the hidden patches, recomputed with
+    """The MAE loss == MSE to per-patch normalised pixels over the hidden patches, recomputed with
     loops from the decoder's prediction (captured by a hook) and the mask drawn from the same noise."""
     mae = tiny_mae()
     imgs = torch.randn(2, 3, 16, 16)
     pred = {}
     mae.decoder_pred.register_forward_hook(lambda m, i, o: pred.update(p=o[:, 1:]))
     torch.manual_seed(7)
-    loss = mae.forward_loss(imgs, 0.75)
+    loss = mae(imgs, 0.75)  # forward_encoder, forward_decoder, forward_loss
     torch.manual_seed(7)
     noise = torch.rand(2, 16)  # what random_masking drew
     p, n_keep, total, count = 4, int(16 * (1 - 0.75)), 0.0, 0  # 16 patches (16 px, patch 4), a quarter visible
@@ -170,9 +170,9 @@ def test_checkpoints_load_as_encoder_and_in_timm(tmp_path, small_digits):
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, small_digits, monkeypatch):
     calls, real = [], MAE.forward_loss
 
-    def poisoned(self, imgs, ratio):
+    def poisoned(self, *args):
         calls.append(1)
-        loss = real(self, imgs, ratio)
+        loss = real(self, *args)
         return loss * float("nan") if len(calls) == 3 else loss
     monkeypatch.setattr(MAE, "forward_loss", poisoned)
     with pytest.raises(UserError, match="not finite at step 3"):
@@ -232,11 +232,11 @@ def test_ctrl_c_checkpoints_after_the_step_and_the_rerun_resumes(tmp_path, small
     pretrain.main(settings(tmp_path / "a", max_steps=6, log_every=4))
     calls, real = [], MAE.forward_loss
 
-    def interrupted(self, imgs, ratio):
+    def interrupted(self, *args):
         calls.append(1)
         if len(calls) == 3:
             signal.raise_signal(signal.SIGINT)
-        return real(self, imgs, ratio)
+        return real(self, *args)
     monkeypatch.setattr(MAE, "forward_loss", interrupted)
     with pytest.raises(SystemExit) as e:
         pretrain.main(settings(tmp_path / "b", max_steps=6, log_every=4))
@@ -258,11 +258,11 @@ def _signalled(cfg):
     """pretrain.main, but rank 1 (of conftest's two_ranks) gets SIGUSR1 while it computes its third step's loss."""
     rank, calls, real = int(os.environ["RANK"]), [], MAE.forward_loss
 
-    def forward_loss(self, imgs, ratio):
+    def forward_loss(self, *args):
         calls.append(1)
         if rank == 1 and len(calls) == 3:
             os.kill(os.getpid(), signal.SIGUSR1)
-        return real(self, imgs, ratio)
+        return real(self, *args)
     MAE.forward_loss = forward_loss  # in this forked process only
     pretrain.main(cfg)
 

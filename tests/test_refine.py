@@ -170,10 +170,10 @@ def test_mae_ct_heads_normalise_each_view_alone_mim_refiner_all_views(tiny_ckpt,
         head = net.heads["2"]
         targets = torch.nn.ModuleDict({"2": copy.deepcopy(head.projector)})
         parts = refine.Parts(net, vit, torch.nn.ModuleDict({"2": model.NNQueue(16, 8)}), targets)
-        for phase in (0, 1):
+        for phase in refine.PHASES:
             refine.heads_loss(net, parts, views, torch.arange(4), refine.Phase(phase, 0, 1, 0.1, 0, 0.2, 1, False),
                               mim, 0, None, "intended")
-            proj = targets["2"] if phase == 1 and not mim else head.projector
+            proj = targets["2"] if phase == "refine" and not mim else head.projector
             want_z = torch.cat([proj(x) for x in h.chunk(2)]) if not mim else head(h)[0]
             want_p = torch.cat([head(x)[1] for x in h.chunk(2)]) if not mim else head(h)[1]
             # float32, the encoder's rows computed in a batch of another size: rounding ~1e-7 relative
@@ -197,7 +197,7 @@ def test_mae_ct_phases_freezing_and_resume(tiny_ckpt, tmp_path):
     ck = load(a)
     for key in ("encoder", "ema"):  # the encoder is frozen while the heads warm up
         assert all(torch.equal(v, original[k]) for k, v in ck[key].items())
-    assert ck["step"] == 4 and ck["phase"] == 0
+    assert ck["step"] == 4 and ck["phase"] == "heads"
     refine.main(settings(tiny_ckpt, a, max_steps=6, **kw))  # stops inside an epoch
     refine.main(settings(tiny_ckpt, a, max_steps=8, **kw))  # resumes inside it
     refine.main(settings(tiny_ckpt, b, max_steps=8, workers=2, **kw))  # uninterrupted, 2 persistent workers

@@ -145,9 +145,11 @@ def mae_ct_parts():
 
 
 def phase(index):
-    """The heads' warm-up (index 0) or the refinement (1), at a fixed lr 0.05: large enough that one AdamW step
-    (each parameter moves by about the lr) stands far above float32 rounding."""
-    return refine.Phase(index, first=2 * index, steps=2, peak_lr=0.05, warmup=0, tau=0.15, topk=1, neighbours=True)
+    """The heads' warm-up (index 0) or the refinement (1) as a Phase, at a fixed lr 0.05.
+
+    Large enough that one AdamW step (each parameter moves by about the lr) stands far above float32 rounding."""
+    return refine.Phase(refine.PHASES[index], first=2 * index, steps=2, peak_lr=0.05, warmup=0, tau=0.15, topk=1,
+                        neighbours=True)
 
 
 def views_of(step):
@@ -227,6 +229,6 @@ def test_mae_ct_target_projector_and_queue_through_both_phases():
             torch.testing.assert_close(e, 0.5 * old_ema[name] + 0.5 * online[name], msg=name)
 
     kept = state(target)
-    refine.start_phase(parts, cfg, phase(1), CPU, {"phase": 1, "optimizer": optim.state_dict()})  # a resume
+    refine.start_phase(parts, cfg, phase(1), CPU, {"phase": "refine", "optimizer": optim.state_dict()})  # a resume
     assert all(torch.equal(v, kept[k]) for k, v in target.state_dict().items())
     assert not torch.equal(kept["0.weight"], head.projector[0].weight)

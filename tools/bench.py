@@ -71,7 +71,7 @@ GOALS = {"vit_vs_timm": (1.0, 1.0), "knn_vs_sklearn": (2.0, 50.0),
 # dense bf16 tensor-core peak in FLOP/s, by the name the device reports (datasheet numbers)
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
              "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
-MIM_REFINER_LR_GRID = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5]
+MIM_REFINER_LR_GRID = [float(v) for v in probe.LR_GRID.split(",")]  # probe.py's default grid
 
 
 @dataclass

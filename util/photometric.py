@@ -228,7 +228,7 @@ def draw(jitter_p: float, brightness: float, contrast: float, saturation: float,
 
 
 @dataclass(frozen=True)
-class Recipe:
+class Photometric:
     """One view's photometric recipe, the arguments of `draw`; the defaults are BYOL's first global view at
     224 px (jitter 0.4, 0.4, 0.2, 0.1 with p 0.8, grayscale 0.2, blur always with sigma 0.1-2.0, no solarize)."""
     jitter_p: float = 0.8

@@ -29,7 +29,7 @@ class View:
     (aspect 3/4-4/3, bicubic), flipped with probability 1/2, then `colour` on the device (None: nothing)."""
     size: int
     scale: tuple
-    colour: Optional[photometric.Recipe] = None
+    colour: Optional[photometric.Photometric] = None
 
 
 def make_views(cfg) -> list:
@@ -42,7 +42,7 @@ def make_views(cfg) -> list:
     j, s = cfg.jitter, cfg.global_size / 224  # blur sigma 0.1-2.0 px at 224, scaled with the global side
 
     def byol(blur_p, solarize_p):
-        return photometric.Recipe(0.8, 0.4 * j, 0.4 * j, 0.2 * j, min(0.5, 0.1 * j), 0.2, blur_p, 0.1 * s, 2.0 * s,
+        return photometric.Photometric(0.8, 0.4 * j, 0.4 * j, 0.2 * j, min(0.5, 0.1 * j), 0.2, blur_p, 0.1 * s, 2.0 * s,
                                   solarize_p)
     return ([View(cfg.global_size, g, byol(1.0, 0.0)), View(cfg.global_size, g, byol(0.1, 0.2))]
             + [View(cfg.local_size, loc, byol(0.5, 0.0))] * cfg.local_crops)
