@@ -1,4 +1,4 @@
-"""The shared helpers: settings to flags, the embedded data set (README, "The embedded data set"), files."""
+"""The shared helpers: settings to flags, the embedded data set (docs/RUNNING.md, "The embedded data set"), files."""
 import os
 import signal
 import subprocess

@@ -1,5 +1,5 @@
-"""What the README and the stage docstrings quote: each paper's number next to the checkpoint it
-starts from and the protocol it was measured with."""
+"""What the README, docs/PROTOCOLS.md and the stage docstrings quote: each paper's number next to the
+checkpoint it starts from and the protocol it was measured with; the links between the documents."""
 import importlib
 import os
 import re
@@ -12,16 +12,20 @@ import refine
 from util import common
 
 
-def readme() -> str:
-    with open(os.path.join(ROOT, "README.md")) as f:
+def read(path: str) -> str:
+    with open(os.path.join(ROOT, path)) as f:
         return f.read()
+
+
+def readme() -> str:
+    return read("README.md")
 
 
 def test_knn_standardisation_is_mim_refiners_and_mae_cts_not_dinos():
     """MAE-CT's k-NN standardises its features too; only DINO's does not."""
     help_text = knn.Settings.__dataclass_fields__["standardize"].metadata["help"]
     assert "MAE-CT" in help_text.split("--no-standardize")[0] and "DINO" in help_text.split("--no-standardize")[1]
-    for text in (knn.__doc__, readme()):
+    for text in (knn.__doc__, readme(), read("docs/PROTOCOLS.md")):
         sentences = " ".join(text.split()).split(". ")
         unstandardised = [s for s in sentences if "--no-standardize" in s]
         assert unstandardised and not any("MAE-CT" in s.split("--no-standardize")[1][:40] for s in unstandardised)
@@ -39,11 +43,13 @@ def test_mae_ct_results_are_quoted_with_the_checkpoint_they_start_from():
 
 
 def test_protocols_section_gives_a_valid_command_for_every_quoted_number():
-    """The README's protocol section: every number of the results table appears there, next to a
-    command whose flags the stage accepts."""
-    text = readme()
+    """docs/PROTOCOLS.md's protocol section: every number of the README's results table appears there,
+    next to a command whose flags the stage accepts."""
+    text = read("docs/PROTOCOLS.md")
     section = text[text.index("## Protocols: which command reproduces which number"):]
-    section = section[:section.index("\n## ")]
+    end = section.find("\n## ")
+    section = section if end < 0 else section[:end]
+    text = readme()
     results = text[text.index("| model | k-NN | linear probe | 1-shot | clustering |"):]
     results = results[:results.index("\n\n")]
     numbers = set(re.findall(r"\d+\.\d -> \d+\.\d|(?:ACC|NMI|ARI) \d+\.\d", results))
@@ -55,3 +61,38 @@ def test_protocols_section_gives_a_valid_command_for_every_quoted_number():
         common.parse_settings(importlib.import_module(script[:-3]).Settings, args)  # exits on an unknown flag
     probe_rows = [r for r in section.splitlines() if r.startswith("| linear probe")]
     assert len(probe_rows) == 2 and all("--augment" in r for r in probe_rows)
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation but hyphens dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_the_documents_resolve():
+    """Every relative link of README.md, BENCHMARKS.md and docs/*.md names a file that exists and, after
+    a '#', a heading of that file (sections moved between the documents keep their links)."""
+    docs = ["README.md", "BENCHMARKS.md"] + ["docs/" + f for f in sorted(os.listdir(os.path.join(ROOT, "docs")))
+                                               if f.endswith(".md")]
+    checked = 0
+    for doc in docs:
+        text = re.sub(r"```.*?```", "", read(doc), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            path = os.path.normpath(os.path.join(os.path.dirname(doc), path)) if path else doc
+            assert os.path.exists(os.path.join(ROOT, path)), f"{doc}: {target}"
+            if anchor:
+                headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", read(path), flags=re.S), flags=re.M)
+                assert anchor in {slug(h) for h in headings}, f"{doc}: {target}"
+            checked += 1
+    assert checked >= 10
+
+
+def test_readme_is_a_landing_page():
+    """README.md: at most 250 lines, `make demo` and `make test` first, the moved sections linked."""
+    text = readme()
+    assert len(text.splitlines()) <= 250
+    assert text.index("make demo") < text.index("make test") < text.index("\n## ")
+    for moved in ("docs/RUNNING.md", "docs/PROTOCOLS.md", "docs/METHOD.md"):
+        assert f"]({moved}" in text, moved

@@ -1,6 +1,6 @@
 """Kill -9, SIGTERM and restart equal an uninterrupted run; a second run on the same --out is refused
 while the first finishes unchanged; bad output paths and non-finite losses never cost a good checkpoint
-(README, "Resuming and failures")."""
+(docs/RUNNING.md, "Resuming and failures")."""
 import json
 import os
 import signal

@@ -1,5 +1,5 @@
 """runguard.py and runfiles.py: one writer per --out, signals caught until the step ends, last.pt kept
-beside the previous good checkpoint and the fall back to it, no empty folder left by a failed run (README,
+beside the previous good checkpoint and the fall back to it, no empty folder left by a failed run (docs/RUNNING.md,
 "Resuming and failures")."""
 import json
 import os

@@ -1,4 +1,4 @@
-"""The files of a training run in its --out folder (README, "Resuming and failures").
+"""The files of a training run in its --out folder (docs/RUNNING.md, "Resuming and failures").
 
 - `Run`: the folder of one run: created, locked by rank 0 (runguard), signals caught; `resume` reads
   last.pt, or last.prev.pt with a warning when last.pt cannot be used; `save` writes last.pt atomically and
