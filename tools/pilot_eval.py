@@ -37,13 +37,14 @@ def main():
     p.add_argument("ckpt")
     p.add_argument("--train", type=int, default=5000)
     p.add_argument("--feature", default="mean")
+    p.add_argument("--split", default="select", help="val glyphs to score on: select (pilots) or report")
     a = p.parse_args()
     vit = load_encoder(a.ckpt)
     tf = eval_transform(vit.img_size)
     blocks = list(range(1, vit.depth + 1))
     with torch.no_grad():
         ftr, ytr = extract_features(vit, JitteredDigits("train", n=a.train, transform=tf), blocks, a.feature)
-        fva, yva = extract_features(vit, JitteredDigits("val", transform=tf), blocks, a.feature)
+        fva, yva = extract_features(vit, JitteredDigits(a.split, transform=tf), blocks, a.feature)
     ytr, yva = ytr.clone(), yva.clone()  # out of inference mode
     cells = []
     for blk in blocks:

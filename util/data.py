@@ -19,8 +19,11 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def build_dataset(data: str, split: str, transform=None, labels: bool = True) -> Dataset:
     """The `split` ('train' or 'val') of `--data`; the result has `.targets` and `.classes`. labels=False
     (the trainers, which read train/ only): also a folder of images without classes, with or without train/."""
-    if data == "jittered-digits":
-        return JitteredDigits(split, transform=transform)
+    if data.startswith("jittered-digits"):  # jittered-digits[:select|:report]: which glyphs evaluate
+        part = data.partition(":")[2] or "val"
+        if part not in ("val", "select", "report"):
+            raise UserError(f"--data {data}: give jittered-digits, jittered-digits:select or jittered-digits:report")
+        return JitteredDigits(part if split == "val" else split, transform=transform)
     from torchvision import datasets  # here: torchvision's import costs seconds
     root = os.path.join(data, split)
     if not os.path.isdir(data):
@@ -194,6 +197,6 @@ def read_split_file(path: str, n: int, samples=None, root: str = "") -> np.ndarr
 def split_file_indices(path: str, data: str, n: int, dataset=None) -> np.ndarray:
     """read_split_file against the image paths of --data's train split (an ImageFolder; indices for
     jittered-digits); `dataset` when the caller has built it already."""
-    if dataset is None and data != "jittered-digits":
+    if dataset is None and not data.startswith("jittered-digits"):
         dataset = build_dataset(data, "train")
     return read_split_file(path, n, getattr(dataset, "samples", None), getattr(dataset, "root", ""))

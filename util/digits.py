@@ -9,7 +9,10 @@ glyphs themselves) and that a refinement's crops and brightness / contrast jitte
 polarity only: with both (dark on light and light on dark), a small masked-image model's nearest
 neighbours always share the polarity, and a short refinement never undoes that split.
 
-Glyphs 0-1296 make the train split and 1297-1796 the val split: no handwritten digit is in both.
+Glyphs 0-1296 make the train split and 1297-1796 the val split: no handwritten digit is in both. The
+val glyphs are also cut into two glyph-disjoint halves with images of their own: `select` (1297-1546),
+on which recipes are chosen (pilots), and `report` (1547-1796), on which the demo's numbers are reported
+(`--data jittered-digits:select` / `jittered-digits:report` evaluate on them instead of val).
 Image i of a split is drawn afresh from a generator seeded by (seed, split, i), each glyph used
 equally often: the set is a pure function of its arguments, and its first n images do not depend
 on the n asked for.
@@ -20,8 +23,9 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-GLYPHS = {"train": (0, 1297), "val": (1297, 1797)}
-SIZES = {"train": 10_000, "val": 2_000}
+GLYPHS = {"train": (0, 1297), "val": (1297, 1797), "select": (1297, 1547), "report": (1547, 1797)}
+SIZES = {"train": 10_000, "val": 2_000, "select": 2_000, "report": 2_000}
+STREAM = {"val": 0, "train": 1, "select": 2, "report": 3}  # seeds each split's own draws
 
 
 def draw(glyph: np.ndarray, rng: np.random.Generator, size: int = 32) -> np.ndarray:
@@ -44,7 +48,7 @@ def draw(glyph: np.ndarray, rng: np.random.Generator, size: int = 32) -> np.ndar
 
 
 class JitteredDigits(Dataset):
-    """`split` 'train' (10k images) or 'val' (2k) of the set above; (PIL image, digit) items."""
+    """`split` 'train' (10k images), 'val', 'select' or 'report' (2k each) of the set above; (PIL image, digit)."""
 
     def __init__(self, split="train", n=None, seed=0, size=32, transform=None):
         from sklearn.datasets import load_digits  # here: the import costs a second
@@ -54,7 +58,7 @@ class JitteredDigits(Dataset):
         self.transform, self.classes = transform, [str(d) for d in range(10)]
         self.glyph_ids = np.arange(n) % (hi - lo) + lo  # each glyph used equally often
         self.targets = [int(digits.target[g]) for g in self.glyph_ids]
-        self.images = np.stack([draw(digits.images[g], np.random.default_rng([seed, int(split == "train"), i]), size)
+        self.images = np.stack([draw(digits.images[g], np.random.default_rng([seed, STREAM[split], i]), size)
                                 for i, g in enumerate(self.glyph_ids)])  # (n, size, size, 3) uint8
 
     def __len__(self):

@@ -198,7 +198,7 @@ def data_of(ck: dict, new: str, n_new: int):
     """The --data of a checkpoint's settings, as a resumed run compares it: `new` when that names the same data,
     as the same folder written another way (./x/, x) or as a moved folder (as many images: with a warning)."""
     old, n_old = ck["settings"].get("data"), ck.get("n_train")
-    if old == new or "jittered-digits" in (old, new) or old is None:
+    if old == new or old is None or any(s.startswith("jittered-digits") for s in (old, new)):
         return old
     if os.path.realpath(old) != os.path.realpath(new):
         if n_old not in (None, n_new):

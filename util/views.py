@@ -97,7 +97,7 @@ def to_input(crops: list, params: torch.Tensor, views: list, device) -> list:
 
 def train_set(cfg):
     """The training images of --data (labels unused); with --limit-train, N of them."""
-    if cfg.data == "jittered-digits" and cfg.limit_train:  # drawn per index: the same first N, faster
+    if cfg.data.startswith("jittered-digits") and cfg.limit_train:  # drawn per index: the same first N, faster
         return JitteredDigits("train", n=cfg.limit_train)
     ds = build_dataset(cfg.data, "train", labels=False)
     n = min(cfg.limit_train, len(ds)) or len(ds)  # evenly spaced: an ImageFolder is sorted by class
