@@ -64,13 +64,12 @@ def test_other_host_refused_requeued_or_restarted_job_takes_its_own(tmp_path, mo
     assert resume.take_lock(str(out)) == "" and holder(out)["job"] == "rdzv"
 
 
-@resume.managed
 def opened(out, fail=False, then=None):
-    run = resume.Run(str(out), ONE)
-    if then:
-        then(run)
-    if fail:
-        raise UserError("something later went wrong")
+    with resume.Run(str(out), ONE) as run:
+        if then:
+            then(run)
+        if fail:
+            raise UserError("something later went wrong")
     return run
 
 

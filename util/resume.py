@@ -6,7 +6,6 @@
 - `write_encoder`: encoder.pth and encoder.safetensors, the same keys, the architecture stored in both.
 - atomic writes, the log trimmed to the checkpoint, every random generator's state.
 Importing it has no side effects."""
-import functools
 import json
 import os
 import random
@@ -137,9 +136,6 @@ class Signals:
             signal.signal(s, old)
 
 
-_OPEN = []  # the Runs of the main() now running, closed by @managed
-
-
 def write_encoder(sd: dict, out: str) -> str:
     """OUT/encoder.pth, a state dict of model.export_encoder (timm loads it strictly; the architecture in its
     `_metadata`), and OUT/encoder.safetensors, the same tensors, the architecture as JSON in its metadata."""
@@ -209,7 +205,7 @@ def data_of(ck: dict, new: str, n_new: int):
 
 class Run:
     """The --out folder of a training run, opened on every rank after setup_distributed: rank 0 creates it and
-    takes its lock, every rank catches SIGTERM/SIGUSR1/SIGINT until the run is closed (see `managed`)."""
+    takes its lock, every rank catches SIGTERM/SIGUSR1/SIGINT until the run is closed: `with Run(out, d) as run:`."""
 
     def __init__(self, out: str, d):
         self.out, self.d, self.created, self.last_bad = out, d, None, False
@@ -222,7 +218,13 @@ class Run:
         if error:
             raise UserError(error)
         self.signals = Signals(loud=d.main)
-        _OPEN.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        """However the run ends: signal handlers restored, lock released, a folder it made and left empty removed."""
+        self.close(failed=kind is not None)
 
     def _open(self) -> str:
         if os.path.exists(self.out) and not os.path.isdir(self.out):
@@ -306,18 +308,3 @@ class Run:
             if folder == self.created:
                 break
             folder = os.path.dirname(folder)
-
-
-def managed(main):
-    """For a trainer's main(cfg): the Run it opens is closed however main ends (signal handlers restored,
-    lock released, a folder the run made and left empty removed)."""
-    @functools.wraps(main)
-    def wrapped(*args, **kwargs):
-        done = False
-        try:
-            result, done = main(*args, **kwargs), True
-            return result
-        finally:
-            while _OPEN:
-                _OPEN.pop().close(failed=not done)
-    return wrapped
