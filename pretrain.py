@@ -40,7 +40,7 @@ from model import Block, UserError, ViT, export_encoder, init_weights, sincos_po
 from util import common
 from util.common import cli, opt
 from util.data import EpochKeys, Seeded, build_dataset, loader_kwargs, train_transform
-from util.resume import Run, all_rng_states, managed, set_rng_state, trim_log, write_encoder
+from util.resume import Run, all_rng_states, set_rng_state, trim_log, write_encoder
 
 
 @dataclass
@@ -179,95 +179,95 @@ def resume(ck: dict, path: str, mae: MAE, cfg: Settings, d: common.Dist, optimiz
     return ck["step"], ck["loss"], ck.get("window", [])
 
 
-@managed
 def main(cfg: Settings) -> dict:
     if not 0.0 < cfg.mask_ratio < 1.0:
         raise UserError(f"--mask-ratio {cfg.mask_ratio} must lie strictly between 0 and 1 (MAE: 0.75)")
     if not 0.0 < cfg.crop_min <= 1.0 or cfg.batch_size < 1:
         raise UserError(f"--crop-min {cfg.crop_min} must be in (0, 1] and --batch-size {cfg.batch_size} positive")
     d = common.setup_distributed(cfg.device)
-    run = Run(cfg.out, d)  # the folder, its lock; SIGTERM/SIGUSR1/SIGINT: checkpoint after the step
-    common.seed_everything(cfg.seed)  # the same initial weights on every rank
-    mae = MAE(cfg.dec_dim, cfg.dec_depth, cfg.dec_heads, dim=cfg.dim, depth=cfg.depth,
-              heads=cfg.num_heads or None, patch=cfg.patch, img_size=cfg.img_size).to(d.device)
-    # image i of epoch e drawn from (seed, e, i): the same images whatever the workers, and on resuming
-    data = Seeded(build_dataset(cfg.data, "train", labels=False), train_transform(cfg.img_size, cfg.crop_min), cfg.seed)
-    keys = EpochKeys(range(len(data)), d.world, d.rank, cfg.seed)  # the one loader's sampler
-    steps_per_epoch = keys.per_rank // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"--batch-size {cfg.batch_size} x {d.world} process(es) is larger than the "
-                        f"{len(data)} training images; use a smaller --batch-size")
-    total = cfg.epochs * steps_per_epoch
-    end = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    peak = cfg.base_lr * cfg.batch_size * d.world / 256  # the linear scaling rule
-    optimizer = torch.optim.AdamW(common.param_groups(mae, cfg.weight_decay, prefix=""), lr=peak, betas=(0.9, 0.95))
+    with Run(cfg.out, d) as run:  # the folder, its lock; SIGTERM/SIGUSR1/SIGINT: checkpoint after the step
+        common.seed_everything(cfg.seed)  # the same initial weights on every rank
+        mae = MAE(cfg.dec_dim, cfg.dec_depth, cfg.dec_heads, dim=cfg.dim, depth=cfg.depth,
+                  heads=cfg.num_heads or None, patch=cfg.patch, img_size=cfg.img_size).to(d.device)
+        # image i of epoch e drawn from (seed, e, i): the same images whatever the workers, and on resuming
+        data = Seeded(build_dataset(cfg.data, "train", labels=False), train_transform(cfg.img_size, cfg.crop_min),
+                      cfg.seed)
+        keys = EpochKeys(range(len(data)), d.world, d.rank, cfg.seed)  # the one loader's sampler
+        steps_per_epoch = keys.per_rank // cfg.batch_size
+        if steps_per_epoch == 0:
+            raise UserError(f"--batch-size {cfg.batch_size} x {d.world} process(es) is larger than the "
+                            f"{len(data)} training images; use a smaller --batch-size")
+        total = cfg.epochs * steps_per_epoch
+        end = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+        warmup = round(cfg.warmup_epochs * steps_per_epoch)
+        peak = cfg.base_lr * cfg.batch_size * d.world / 256  # the linear scaling rule
+        optimizer = torch.optim.AdamW(common.param_groups(mae, cfg.weight_decay, prefix=""), lr=peak, betas=(0.9, 0.95))
 
-    common.seed_everything(cfg.seed + 1000 * (d.rank + 1))  # every rank masks differently
-    last, log_path = run.last, os.path.join(cfg.out, "log.jsonl")
-    ck = run.resume(lambda ck, path: resume(ck, path, mae, cfg, d)) if cfg.resume else None  # or last.prev.pt
-    step, loss_logged, window = resume(ck, last, mae, cfg, d, optimizer) if ck else (0, float("nan"), [])
-    if d.main:
-        trim_log(log_path, step)
-        print(f"MAE: encoder {mae.arch()}, decoder {mae.dec_arch}; {len(data)} images, "
-              f"{steps_per_epoch} steps/epoch, global batch {cfg.batch_size * d.world}, lr {peak:.3g}; "
-              f"steps {step} -> {end} of {total}")
+        common.seed_everything(cfg.seed + 1000 * (d.rank + 1))  # every rank masks differently
+        last, log_path = run.last, os.path.join(cfg.out, "log.jsonl")
+        ck = run.resume(lambda ck, path: resume(ck, path, mae, cfg, d)) if cfg.resume else None  # or last.prev.pt
+        step, loss_logged, window = resume(ck, last, mae, cfg, d, optimizer) if ck else (0, float("nan"), [])
+        if d.main:
+            trim_log(log_path, step)
+            print(f"MAE: encoder {mae.arch()}, decoder {mae.dec_arch}; {len(data)} images, "
+                  f"{steps_per_epoch} steps/epoch, global batch {cfg.batch_size * d.world}, lr {peak:.3g}; "
+                  f"steps {step} -> {end} of {total}")
 
-    net = mae  # net(imgs, mask_ratio) is the loss
-    if d.world > 1:  # positions are fixed buffers: nothing to broadcast
-        net = DistributedDataParallel(net, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                                      broadcast_buffers=False)
-    if cfg.compile:
-        net = torch.compile(net)
-    # one loader for the run, so its workers persist; its own generator, as starting an epoch must
-    # not draw from the global one (the masks)
-    loader = DataLoader(data, batch_size=cfg.batch_size, sampler=keys, drop_last=True,
-                        generator=torch.Generator(), **loader_kwargs(d.device, cfg.workers))
-    bar = tqdm(total=end, initial=step, desc="pretrain", disable=not d.main, dynamic_ncols=True)
-    start = time.time()
-    while step < end:
-        epoch, done = divmod(step, steps_per_epoch)
-        keys.start(epoch, done * cfg.batch_size)  # less the batches done
-        for imgs, _ in loader:
-            lr = common.warmup_cosine(step, total, warmup, peak, cfg.min_lr)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g["lr_scale"]  # 1: MAE has no layer decay
-            with torch.autocast(d.device.type, torch.bfloat16, enabled=d.device.type == "cuda"):
-                loss = net(imgs.to(d.device, non_blocking=True), cfg.mask_ratio)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # queued before the step's one host sync, the loss check
-            loss_value, stopping = run.gather_loss(loss)  # the same on all ranks; a signal to any stops all
-            if not math.isfinite(loss_value):  # stop before the update: the weights stay good
-                raise UserError(f"the loss is not finite at step {step + 1}; {last} keeps the last good state "
-                                f"(if any); lower --base-lr or lengthen --warmup-epochs")
-            optimizer.step()
-            step += 1
-            window.append(loss_value)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", epoch=epoch)
-            if step % cfg.log_every == 0 or step == end:
-                loss_logged = sum(window) / len(window)  # mean since the previous line
-                window = []
-                if d.main:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "loss": loss_logged,
-                                            "lr": lr, "time": round(time.time() - start, 2)}) + "\n")
-            if step % cfg.save_every == 0 or step == end or stopping:
-                rngs = all_rng_states(d.world)  # a collective: every rank takes part
-                if not common.all_finite(mae):  # a diverged update must not overwrite a good file
-                    raise UserError(f"the weights are not finite at step {step}; {last} keeps the last good state")
-                if d.main:
-                    run.save({**make_checkpoint(mae, step, loss_logged, cfg, optimizer, rngs), "window": window})
-            run.stop_if(stopping and step < end, step)  # after the checkpoint: every rank exits with code 3
-            if step == end:
-                break
-    bar.close()
-    if d.main:
-        write_encoder(export_encoder(mae), cfg.out)  # encoder.pth and encoder.safetensors
-        if cfg.export:
-            common.save_atomic(make_checkpoint(mae, step, loss_logged, cfg), cfg.export)
-        print(f"step {step}: loss {loss_logged:.4f}; wrote {last}, encoder.pth {cfg.export}")
-    return {"step": step, "loss": loss_logged, "out": cfg.out, "seconds": time.time() - start}
+        net = mae  # net(imgs, mask_ratio) is the loss
+        if d.world > 1:  # positions are fixed buffers: nothing to broadcast
+            net = DistributedDataParallel(net, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                                          broadcast_buffers=False)
+        if cfg.compile:
+            net = torch.compile(net)
+        # one loader for the run, so its workers persist; its own generator, as starting an epoch must
+        # not draw from the global one (the masks)
+        loader = DataLoader(data, batch_size=cfg.batch_size, sampler=keys, drop_last=True,
+                            generator=torch.Generator(), **loader_kwargs(d.device, cfg.workers))
+        bar = tqdm(total=end, initial=step, desc="pretrain", disable=not d.main, dynamic_ncols=True)
+        start = time.time()
+        while step < end:
+            epoch, done = divmod(step, steps_per_epoch)
+            keys.start(epoch, done * cfg.batch_size)  # less the batches done
+            for imgs, _ in loader:
+                lr = common.warmup_cosine(step, total, warmup, peak, cfg.min_lr)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr * g["lr_scale"]  # 1: MAE has no layer decay
+                with torch.autocast(d.device.type, torch.bfloat16, enabled=d.device.type == "cuda"):
+                    loss = net(imgs.to(d.device, non_blocking=True), cfg.mask_ratio)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # queued before the step's one host sync, the loss check
+                loss_value, stopping = run.gather_loss(loss)  # the same on all ranks; a signal to any stops all
+                if not math.isfinite(loss_value):  # stop before the update: the weights stay good
+                    raise UserError(f"the loss is not finite at step {step + 1}; {last} keeps the last good state "
+                                    f"(if any); lower --base-lr or lengthen --warmup-epochs")
+                optimizer.step()
+                step += 1
+                window.append(loss_value)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", epoch=epoch)
+                if step % cfg.log_every == 0 or step == end:
+                    loss_logged = sum(window) / len(window)  # mean since the previous line
+                    window = []
+                    if d.main:
+                        with open(log_path, "a") as f:
+                            f.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "loss": loss_logged,
+                                                "lr": lr, "time": round(time.time() - start, 2)}) + "\n")
+                if step % cfg.save_every == 0 or step == end or stopping:
+                    rngs = all_rng_states(d.world)  # a collective: every rank takes part
+                    if not common.all_finite(mae):  # a diverged update must not overwrite a good file
+                        raise UserError(f"the weights are not finite at step {step}; {last} keeps the last good state")
+                    if d.main:
+                        run.save({**make_checkpoint(mae, step, loss_logged, cfg, optimizer, rngs), "window": window})
+                run.stop_if(stopping and step < end, step)  # after the checkpoint: every rank exits with code 3
+                if step == end:
+                    break
+        bar.close()
+        if d.main:
+            write_encoder(export_encoder(mae), cfg.out)  # encoder.pth and encoder.safetensors
+            if cfg.export:
+                common.save_atomic(make_checkpoint(mae, step, loss_logged, cfg), cfg.export)
+            print(f"step {step}: loss {loss_logged:.4f}; wrote {last}, encoder.pth {cfg.export}")
+        return {"step": step, "loss": loss_logged, "out": cfg.out, "seconds": time.time() - start}
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from recipe import resolve, scale_of
 from util import common
 from util.common import opt
 from util.data import EpochKeys, loader_kwargs
-from util.resume import Run, data_of, managed, rng_state, set_rng_state, trim_log, write_encoder
+from util.resume import Run, data_of, rng_state, set_rng_state, trim_log, write_encoder
 from util.views import Views, make_views, to_input, train_set
 
 
@@ -306,89 +306,88 @@ def build(cfg, vit) -> Parts:
 
 # --- Training ---
 
-@managed
 def main(cfg: Settings) -> dict:
     d = common.setup_distributed(cfg.device)
-    run = Run(cfg.out, d)  # the folder, its lock; SIGTERM/SIGUSR1/SIGINT: checkpoint after the step
-    common.seed_everything(cfg.seed)  # the same heads and queues on every rank
-    data = train_set(cfg)
-    ck, last = run.resume(lambda ck, path: check_same_settings(  # last.pt, or last.prev.pt if it cannot be used
-        ck, resolve(cfg, SimpleNamespace(**ck["arch"]), d.world, len(data)), d.world, path, len(data))), run.last
-    vit = (model.ViT(**ck["arch"], grad_checkpointing=cfg.grad_checkpointing) if ck
-           else model.load_encoder(cfg.ckpt, cfg.num_heads or None, grad_checkpointing=cfg.grad_checkpointing))
-    for blk in vit.blocks if cfg.compile else []:  # per block, in place: keys stay, memory as checkpointed
-        blk.compile()
-    cfg = resolve(cfg, vit, d.world, len(data))
-    gb = cfg.batch_size * d.world
-    views = make_views(cfg)
-    data, keys = Views(data, views, cfg.seed), EpochKeys(range(len(data)), d.world, d.rank, cfg.seed)
-    loader = DataLoader(data, cfg.batch_size, sampler=keys, drop_last=True, generator=torch.Generator(),
-                        **loader_kwargs(d.device, cfg.workers))
-    parts = build(cfg, vit)
-    for key, part in parts.state().items():
-        if ck:
-            model.load_state_dict_strict(part, ck[key], f"{last} ({key})")
-        part.to(d.device)
-    step = ck["step"] if ck else 0
-    if ck:  # (the run draws on its own generators; restored for whatever else may draw)
-        set_rng_state(ck["rng"])
-    spe = keys.per_rank // cfg.batch_size  # steps per epoch
-    phases, total = make_phases(cfg, spe, gb), (cfg.head_epochs + cfg.epochs) * spe
-    stop = min(total, cfg.max_steps or total)
-    if d.main:
-        print(f"refine.py: {cfg.method} on {cfg.data} ({len(data)} images), encoder {vit.arch()} "
-              f"{getattr(vit, 'heads_from', '')}, world {d.world} x {d.device}, torch {torch.__version__}\n"
-              f"recipe: {' ('.join(scale_of(vit, len(data)))})\n"
-              f"heads on blocks {cfg.heads}; views 2x{cfg.global_size} + {cfg.local_crops}x{cfg.local_size} px; "
-              f"global batch {gb}; lr {phases[0].peak_lr:.3g} / {phases[1].peak_lr:.3g} for {cfg.head_epochs} + "
-              f"{cfg.epochs} epochs of {spe} steps" + (f"; resuming at step {step}" if ck else "")
-              + "\nsettings: " + json.dumps(dataclasses.asdict(cfg)))
-        trim_log(os.path.join(cfg.out, "log.jsonl"), step)  # a killed run logged past last.pt
-
-    def save(phase, optim):  # every rank checks (the weights are the same), so all stop together
-        if not all(map(common.all_finite, parts.state().values())):  # a diverged update keeps the last file
-            raise UserError(f"the weights are not finite at step {step}; {last} keeps the last good state")
+    with Run(cfg.out, d) as run:  # the folder, its lock; SIGTERM/SIGUSR1/SIGINT: checkpoint after the step
+        common.seed_everything(cfg.seed)  # the same heads and queues on every rank
+        data = train_set(cfg)
+        ck, last = run.resume(lambda ck, path: check_same_settings(  # last.pt, or last.prev.pt if it cannot be used
+            ck, resolve(cfg, SimpleNamespace(**ck["arch"]), d.world, len(data)), d.world, path, len(data))), run.last
+        vit = (model.ViT(**ck["arch"], grad_checkpointing=cfg.grad_checkpointing) if ck
+               else model.load_encoder(cfg.ckpt, cfg.num_heads or None, grad_checkpointing=cfg.grad_checkpointing))
+        for blk in vit.blocks if cfg.compile else []:  # per block, in place: keys stay, memory as checkpointed
+            blk.compile()
+        cfg = resolve(cfg, vit, d.world, len(data))
+        gb = cfg.batch_size * d.world
+        views = make_views(cfg)
+        data, keys = Views(data, views, cfg.seed), EpochKeys(range(len(data)), d.world, d.rank, cfg.seed)
+        loader = DataLoader(data, cfg.batch_size, sampler=keys, drop_last=True, generator=torch.Generator(),
+                            **loader_kwargs(d.device, cfg.workers))
+        parts = build(cfg, vit)
+        for key, part in parts.state().items():
+            if ck:
+                model.load_state_dict_strict(part, ck[key], f"{last} ({key})")
+            part.to(d.device)
+        step = ck["step"] if ck else 0
+        if ck:  # (the run draws on its own generators; restored for whatever else may draw)
+            set_rng_state(ck["rng"])
+        spe = keys.per_rank // cfg.batch_size  # steps per epoch
+        phases, total = make_phases(cfg, spe, gb), (cfg.head_epochs + cfg.epochs) * spe
+        stop = min(total, cfg.max_steps or total)
         if d.main:
-            run.save({**{k: m.state_dict() for k, m in parts.state().items()}, "arch": vit.arch(), "phase": phase,
-                      "optimizer": optim.state_dict(), "step": step, "global_batch": gb, "loss": loss_value,
-                      "settings": dataclasses.asdict(cfg), "rng": rng_state(), "n_train": len(data)})
+            print(f"refine.py: {cfg.method} on {cfg.data} ({len(data)} images), encoder {vit.arch()} "
+                  f"{getattr(vit, 'heads_from', '')}, world {d.world} x {d.device}, torch {torch.__version__}\n"
+                  f"recipe: {' ('.join(scale_of(vit, len(data)))})\n"
+                  f"heads on blocks {cfg.heads}; views 2x{cfg.global_size} + {cfg.local_crops}x{cfg.local_size} px; "
+                  f"global batch {gb}; lr {phases[0].peak_lr:.3g} / {phases[1].peak_lr:.3g} for {cfg.head_epochs} + "
+                  f"{cfg.epochs} epochs of {spe} steps" + (f"; resuming at step {step}" if ck else "")
+                  + "\nsettings: " + json.dumps(dataclasses.asdict(cfg)))
+            trim_log(os.path.join(cfg.out, "log.jsonl"), step)  # a killed run logged past last.pt
 
-    bar = tqdm(total=stop, initial=step, disable=not d.main, desc=cfg.method, dynamic_ncols=True)
-    phase, net, loss_value, t0, step0 = None, None, (ck or {}).get("loss", math.nan), time.perf_counter(), step
-    while step < stop:
-        epoch = step // spe
-        if phase is not phases[epoch >= cfg.head_epochs]:  # a phase starts (or resumes)
-            phase, net = phases[epoch >= cfg.head_epochs], None  # the last wrapper goes before the next
-            net, optim = start_phase(parts, cfg, phase, d, ck)
-            ck = None
-        keys.start(epoch, (step - epoch * spe) * cfg.batch_size)  # less the batches done
-        for (crops, params), idx in loader:  # uint8 crops and their photometric parameters
-            lr = common.warmup_cosine(step - phase.first, phase.steps, phase.warmup, phase.peak_lr, cfg.min_lr)
-            for g in optim.param_groups:  # Eq. (14), times each group's layer-wise scale (Eq. (13))
-                g["lr"] = lr * g["lr_scale"]
-            x = to_input(crops, params, views, d.device)  # colour jitter, blur, ... on the device, batched
-            idx = idx.to(d.device, non_blocking=True)
-            loss_value, stopping = refine_step(net, optim, parts, x, idx, phase, step, cfg, d.rank,
-                                               run.gather_loss)  # the same on every rank; a signal stops all
-            step += 1
-            ips = gb * (step - step0) / (time.perf_counter() - t0)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
-            if d.main and (step % cfg.log_every == 0 or step == stop):
-                with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(dict(step=step, loss=loss_value, lr=lr, images_per_s=ips,
-                                            phase=phase.name, epoch=epoch)) + "\n")
-            if step % cfg.save_every == 0 or step == stop or stopping:
-                save(phase.name, optim)
-            run.stop_if(stopping and step < stop, step)  # after the checkpoint: every rank exits with code 3
-            if step >= stop:
-                break
-    bar.close()
-    out = os.path.join(cfg.out, "encoder.pth")
-    if d.main:
-        write_encoder(model.export_encoder(parts.ema), cfg.out)  # and encoder.safetensors
-        print(f"step {step}/{total}: loss {loss_value:.4f}; EMA encoder -> {out}")
-    return dict(step=step, loss=loss_value, encoder=out, global_batch=gb, settings=dataclasses.asdict(cfg))
+        def save(phase, optim):  # every rank checks (the weights are the same), so all stop together
+            if not all(map(common.all_finite, parts.state().values())):  # a diverged update keeps the last file
+                raise UserError(f"the weights are not finite at step {step}; {last} keeps the last good state")
+            if d.main:
+                run.save({**{k: m.state_dict() for k, m in parts.state().items()}, "arch": vit.arch(), "phase": phase,
+                          "optimizer": optim.state_dict(), "step": step, "global_batch": gb, "loss": loss_value,
+                          "settings": dataclasses.asdict(cfg), "rng": rng_state(), "n_train": len(data)})
+
+        bar = tqdm(total=stop, initial=step, disable=not d.main, desc=cfg.method, dynamic_ncols=True)
+        phase, net, loss_value, t0, step0 = None, None, (ck or {}).get("loss", math.nan), time.perf_counter(), step
+        while step < stop:
+            epoch = step // spe
+            if phase is not phases[epoch >= cfg.head_epochs]:  # a phase starts (or resumes)
+                phase, net = phases[epoch >= cfg.head_epochs], None  # the last wrapper goes before the next
+                net, optim = start_phase(parts, cfg, phase, d, ck)
+                ck = None
+            keys.start(epoch, (step - epoch * spe) * cfg.batch_size)  # less the batches done
+            for (crops, params), idx in loader:  # uint8 crops and their photometric parameters
+                lr = common.warmup_cosine(step - phase.first, phase.steps, phase.warmup, phase.peak_lr, cfg.min_lr)
+                for g in optim.param_groups:  # Eq. (14), times each group's layer-wise scale (Eq. (13))
+                    g["lr"] = lr * g["lr_scale"]
+                x = to_input(crops, params, views, d.device)  # colour jitter, blur, ... on the device, batched
+                idx = idx.to(d.device, non_blocking=True)
+                loss_value, stopping = refine_step(net, optim, parts, x, idx, phase, step, cfg, d.rank,
+                                                   run.gather_loss)  # the same on every rank; a signal stops all
+                step += 1
+                ips = gb * (step - step0) / (time.perf_counter() - t0)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+                if d.main and (step % cfg.log_every == 0 or step == stop):
+                    with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+                        f.write(json.dumps(dict(step=step, loss=loss_value, lr=lr, images_per_s=ips,
+                                                phase=phase.name, epoch=epoch)) + "\n")
+                if step % cfg.save_every == 0 or step == stop or stopping:
+                    save(phase.name, optim)
+                run.stop_if(stopping and step < stop, step)  # after the checkpoint: every rank exits with code 3
+                if step >= stop:
+                    break
+        bar.close()
+        out = os.path.join(cfg.out, "encoder.pth")
+        if d.main:
+            write_encoder(model.export_encoder(parts.ema), cfg.out)  # and encoder.safetensors
+            print(f"step {step}/{total}: loss {loss_value:.4f}; EMA encoder -> {out}")
+        return dict(step=step, loss=loss_value, encoder=out, global_batch=gb, settings=dataclasses.asdict(cfg))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """Kill -9, SIGTERM and restart equal an uninterrupted run; a second run on the same --out is refused
 while the first finishes unchanged; bad output paths and non-finite losses never cost a good checkpoint
 (docs/RUNNING.md, "Resuming and failures")."""
-import json
 import os
 import signal
 import socket
@@ -13,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, make_checkpoint, make_image_folder, read_log
+
+from util.resume import PAUSE
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
@@ -34,23 +35,31 @@ def run(cmd):
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
 
 
-def kill_once_running(cmd, out: Path, after_step: int, worker=False, sig=signal.SIGKILL, group=False):
-    """Start cmd, send it `sig` (or, worker=True, its child: the rank under torchrun; group=True: every
-    process of it, as SLURM does) as soon as its log shows `after_step`; returns cmd's exit code and
-    stderr, after it ends."""
-    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         start_new_session=group)
-    log, killed = out / "log.jsonl", False
-    while p.poll() is None:
-        lines = log.read_text().splitlines() if log.exists() else []
-        if not killed and any(json.loads(line)["step"] >= after_step for line in lines[:-1]):
-            pids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split() if worker else [p.pid]
-            for pid in pids:
-                os.killpg(int(pid), sig) if group else os.kill(int(pid), sig)
-            killed = True
+def paused(cmd, out: Path, step: int, **popen):
+    """Start cmd with util/resume.py's test pause in its `step`-th step; returns the process, once it waits there
+    (its stderr in the file p.err, which no reader has to drain), and the file whose removal lets it run on."""
+    ready, err = out.with_name(out.name + ".ready"), out.with_name(out.name + ".err")
+    with open(err, "w") as f:
+        p = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, PAUSE: f"{step}:{ready}"}, stdout=subprocess.DEVNULL,
+                             stderr=f, **popen)
+    p.err, deadline = err, time.monotonic() + 300  # how long it takes to get there does not matter
+    while not ready.exists() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert killed, "the run ended before it could be signalled"
-    return p.returncode, p.stderr.read()
+    if not ready.exists():
+        p.kill()
+        pytest.fail(f"the run did not reach step {step} (exit code {p.wait()}):\n{err.read_text()}")
+    return p, ready
+
+
+def signal_at_step(cmd, out: Path, step: int, worker=False, sig=signal.SIGKILL, group=False):
+    """Start cmd, send it `sig` (or, worker=True, its child: the rank under torchrun; group=True: every process of
+    it, as SLURM does) while it waits in its `step`-th step (a signal stops it after that step); returns cmd's exit
+    code and stderr, after it ends."""
+    p, _ = paused(cmd, out, step, start_new_session=group)
+    pids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split() if worker else [p.pid]
+    for pid in pids:
+        os.killpg(int(pid), sig) if group else os.kill(int(pid), sig)
+    return p.wait(timeout=300), p.err.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +81,9 @@ def assert_same_as_whole(whole, out: Path, steps=12):
 
 
 def test_pretrain_killed_and_restarted_equals_uninterrupted(folder, whole_pretrain, tmp_path):
-    assert kill_once_running(pretrain_cmd(folder, tmp_path / "killed"), tmp_path / "killed", after_step=3)[0] != 0
+    assert signal_at_step(pretrain_cmd(folder, tmp_path / "killed"), tmp_path / "killed", step=4)[0] != 0
     assert (tmp_path / "killed" / "last.pt").exists()  # the kill came after a save, mid-training
+    assert len(read_log(tmp_path / "killed")) == 3  # and after a step logged past that save (step 2)
     again = run(pretrain_cmd(folder, tmp_path / "killed"))
     assert again.returncode == 0, again.stderr
     assert "has ended; taking it over" in again.stderr  # the lock the killed run left
@@ -84,9 +94,9 @@ def test_pretrain_sigterm_mid_run_then_resume_equals_uninterrupted(folder, whole
     """SIGTERM (SLURM before a preemption): the step finishes, last.pt is written (--save-every is far),
     exit code 3 with a message; the same command then ends bit-identical to an uninterrupted run."""
     out, cmd = tmp_path / "run", pretrain_cmd(folder, tmp_path / "run", "--save-every", "100")
-    code, err = kill_once_running(cmd, out, after_step=3, sig=signal.SIGTERM)
+    code, err = signal_at_step(cmd, out, step=3, sig=signal.SIGTERM)
     stopped = torch.load(out / "last.pt", weights_only=True)["step"]
-    assert code == 3 and f"stopped after step {stopped} by SIGTERM" in err and 3 <= stopped < 12, err
+    assert code == 3 and f"stopped after step {stopped} by SIGTERM" in err and stopped == 3, err
     assert not (out / "run.lock").exists()
     again = run(cmd)
     assert again.returncode == 0, again.stderr
@@ -98,17 +108,15 @@ def test_second_writer_refused_while_the_first_finishes_unchanged(folder, whole_
     import pretrain
     from util import common
     out = tmp_path / "run"
-    first = subprocess.Popen(pretrain_cmd(folder, out), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-    while not (out / "run.lock").exists() and first.poll() is None:
-        time.sleep(0.01)
+    first, ready = paused(pretrain_cmd(folder, out), out, step=3)  # holding the lock until `ready` is removed
     monkeypatch.setattr(sys, "argv", pretrain_cmd(folder, out)[1:])
     with pytest.raises(SystemExit) as e:
         common.cli(pretrain.main, pretrain.Settings)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"error: {out} is in use by process {first.pid} on {socket.gethostname()}")
-    assert first.wait() == 0, first.stderr.read()
+    os.remove(ready)
+    assert first.wait(timeout=300) == 0, first.err.read_text()
     assert_same_as_whole(whole_pretrain, out)
     assert not (out / "run.lock").exists()
 
@@ -150,7 +158,7 @@ def test_refine_rank_killed_and_restarted_by_torchrun_equals_uninterrupted(folde
     killed = tmp_path / "killed"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                 "--max-restarts=1"] + refine_cmd(ckpt, folder, killed)[1:]
-    assert kill_once_running(torchrun, killed, after_step=7, worker=True)[0] == 0
+    assert signal_at_step(torchrun, killed, step=10, worker=True)[0] == 0  # last.pt: step 8; logged: 9
     b = torch.load(killed / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 12  # 6 steps of heads only, then 6 of everything: killed in phase 2
     for part in ("encoder", "ema"):
@@ -166,9 +174,9 @@ def test_refine_sigterm_to_every_process_with_loader_workers(folder, whole_refin
     ckpt, a = whole_refine
     out = tmp_path / "run"
     cmd = refine_cmd(ckpt, folder, out) + ["--workers", "2", "--save-every", "100"]
-    code, err = kill_once_running(cmd, out, after_step=3, sig=signal.SIGTERM, group=True)
-    assert code == 3 and "stopped after step" in err and "Traceback" not in err, err
-    assert 3 <= torch.load(out / "last.pt", weights_only=True)["step"] < 12
+    code, err = signal_at_step(cmd, out, step=3, sig=signal.SIGTERM, group=True)
+    assert code == 3 and "stopped after step 3 by SIGTERM" in err and "Traceback" not in err, err
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 3
     again = run(cmd)
     assert again.returncode == 0, again.stderr
     b = torch.load(out / "last.pt", weights_only=True)

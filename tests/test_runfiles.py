@@ -7,6 +7,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -28,7 +30,7 @@ def holder(out):
 
 def test_live_holder_refused_dead_one_taken_over(tmp_path, capsys):
     out = tmp_path / "run"
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)  # lives on
     try:
         write_lock(out, pid=live.pid, start=resume._process(live.pid)[1])
         refusal = resume.take_lock(str(out))
@@ -64,13 +66,12 @@ def test_other_host_refused_requeued_or_restarted_job_takes_its_own(tmp_path, mo
     assert resume.take_lock(str(out)) == "" and holder(out)["job"] == "rdzv"
 
 
-@resume.managed
 def opened(out, fail=False, then=None):
-    run = resume.Run(str(out), ONE)
-    if then:
-        then(run)
-    if fail:
-        raise UserError("something later went wrong")
+    with resume.Run(str(out), ONE) as run:
+        if then:
+            then(run)
+        if fail:
+            raise UserError("something later went wrong")
     return run
 
 
@@ -101,6 +102,30 @@ def test_signal_is_gathered_and_stops_after_the_checkpoint(tmp_path):
         opened(tmp_path / "run", then=body)
     assert e.value.code == resume.PREEMPTED == 3
     assert torch.load(tmp_path / "run" / "last.pt")["step"] == 2 and not (tmp_path / "run" / "run.lock").exists()
+
+
+def test_test_pause_waits_for_a_signal_or_its_files_removal(tmp_path, monkeypatch):
+    """The tests' pause (resume.PAUSE): the Nth step writes the file and waits; a signal then stops the run after
+    that step, the file's removal lets it run on; a pause whose file exists (a restarted rank's) is skipped."""
+    def once_ready(ready, act):  # another thread: the main one is waiting in the pause
+        def go():
+            deadline = time.monotonic() + 60
+            while not ready.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            act()
+        threading.Thread(target=go, daemon=True).start()
+
+    def steps(run, ready, act, expected):
+        monkeypatch.setenv(resume.PAUSE, f"2:{ready}")
+        if act:
+            once_ready(ready, act)
+        assert run.gather_loss(torch.tensor(1.0)) == (1.0, False)  # step 1: no pause
+        assert run.gather_loss(torch.tensor(2.0)) == (2.0, expected)
+    opened(tmp_path / "a", then=lambda run: steps(run, tmp_path / "a.ready",
+                                                  lambda: os.kill(os.getpid(), signal.SIGUSR1), True))
+    opened(tmp_path / "b", then=lambda run: steps(run, tmp_path / "a.ready", None, False))  # exists: no pause
+    opened(tmp_path / "c", then=lambda run: steps(run, tmp_path / "c.ready", (tmp_path / "c.ready").unlink, False))
+    assert not (tmp_path / "c.ready").exists()
 
 
 def test_previous_checkpoint_kept_and_used_when_last_is_bad(tmp_path, capsys):

@@ -6,7 +6,6 @@
 - `write_encoder`: encoder.pth and encoder.safetensors, the same keys, the architecture stored in both.
 - atomic writes, the log trimmed to the checkpoint, every random generator's state.
 Importing it has no side effects."""
-import functools
 import json
 import os
 import random
@@ -26,6 +25,7 @@ from util.common import save_atomic, write_tmp
 
 PREEMPTED = 3  # the exit code of a run stopped by a signal after writing its checkpoint: rerun to resume
 LOCK = "run.lock"
+PAUSE = "REFINE_TEST_PAUSE"  # test-only, N:PATH: see Run._pause (tests signal a run at a known step)
 
 
 def warn(message: str):
@@ -137,9 +137,6 @@ class Signals:
             signal.signal(s, old)
 
 
-_OPEN = []  # the Runs of the main() now running, closed by @managed
-
-
 def write_encoder(sd: dict, out: str) -> str:
     """OUT/encoder.pth, a state dict of model.export_encoder (timm loads it strictly; the architecture in its
     `_metadata`), and OUT/encoder.safetensors, the same tensors, the architecture as JSON in its metadata."""
@@ -209,10 +206,10 @@ def data_of(ck: dict, new: str, n_new: int):
 
 class Run:
     """The --out folder of a training run, opened on every rank after setup_distributed: rank 0 creates it and
-    takes its lock, every rank catches SIGTERM/SIGUSR1/SIGINT until the run is closed (see `managed`)."""
+    takes its lock, every rank catches SIGTERM/SIGUSR1/SIGINT until the run is closed: `with Run(out, d) as run:`."""
 
     def __init__(self, out: str, d):
-        self.out, self.d, self.created, self.last_bad = out, d, None, False
+        self.out, self.d, self.created, self.last_bad, self.steps = out, d, None, False, 0
         self.last, self.prev, self.bad = (os.path.join(out, f) for f in ("last.pt", "last.prev.pt", "last.bad.pt"))
         error = self._open() if d.main else ""
         if d.world > 1:  # every rank stops with rank 0's error
@@ -222,7 +219,13 @@ class Run:
         if error:
             raise UserError(error)
         self.signals = Signals(loud=d.main)
-        _OPEN.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        """However the run ends: signal handlers restored, lock released, a folder it made and left empty removed."""
+        self.close(failed=kind is not None)
 
     def _open(self) -> str:
         if os.path.exists(self.out) and not os.path.isdir(self.out):
@@ -237,6 +240,8 @@ class Run:
     def gather_loss(self, loss: torch.Tensor) -> tuple:
         """The step's loss averaged over the ranks, and whether any rank has had a signal: one collective, one
         host sync, once per step on every rank, so that all ranks stop after the same step."""
+        self.steps += 1
+        self._pause()
         x = torch.stack([loss.detach().float(), loss.new_tensor(float(self.signals.signal is not None))])
         if self.d.world > 1:
             parts = [torch.empty_like(x) for _ in range(self.d.world)]
@@ -244,6 +249,19 @@ class Run:
             x = torch.stack(parts)  # (W, 2)
         losses, stop = x.reshape(-1, 2).unbind(1)
         return losses.mean().item(), bool(stop.max().item())
+
+    def _pause(self):
+        """Test-only (PAUSE=N:PATH): rank 0's Nth step in this process writes PATH unless it exists (a restarted rank
+        runs on), then waits, 120 s at most, for a signal (the run stops after this step) or PATH's removal."""
+        n, _, path = os.environ.get(PAUSE, "").partition(":")
+        if not (self.d.main and n == str(self.steps) and path) or os.path.exists(path):
+            return
+        open(path, "w").close()
+        deadline = time.monotonic() + 120  # a broken test fails rather than hangs
+        while self.signals.signal is None and os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{PAUSE}: no signal and {path} still there after 120 s")
+            time.sleep(0.01)
 
     def stop_if(self, stopping: bool, step: int):
         """After the checkpoint of a step with a signal: every rank exits with PREEMPTED."""
@@ -306,18 +324,3 @@ class Run:
             if folder == self.created:
                 break
             folder = os.path.dirname(folder)
-
-
-def managed(main):
-    """For a trainer's main(cfg): the Run it opens is closed however main ends (signal handlers restored,
-    lock released, a folder the run made and left empty removed)."""
-    @functools.wraps(main)
-    def wrapped(*args, **kwargs):
-        done = False
-        try:
-            result, done = main(*args, **kwargs), True
-            return result
-        finally:
-            while _OPEN:
-                _OPEN.pop().close(failed=not done)
-    return wrapped
