@@ -175,7 +175,7 @@ def feature_sets(f: dict, feature: str, grid: bool) -> dict:
 def linear(cfg, d, feats, vit=None, aug_ds=None, grid=False) -> list:
     """Every probe of the search trained together, one pass over the (re-embedded) train set per epoch;
     one record per probe, `best` marking the best of the grid (--search lr: of each feature set)."""
-    lrs, feature = [float(v) for v in cfg.lrs.split(",")], feats.get("feature") or cfg.feature
+    lrs, feature = [float(v) for v in cfg.lrs.split(",")], feats["feature"]  # the file's, or the flag's
     y, vy = feats["train_labels"].to(d.device), feats["val_labels"].to(d.device)
     num_classes, mode = int(max(y.max(), vy.max())) + 1, "augment" if cfg.augment else "features-once"
     val = feature_sets({b: t.to(d.device) for b, t in feats["val_features"].items()}, feature, grid)

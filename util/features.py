@@ -2,6 +2,7 @@
 the encoder's features of every image, per block, from a checkpoint or a saved feature file, and the
 printed and JSON report."""
 import dataclasses
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,8 +33,10 @@ class FeatureSettings:
     workers: int = opt(-1, "data-loading processes per process; -1 = by the cores available (at most 4)")
     device: str = opt("auto", "auto, cpu or cuda")
     out: Optional[str] = opt(None, "also write the results as JSON to this file")
-    save_features: Optional[str] = opt(None, "save the extracted features to this file")
-    load_features: Optional[str] = opt(None, "read the features from this file (the model is not run)")
+    save_features: Optional[str] = opt(None, "save the extracted features to this file (a feature file, "
+                                             "docs/METHOD.md §11)")
+    load_features: Optional[str] = opt(None, "read the features from this file (the model is not run): the four "
+                                             "tensors train/val_features, train/val_labels, docs/METHOD.md §11")
 
 
 def load_model(cfg):
@@ -91,14 +94,14 @@ def get_features(cfg, d, splits=("train", "val"), keep_classes=None, vit=None) -
     if cfg.load_features and cfg.save_features:
         raise UserError("give either --load-features or --save-features, not both")
     if cfg.load_features:
-        feats = read_feature_file(cfg.load_features, splits)
+        feats = read_feature_file(cfg.load_features, splits, cfg.feature, warn=d.main)
         for k in ("ckpt", "weights", "data", "feature"):  # the results describe the file, not the flags
             setattr(cfg, k, feats.get(k, cfg.data if k == "data" else None))
         cfg.img_size, cfg.num_heads = (feats.get("arch") or {}).get("img_size"), (feats.get("arch") or {}).get("heads")
         if d.main:
             print(f"features of {cfg.load_features}: {cfg.ckpt or 'checkpoint not recorded'} on {cfg.data}, "
                   f"feature {cfg.feature}, encoder {feats.get('arch') or 'not recorded'}")
-        avail = list(feats[f"{splits[0]}_features"])  # block numbers; 'file' for a bare one-block file
+        avail = list(feats[f"{splits[0]}_features"])  # block numbers; 'given' for a bare file's one
         ints = [b for b in avail if isinstance(b, int)]
         blocks = (avail if cfg.blocks == "all" or (len(avail) == 1 and cfg.blocks == "last")
                   else parse_blocks(cfg.blocks, max(ints)) if ints else [cfg.blocks])
@@ -149,20 +152,49 @@ def select_blocks(f: dict, blocks: list, concat: bool) -> dict:
     return f
 
 
-def read_feature_file(path: str, splits) -> dict:
-    """A --save-features file -> the same dict with `{split}_features` always {block: tensor}."""
+def read_feature_file(path: str, splits, feature: str = "unknown", warn: bool = True) -> dict:
+    """A feature file -> its dict, checked, with every `{split}_features` {block: (N, D) float32} and every
+    `{split}_labels` (N,) int64. The file (--save-features writes it): `train_features`, `val_features`
+    ((N, D) tensors of any float dtype, or {block: tensor}), `train_labels`, `val_labels` ((N,) integer
+    tensors); optional `feature`, `blocks`, `ckpt`, `weights`, `data`, `arch`, `classes`. What it does not
+    record is taken as `feature` (the --feature flag) and block 'given', with one warning line on stderr."""
     obj = read_checkpoint(path, "feature file", "write one with --save-features")
     need = [f"{s}_{w}" for s in splits for w in ("features", "labels")]
     if not isinstance(obj, dict) or any(k not in obj for k in need):
         raise UserError(f"feature file {path!r} lacks some of {need}; write it with --save-features")
+    bare = any(torch.is_tensor(obj[f"{s}_features"]) for s in splits)
+    said = [f"feature {feature!r}"] * ("feature" not in obj) + ["block 'given'"] * (bare and not obj.get("blocks"))
+    obj.setdefault("feature", feature)
     for s in splits:
         f, y = obj[f"{s}_features"], obj[f"{s}_labels"]
-        f = {(obj.get("blocks") or ["file"])[0]: f} if torch.is_tensor(f) else f  # one block
-        if any(not torch.is_tensor(t) or t.dim() != 2 or len(t) != len(y) for t in f.values()):
-            raise UserError(f"feature file {path!r}: {s}_features must be (N, D) tensors with one "
-                            f"row per label; write it with --save-features")
-        obj[f"{s}_features"], obj[f"{s}_labels"] = f, y.long()
+        f = {(obj.get("blocks") or ["given"])[0]: f} if torch.is_tensor(f) else f  # one block
+        if not torch.is_tensor(y) or y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise UserError(f"feature file {path!r}: {s}_labels must be one integer label per row, (N,) int8..int64")
+        if not isinstance(f, dict) or not f or not len(y) or (y < 0).any():
+            raise UserError(f"feature file {path!r}: {s}_features must be an (N, D) tensor or {{block: (N, D) "
+                            f"tensor}}, with N >= 1 labels 0, 1, ... in {s}_labels")
+        obj[f"{s}_features"], obj[f"{s}_labels"] = {b: check_rows(path, f"{s}_features", b, t, len(y))
+                                                    for b, t in f.items()}, y.long()
+    widths = [{b: t.shape[1] for b, t in obj[f"{s}_features"].items()} for s in splits]
+    if any(w != widths[0] for w in widths):  # the same blocks, as wide, in every split
+        raise UserError(f"feature file {path!r}: the blocks or widths of {' and '.join(splits)} features differ ("
+                        f"{' vs '.join(map(str, widths))}, block: width); extract them with the same encoder")
+    if said and warn:
+        print(f"warning: feature file {path} does not record its {' or '.join(w.split()[0] for w in said)}: "
+              f"taken as {', '.join(said)}", file=sys.stderr)
     return obj
+
+
+def check_rows(path: str, name: str, block, t, rows: int) -> torch.Tensor:
+    """One block's (N, D) features of a feature file as float32, refused unless finite with one row per label."""
+    if not torch.is_tensor(t) or t.dim() != 2 or not t.shape[1] or not t.is_floating_point():
+        raise UserError(f"feature file {path!r}: {name} of block {block!r} must be an (N, D) float tensor")
+    if len(t) != rows:
+        raise UserError(f"feature file {path!r}: {name} of block {block!r} has {len(t)} rows for {rows} labels")
+    t = t.float()
+    if not all(torch.isfinite(v) for v in torch.aminmax(t)):  # NaN propagates to both, an infinity to one
+        raise UserError(f"feature file {path!r}: {name} of block {block!r} holds NaN or infinite values")
+    return t
 
 
 def report(cfg, d, records: list, title: str) -> dict:
