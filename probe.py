@@ -1,20 +1,19 @@
 """Linear probing of frozen ViT features, and low-shot classification (docs/METHOD.md §11).
 
-Linear probe (MIM-Refiner, Alkin et al. 2024; MAE-CT, Lehner et al. 2023): non-affine BatchNorm1d,
-Linear (init std 0.01), SGD momentum 0.9, no weight decay, batch 1024, 10% warm-up then cosine, 50
-epochs, all probes trained together as stacked layers in one pass over the data. `--search grid`
-(default) is MIM-Refiner's search, the best of 52 probes: 13 lrs (x batch/256) x {CLS, CLS and the
-mean patch token concatenated} x {the top block of --blocks, its last 4 blocks concatenated}; the
-table lists all 52 and the winner is marked. `--search lr`: the 13 lrs alone, on each of --blocks
-(or --concat) with --feature. Mode `features-once` (default, fast): train features extracted once,
-no augmentation; mode `augment` (`--augment`, both papers' protocol): RandomResizedCrop(0.08-1,
-bicubic) + flip views re-embedded every epoch. The output and the JSON name the mode. MAE's recipe
-(He et al. 2022): `--search lr --augment --optimizer lars --lrs 0.1 --probe-batch-size 16384
---epochs 90 --warmup-epochs 10 --feature cls-norm` (50 epochs for ViT-L/H).
-Low-shot (`--shots 1,2,5`, `--percent 1` or `--split-file F`, instead of the probe): logistic
-regression (scikit-learn C = 4000, no intercept) on train rows each centred on its own mean and
-L2-normalised (cyanure's preprocessing, as in the papers); `--splits` seeded draws, mean reported.
-The papers' 1% column is fine-tuning (finetune.py); `--percent 1` here is the logistic-regression variant.
+Linear probe (MIM-Refiner, Alkin et al. 2024; MAE-CT, Lehner et al. 2023): non-affine BatchNorm1d, Linear (init
+std 0.01), SGD momentum 0.9, no weight decay, batch 1024, 10% warm-up then cosine, 50 epochs, all probes trained
+together as stacked layers in one pass over the data. `--search grid` (default) is MIM-Refiner's search, the best
+of 52 probes: 13 lrs (x batch/256) x {CLS, CLS and the mean patch token concatenated} x {the top block of --blocks,
+its last 4 blocks concatenated}; the table lists all 52 and the winner is marked. `--search lr`: the 13 lrs alone,
+on each of --blocks (or --concat) with --feature. Mode `features-once` (default, fast): train features extracted
+once, no augmentation; mode `augment` (`--augment`, both papers' protocol): RandomResizedCrop(0.08-1, bicubic) +
+flip views re-embedded every epoch. The output and the JSON name the mode. MAE's recipe (He et al. 2022):
+`--search lr --augment --optimizer lars --lrs 0.1 --probe-batch-size 16384 --epochs 90 --warmup-epochs 10
+--feature cls-norm` (50 epochs for ViT-L/H).
+Low-shot (`--shots 1,2,5`, `--percent 1` or `--split-file F`, instead of the probe): logistic regression (C = 4000,
+no intercept, solved to the optimum) on train rows each centred on its own mean and L2-normalised (cyanure's
+preprocessing, as in the papers); `--splits` seeded draws, mean reported. The papers' 1% column is fine-tuning
+(finetune.py); `--percent 1` here is the logistic-regression variant.
 
 CPU, the embedded data set (about a minute each on 2 cores; random weights score about 10%):
     python probe.py --ckpt checkpoints/mae_tiny_digits.pth --data jittered-digits
@@ -25,6 +24,7 @@ Several GPUs, ImageNet, ViT-L/16 (MIM-Refiner reports 77.5% -> 82.8% linear, 14.
 """
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -34,9 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import UserError
-from util.common import cli, opt, parse_blocks, parse_ints, setup_distributed
-from util.data import build_dataset, draw_split, split_file_indices, train_transform
-from util.features import FeatureSettings, extract_features, get_features, load_model, report, select_blocks
+from util.common import cli, opt, parse_blocks, setup_distributed
+from util.data import build_dataset, lowshot_draws, train_transform
+from util.features import Columns, FeatureSettings, extract_features, get_features, load_model, report, select_blocks
 
 LR_GRID = "1e-4,2e-4,5e-4,1e-3,2e-3,5e-3,0.01,0.02,0.05,0.1,0.2,0.3,0.5"  # MIM-Refiner's grid
 MODES = {"augment": "RandomResizedCrop + flip views re-embedded every epoch, the papers' protocol",
@@ -52,9 +52,9 @@ class Settings(FeatureSettings):
     optimizer: str = opt("sgd", "sgd (MIM-Refiner) or lars (MAE); momentum 0.9, no weight decay, either")
     augment: bool = opt(False, "re-embed the train images every epoch with RandomResizedCrop + flip (the "
                                "papers' mode, 'augment'); default: features extracted once ('features-once')")
-    search: str = opt("grid", "grid: MIM-Refiner's search, the --lrs x {--feature, it + the mean patch "
-                              "token} x {top block of --blocks, its last 4 concatenated} (52 probes); lr: "
-                              "the --lrs alone on each of --blocks (or --concat) with --feature")
+    search: str = opt("grid", "grid: MIM-Refiner's search, the --lrs x {--feature, it + the mean patch token} x "
+                              "{top block of --blocks, its last 4 concatenated} (52 probes); lr: the --lrs alone on "
+                              "each of --blocks (or --concat) with --feature")
     shots: str = opt("", "low-shot: images per class, e.g. 1,2,5 (replaces the linear probe)")
     percent: float = opt(0.0, "low-shot: percent of the train images of every class, e.g. 1")
     splits: int = opt(3, "low-shot: seeded random draws of the labelled images (seeds 0..splits-1)")
@@ -143,20 +143,6 @@ def linear_probe(x, y, val_x, val_y, lrs, epochs=50, batch=1024, warmup_epochs=N
     return trainer.accuracy(val_x, val_y)
 
 
-class Columns:
-    """Rows of several (N, D_i) feature tensors side by side, joined a batch at a time: the grid's
-    concatenated feature sets without a copy of the whole train set."""
-
-    def __init__(self, parts):
-        self.parts, self.dim, self.device = parts, sum(p.shape[1] for p in parts), parts[0].device
-
-    def __len__(self):
-        return len(self.parts[0])
-
-    def __getitem__(self, rows):
-        return torch.cat([p[rows] for p in self.parts], dim=1)
-
-
 def feature_sets(f: dict, feature: str, grid: bool) -> dict:
     """What the probes read, {(block, feature): Columns}. `--search lr`: each entry of f as it is.
     The grid (docs/METHOD.md §11): the top block of f and its top (up to) 4 blocks concatenated, each
@@ -204,27 +190,32 @@ def linear(cfg, d, feats, vit=None, aug_ds=None, grid=False) -> list:
 
 # --- Low-shot: logistic regression on a few labelled images per class
 
-def lowshot_accuracy(train_x, train_y, val_x, val_y) -> float:
-    """Eq. (22) of docs/METHOD.md: the low-shot classifier, logistic regression with L2 penalty
-    lambda = 2.5e-4 / N (scikit-learn C = 1 / (lambda N) = 4000), no intercept, fitted on train rows
-    each centred on its own scalar mean over its D features, then L2-normalised (cyanure's
-    preprocess(centering=True, normalize=True, columns=False), as in both papers' code); the
-    validation rows are scored as they are, as there (a row's scale never changes its argmax)."""
+def lowshot_fit(train_x, train_y):
+    """Eq. (22) of docs/METHOD.md: the low-shot classifier, logistic regression with L2 penalty lambda = 2.5e-4 / N
+    (scikit-learn C = 1 / (lambda N) = 4000), no intercept, on train rows each centred on its own scalar mean and
+    L2-normalised (cyanure's preprocess(centering=True, normalize=True, columns=False), as in both papers' code),
+    solved to the optimum: L-BFGS until every gradient entry is below 1e-6 of the largest at W = 0 (scikit-learn's
+    default tol 1e-4 is absolute: at 1000 classes it stopped after one step, near a class-mean classifier)."""
     from sklearn.linear_model import LogisticRegression
     x = train_x.double()
     x = F.normalize(x - x.mean(1, keepdim=True), dim=1)  # (N, D): each row its own mean and norm
-    clf = LogisticRegression(C=4000, fit_intercept=False, max_iter=1000).fit(x.numpy(), train_y.numpy())
+    classes, y = train_y.unique(return_inverse=True)
+    start = (x.sum(0) / len(classes) - x.new_zeros(len(classes), x.shape[1]).index_add_(0, y, x)).abs().max()
+    with warnings.catch_warnings():  # 1-shot has as many classes as rows, and scikit-learn warns of it
+        warnings.filterwarnings("ignore", "The number of unique classes")
+        return LogisticRegression(C=4000, fit_intercept=False, tol=1e-6 * float(start) / len(x),
+                                  max_iter=10000).fit(x.numpy(), train_y.numpy())
+
+
+def lowshot_accuracy(train_x, train_y, val_x, val_y) -> float:
+    """Top-1 of lowshot_fit's classifier on val rows as they are (as in the papers: scale never changes argmax)."""
+    clf = lowshot_fit(train_x, train_y)
     return float((clf.predict(val_x.double().numpy()) == val_y.numpy()).mean())
 
 
 def lowshot(cfg, feats) -> list:
     y, records = feats["train_labels"], []
-    draws = [("shots", s, seed, draw_split(y, seed, shots=s))
-             for s in (parse_ints(cfg.shots, "--shots") if cfg.shots else []) for seed in range(cfg.splits)]
-    draws += [("percent", cfg.percent, seed, draw_split(y, seed, percent=cfg.percent))
-              for seed in range(cfg.splits) if cfg.percent > 0]
-    if cfg.split_file:  # the image paths of an ImageFolder (not of the feature file)
-        draws.append(("split_file", cfg.split_file, 0, split_file_indices(cfg.split_file, cfg.data, len(y))))
+    draws = lowshot_draws(y, cfg.shots, cfg.percent, cfg.splits, cfg.split_file, cfg.data)
     for b in feats["blocks"]:
         x, vx = feats["train_features"][b], feats["val_features"][b]
         runs = {}

@@ -1,6 +1,6 @@
 """What the evaluation stages share (knn.py, probe.py, cluster.py, finetune.py): their common flags,
-the encoder's features of every image, per block, from a checkpoint or a saved feature file, and the
-printed and JSON report."""
+the encoder's features of every image, per block, from a checkpoint or a checked feature file, feature
+sets side by side without a copy (Columns), and the printed and JSON report."""
 import dataclasses
 import sys
 from dataclasses import dataclass
@@ -150,6 +150,20 @@ def select_blocks(f: dict, blocks: list, concat: bool) -> dict:
     if concat and len(blocks) > 1:
         f = {"+".join(map(str, blocks)): torch.cat(list(f.values()), dim=1)}
     return f
+
+
+class Columns:
+    """Rows of several (N, D_i) feature tensors side by side, joined a batch at a time: probe.py's
+    grid reads its concatenated feature sets without a copy of the whole train set."""
+
+    def __init__(self, parts):
+        self.parts, self.dim, self.device = parts, sum(p.shape[1] for p in parts), parts[0].device
+
+    def __len__(self):
+        return len(self.parts[0])
+
+    def __getitem__(self, rows):
+        return torch.cat([p[rows] for p in self.parts], dim=1)
 
 
 def read_feature_file(path: str, splits, feature: str = "unknown", warn: bool = True) -> dict:
