@@ -12,6 +12,7 @@ import knn
 import model
 import pretrain
 from model import UserError
+from util import common
 from util.data import build_dataset, eval_transform
 from util.features import extract_features, read_feature_file
 
@@ -136,6 +137,26 @@ def test_checkpoint_layouts_refine_and_mae(tiny, tmp_path):
                               feature="cls-norm", save_features=out))
         want, _ = extract_features(vit, ds, [2], "cls-norm", batch_size=6)
         torch.testing.assert_close(torch.load(out)["val_features"], want[2])
+
+
+def test_norm_pseudo_block_is_the_top_block_after_the_final_norm(tiny, tmp_path):
+    """--blocks 2,norm: block 2 and 'norm', block 2 after the final norm: its CLS is --feature cls-norm's of
+    block 2, its patch mean the mean of the normed patch tokens (mean of the raw ones under cls-norm+mean)."""
+    root, data, ckpt = tiny
+    vit, ds = model.load_encoder(ckpt), build_dataset(data, "val", eval_transform(32))
+    with torch.no_grad():
+        vit.norm.weight.uniform_(0.5, 1.5), vit.norm.bias.normal_()  # not the identity's affine part
+    got, _ = extract_features(vit, ds, common.parse_blocks("2,norm", 4), "cls-norm+mean")
+    want, _ = extract_features(vit, ds, [2], "cls-norm")
+    assert list(got) == [2, "norm"] and got["norm"].shape == (6, 64)
+    torch.testing.assert_close(got["norm"][:, :32], want[2])
+    torch.testing.assert_close(got[2][:, :32], want[2])  # cls-norm on a raw block: the same CLS
+    x = torch.stack([img for img, _ in ds])
+    with torch.no_grad():
+        normed = vit.final_norm(vit.forward_blocks(x, [2])[0])
+    torch.testing.assert_close(got["norm"][:, 32:], normed[:, 1:].mean(1))
+    res = knn.main(cpu_settings(knn.Settings, ckpt=ckpt, data=data, blocks="last,norm", k="1"))["results"]
+    assert [r["block"] for r in res] == [4, "norm"]
 
 
 def test_plot_needs_matplotlib(tiny, monkeypatch):

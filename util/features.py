@@ -25,7 +25,8 @@ class FeatureSettings:
                             "1024: 16, 1280: 16, 2560: 32, otherwise width // 64): check the printed architecture")
     data: str = opt("jittered-digits", "jittered-digits, or a folder with train/ and val/ (ImageFolder)")
     img_size: Optional[int] = opt(None, "input resolution (default: the checkpoint's)")
-    blocks: str = opt("last", "blocks to evaluate: last, all, a list 18,20,24 or a range 17-24")
+    blocks: str = opt("last", "blocks to evaluate: last, all, a list 18,20,24 or a range 17-24; with ',norm' also "
+                              "'norm': the top one after the encoder's final norm")
     concat: bool = opt(False, "evaluate the chosen blocks concatenated into one feature")
     feature: str = opt("cls", "cls (block output, no final norm), cls-norm (after the final norm) "
                               "or mean (of the patch tokens); cls+mean, cls-norm+mean: with the mean appended")
@@ -60,7 +61,8 @@ def pool(vit, tokens, feature: str):
 @torch.inference_mode()
 def extract_features(vit, dataset, blocks, feature="cls", batch_size=256, device="cpu",
                      workers=0, desc="features"):
-    """{block: (N, D) float32 CPU} and labels (N,), rows in dataset order. Under torchrun each
+    """{block: (N, D) float32 CPU} and labels (N,), rows in dataset order; block 'norm' (parse_blocks) pools the
+    top numbered block (or the last) after the final norm, --feature without its '-norm'. Under torchrun each
     rank embeds every world-th image (the list padded to a multiple of the world size) and the
     shards are gathered back and interleaved."""
     device, world = torch.device(device), world_size()
@@ -68,14 +70,15 @@ def extract_features(vit, dataset, blocks, feature="cls", batch_size=256, device
     order = list(range(n)) + list(range(n))[: (-n) % world]  # pad so every rank has as many
     loader = DataLoader(Subset(dataset, order[rank::world]), batch_size=batch_size,
                         **loader_kwargs(device, workers))
-    vit = vit.to(device).eval()
+    vit, run = vit.to(device).eval(), [b for b in blocks if b != "norm"] or [vit.depth]  # the blocks to run
     feats, labels = {b: [] for b in blocks}, []
     bar = {"disable": True} if rank else {}  # rank 0: tqdm's default, so TQDM_DISABLE=1 silences it
     for x, y in tqdm(loader, desc=desc, leave=False, **bar):
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            outs = vit.forward_blocks(x.to(device, non_blocking=True), blocks)
-        for b, t in zip(blocks, outs):
-            feats[b].append(pool(vit, t, feature).float())
+            outs = dict(zip(run, vit.forward_blocks(x.to(device, non_blocking=True), run)))
+            outs["norm"] = vit.final_norm(outs[max(run)]) if "norm" in blocks else None
+        for b in blocks:
+            feats[b].append(pool(vit, outs[b], feature.replace("-norm", "") if b == "norm" else feature).float())
         labels.append(y.to(device, non_blocking=True))
 
     def gather(parts):  # (n_shard, ...) per rank -> (n, ...) in dataset order
