@@ -1,20 +1,19 @@
 """Linear probing of frozen ViT features, and low-shot classification (docs/METHOD.md §11).
 
-Linear probe (MIM-Refiner, Alkin et al. 2024; MAE-CT, Lehner et al. 2023): non-affine BatchNorm1d,
-Linear (init std 0.01), SGD momentum 0.9, no weight decay, batch 1024, 10% warm-up then cosine, 50
-epochs, all probes trained together as stacked layers in one pass over the data. `--search grid`
-(default) is MIM-Refiner's search, the best of 52 probes: 13 lrs (x batch/256) x {CLS, CLS and the
-mean patch token concatenated} x {the top block of --blocks, its last 4 blocks concatenated}; the
-table lists all 52 and the winner is marked. `--search lr`: the 13 lrs alone, on each of --blocks
-(or --concat) with --feature. Mode `features-once` (default, fast): train features extracted once,
-no augmentation; mode `augment` (`--augment`, both papers' protocol): RandomResizedCrop(0.08-1,
-bicubic) + flip views re-embedded every epoch. The output and the JSON name the mode. MAE's recipe
-(He et al. 2022): `--search lr --augment --optimizer lars --lrs 0.1 --probe-batch-size 16384
---epochs 90 --warmup-epochs 10 --feature cls-norm` (50 epochs for ViT-L/H).
-Low-shot (`--shots 1,2,5`, `--percent 1` or `--split-file F`, instead of the probe): logistic
-regression (scikit-learn C = 4000, no intercept) on train rows each centred on its own mean and
-L2-normalised (cyanure's preprocessing, as in the papers); `--splits` seeded draws, mean reported.
-The papers' 1% column is fine-tuning (finetune.py); `--percent 1` here is the logistic-regression variant.
+Linear probe (MIM-Refiner, Alkin et al. 2024; MAE-CT, Lehner et al. 2023): non-affine BatchNorm1d, Linear (init
+std 0.01), SGD momentum 0.9, no weight decay, batch 1024, 10% warm-up then cosine, 50 epochs, all probes trained
+together as stacked layers in one pass over the data and evaluated after every epoch. `--search grid` (default) is
+MIM-Refiner's search, 52 probes: 13 lrs (x batch/256) x {CLS, CLS and the mean patch token concatenated} x {the
+top block of --blocks after the final norm, its last 4 blocks' raw outputs concatenated}; the table lists all 52,
+the last epoch's winner marked, and the best of all epochs (MIM-Refiner's number). `--search lr`: the 13 lrs alone,
+on each of --blocks (or --concat) with --feature. Mode `features-once` (default, fast): train features extracted
+once, no augmentation; mode `augment` (`--augment`, both papers' protocol): RandomResizedCrop(0.08-1, bicubic) +
+flip views re-embedded every epoch. MAE's recipe (He et al. 2022): `--search lr --augment --optimizer lars --lrs
+0.1 --probe-batch-size 16384 --epochs 90 --warmup-epochs 10 --feature cls-norm` (50 epochs for ViT-L/H).
+Low-shot (`--shots 1,2,5`, `--percent 1` or `--split-file F`, instead of the probe): logistic regression (C = 4000,
+no intercept, solved to the optimum) on train rows each centred on its own mean and L2-normalised (cyanure's
+preprocessing, as in the papers); `--splits` seeded draws, mean reported. The papers' 1% column is fine-tuning
+(finetune.py); `--percent 1` here is the logistic-regression variant.
 
 CPU, the embedded data set (about a minute each on 2 cores; random weights score about 10%):
     python probe.py --ckpt checkpoints/mae_tiny_digits.pth --data jittered-digits
@@ -24,6 +23,8 @@ Several GPUs, ImageNet, ViT-L/16 (MIM-Refiner reports 77.5% -> 82.8% linear, 14.
     torchrun --nproc_per_node=8 probe.py --ckpt refined/encoder.pth --data /imagenet --shots 1,2,5
 """
 import dataclasses
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -33,9 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import UserError
-from util.common import cli, opt, parse_blocks, parse_ints, setup_distributed, warmup_cosine
-from util.data import build_dataset, draw_split, split_file_indices, train_transform
-from util.features import FeatureSettings, extract_features, get_features, load_model, report, select_blocks
+from util.common import cli, opt, parse_blocks, setup_distributed, warmup_cosine
+from util.data import build_dataset, lowshot_draws, train_transform
+from util.features import Columns, FeatureSettings, extract_features, get_features, load_model, report, select_blocks
 
 LR_GRID = "1e-4,2e-4,5e-4,1e-3,2e-3,5e-3,0.01,0.02,0.05,0.1,0.2,0.3,0.5"  # MIM-Refiner's grid
 MODES = {"augment": "RandomResizedCrop + flip views re-embedded every epoch, the papers' protocol",
@@ -51,9 +52,9 @@ class Settings(FeatureSettings):
     optimizer: str = opt("sgd", "sgd (MIM-Refiner) or lars (MAE); momentum 0.9, no weight decay, either")
     augment: bool = opt(False, "re-embed the train images every epoch with RandomResizedCrop + flip (the "
                                "papers' mode, 'augment'); default: features extracted once ('features-once')")
-    search: str = opt("grid", "grid: MIM-Refiner's search, the --lrs x {--feature, it + the mean patch "
-                              "token} x {top block of --blocks, its last 4 concatenated} (52 probes); lr: "
-                              "the --lrs alone on each of --blocks (or --concat) with --feature")
+    search: str = opt("grid", "grid: MIM-Refiner's search, the --lrs x {--feature, it + the mean patch token} x {top "
+                              "block of --blocks after the final norm, its last 4 raw and concatenated} (52 probes); "
+                              "lr: the --lrs alone on each of --blocks (or --concat) with --feature")
     shots: str = opt("", "low-shot: images per class, e.g. 1,2,5 (replaces the linear probe)")
     percent: float = opt(0.0, "low-shot: percent of the train images of every class, e.g. 1")
     splits: int = opt(3, "low-shot: seeded random draws of the labelled images (seeds 0..splits-1)")
@@ -128,37 +129,23 @@ class GridTrainer:
 
 def linear_probe(x, y, val_x, val_y, lrs, epochs=50, batch=1024, warmup_epochs=None, seed=0) -> list:
     """Top-1 on (val_x, val_y) of every lr's probe, the grid trained together on (x, y)."""
-    num_classes = int(max(y.max(), val_y.max())) + 1
-    trainer = GridTrainer(x.shape[1], num_classes, lrs, min(batch, len(x)), epochs, len(x),
+    trainer = GridTrainer(x.shape[1], int(max(y.max(), val_y.max())) + 1, lrs, min(batch, len(x)), epochs, len(x),
                           0.1 * epochs if warmup_epochs is None else warmup_epochs, seed, x.device)
     for _ in range(epochs):
         trainer.train_epoch(x, y)
     return trainer.accuracy(val_x, val_y)
 
 
-class Columns:
-    """Rows of several (N, D_i) feature tensors side by side, joined a batch at a time: the grid's
-    concatenated feature sets without a copy of the whole train set."""
-
-    def __init__(self, parts):
-        self.parts, self.dim, self.device = parts, sum(p.shape[1] for p in parts), parts[0].device
-
-    def __len__(self):
-        return len(self.parts[0])
-
-    def __getitem__(self, rows):
-        return torch.cat([p[rows] for p in self.parts], dim=1)
-
-
 def feature_sets(f: dict, feature: str, grid: bool) -> dict:
-    """What the probes read, {(block, feature): Columns}. `--search lr`: each entry of f as it is.
-    The grid (docs/METHOD.md §11): the top block of f and its top (up to) 4 blocks concatenated, each
-    as F alone and, when f holds 'F+mean' features ((N, 2D), F first), as F with the mean patch token."""
+    """What the probes read, {(block, feature): Columns}. `--search lr`: each entry of f as it is. The grid
+    (docs/METHOD.md §11): the last-block sets read f's 'norm' (the top block after the final norm; without it the
+    top block), the last-4 sets its top (up to) 4 numbered blocks concatenated; each as F alone and, when f holds
+    'F+mean' features ((N, 2D), F first), as F with the mean patch token."""
     if not grid:
         return {(b, feature): Columns([t]) for b, t in f.items()}
-    blocks, base = sorted(f)[-4:], feature.removesuffix("+mean")
-    sets = {}
-    for name, bs in [(blocks[-1], blocks[-1:])] + ([("+".join(map(str, blocks)), blocks)] if blocks[1:] else []):
+    ints, base = sorted(b for b in f if isinstance(b, int))[-4:], feature.removesuffix("+mean")
+    top, sets = ["norm"] if "norm" in f else ints[-1:] or list(f)[-1:], {}
+    for name, bs in [(top[0], top)] + ([("+".join(map(str, ints)), ints)] if ints and ints != top else []):
         sets[name, base] = Columns([f[b][:, :f[b].shape[1] // 2] if base != feature else f[b] for b in bs])
         if base != feature:
             sets[name, feature] = Columns([f[b] for b in bs])
@@ -166,9 +153,10 @@ def feature_sets(f: dict, feature: str, grid: bool) -> dict:
 
 
 def linear(cfg, d, feats, vit=None, aug_ds=None, grid=False) -> list:
-    """Every probe of the search trained together, one pass over the (re-embedded) train set per epoch;
-    one record per probe, `best` marking the best of the grid (--search lr: of each feature set)."""
-    lrs, feature = [float(v) for v in cfg.lrs.split(",")], feats.get("feature") or cfg.feature
+    """Every probe of the search trained together, one pass over the (re-embedded) train set per epoch, each
+    evaluated after every epoch; one record per probe: top-1 after the last epoch, `best` marking the best of the
+    grid (--search lr: of each feature set), and its best epoch's (`top1_best_epoch`, `best_epoch`)."""
+    lrs, feature = [float(v) for v in cfg.lrs.split(",")], feats["feature"]  # the file's, or the flag's
     y, vy = feats["train_labels"].to(d.device), feats["val_labels"].to(d.device)
     num_classes, mode = int(max(y.max(), vy.max())) + 1, "augment" if cfg.augment else "features-once"
     val = feature_sets({b: t.to(d.device) for b, t in feats["val_features"].items()}, feature, grid)
@@ -176,20 +164,21 @@ def linear(cfg, d, feats, vit=None, aug_ds=None, grid=False) -> list:
     warm = 0.1 * cfg.epochs if cfg.warmup_epochs is None else cfg.warmup_epochs
     trainers = {k: GridTrainer(s.dim, num_classes, lrs, batch, cfg.epochs, n, warm, cfg.seed, d.device,
                                cfg.optimizer == "lars") for k, s in val.items()}
-    ints = parse_blocks(cfg.blocks, vit.depth) if aug_ds is not None else None
-    train = {b: t.to(d.device) for b, t in feats.get("train_features", {}).items()}
+    blocks = parse_blocks(cfg.blocks, vit.depth) if aug_ds is not None else None
+    train, history = {b: t.to(d.device) for b, t in feats.get("train_features", {}).items()}, {k: [] for k in val}
     for epoch in range(cfg.epochs):
         if aug_ds is not None:  # the frozen encoder embeds a new random crop of every image
-            f, _ = extract_features(vit, aug_ds, ints, cfg.feature, cfg.batch_size, d.device,
+            f, _ = extract_features(vit, aug_ds, blocks, cfg.feature, cfg.batch_size, d.device,
                                     cfg.workers, desc=f"epoch {epoch + 1}/{cfg.epochs}")
-            train = {b: t.to(d.device) for b, t in select_blocks(f, ints, cfg.concat).items()}
+            train = {b: t.to(d.device) for b, t in select_blocks(f, blocks, cfg.concat).items()}
         sets = feature_sets({b: train[b] for b in feats["val_features"]}, feature, grid)
         for k, trainer in trainers.items():
             trainer.train_epoch(sets[k], y)
+            history[k].append(trainer.accuracy(val[k], vy))  # (epochs, G): the official number is the best epoch's
     records = []
-    for (b, feat), trainer in trainers.items():
-        records += [{"block": b, "feature": feat, "lr": lr, "top1": a, "mode": mode, "best": False}
-                    for lr, a in zip(lrs, trainer.accuracy(val[b, feat], vy))]
+    for (b, feat), accs in history.items():
+        records += [{"block": b, "feature": feat, "lr": lr, "top1": a[-1], "top1_best_epoch": max(a),
+                     "best_epoch": a.index(max(a)) + 1, "mode": mode, "best": False} for lr, a in zip(lrs, zip(*accs))]
     for part in ([records] if grid else [records[i:i + len(lrs)] for i in range(0, len(records), len(lrs))]):
         max(part, key=lambda r: r["top1"])["best"] = True  # the first of equals
     return records
@@ -197,30 +186,34 @@ def linear(cfg, d, feats, vit=None, aug_ds=None, grid=False) -> list:
 
 # --- Low-shot: logistic regression on a few labelled images per class
 
-def lowshot_accuracy(train_x, train_y, val_x, val_y) -> float:
-    """Eq. (22) of docs/METHOD.md: the low-shot classifier, logistic regression with L2 penalty
-    lambda = 2.5e-4 / N (scikit-learn C = 1 / (lambda N) = 4000), no intercept, fitted on train rows
-    each centred on its own scalar mean over its D features, then L2-normalised (cyanure's
-    preprocess(centering=True, normalize=True, columns=False), as in both papers' code); the
-    validation rows are scored as they are, as there (a row's scale never changes its argmax)."""
+def lowshot_fit(train_x, train_y):
+    """Eq. (22) of docs/METHOD.md: the low-shot classifier, logistic regression with L2 penalty lambda = 2.5e-4 / N
+    (scikit-learn C = 1 / (lambda N) = 4000), no intercept, on train rows each centred on its own scalar mean and
+    L2-normalised (cyanure's preprocess(centering=True, normalize=True, columns=False), as in both papers' code),
+    solved to the optimum: L-BFGS until every gradient entry is below 1e-6 of the largest at W = 0 (scikit-learn's
+    default tol 1e-4 is absolute: at 1000 classes it stopped after one step, near a class-mean classifier)."""
     from sklearn.linear_model import LogisticRegression
     x = train_x.double()
     x = F.normalize(x - x.mean(1, keepdim=True), dim=1)  # (N, D): each row its own mean and norm
-    clf = LogisticRegression(C=4000, fit_intercept=False, max_iter=1000).fit(x.numpy(), train_y.numpy())
+    classes, y = train_y.unique(return_inverse=True)
+    start = (x.sum(0) / len(classes) - x.new_zeros(len(classes), x.shape[1]).index_add_(0, y, x)).abs().max()
+    with warnings.catch_warnings():  # 1-shot has as many classes as rows, and scikit-learn warns of it
+        warnings.filterwarnings("ignore", "The number of unique classes")
+        return LogisticRegression(C=4000, fit_intercept=False, tol=1e-6 * float(start) / len(x),
+                                  max_iter=10000).fit(x.numpy(), train_y.numpy())
+
+
+def lowshot_accuracy(train_x, train_y, val_x, val_y) -> float:
+    """Top-1 of lowshot_fit's classifier on val rows as they are (as in the papers: scale never changes argmax)."""
+    clf = lowshot_fit(train_x, train_y)
     return float((clf.predict(val_x.double().numpy()) == val_y.numpy()).mean())
 
 
 def lowshot(cfg, feats) -> list:
     y, records = feats["train_labels"], []
-    draws = [("shots", s, seed, draw_split(y, seed, shots=s))
-             for s in (parse_ints(cfg.shots, "--shots") if cfg.shots else []) for seed in range(cfg.splits)]
-    draws += [("percent", cfg.percent, seed, draw_split(y, seed, percent=cfg.percent))
-              for seed in range(cfg.splits) if cfg.percent > 0]
-    if cfg.split_file:  # the image paths of an ImageFolder (not of the feature file)
-        draws.append(("split_file", cfg.split_file, 0, split_file_indices(cfg.split_file, cfg.data, len(y))))
+    draws = lowshot_draws(y, cfg.shots, cfg.percent, cfg.splits, cfg.split_file, cfg.data)
     for b in feats["blocks"]:
-        x, vx = feats["train_features"][b], feats["val_features"][b]
-        runs = {}
+        x, vx, runs = feats["train_features"][b], feats["val_features"][b], {}
         for kind, value, seed, idx in draws:  # a record names its setting: shots, percent or split_file
             top1 = lowshot_accuracy(x[idx], y[idx], vx, feats["val_labels"])
             setting = {"block": b, "feature": cfg.feature, "shots": None, "percent": None,
@@ -235,14 +228,14 @@ def lowshot(cfg, feats) -> list:
 
 
 def grid_settings(cfg, vit):
-    """The extraction behind the grid: the top block of --blocks and the 3 below it, each as --feature
-    with the mean patch token ('F+mean'); from a feature file, its blocks up to that top one."""
+    """The extraction behind the grid: the top block t of --blocks and the 3 below it, and 'norm' (t after the final
+    norm), each as --feature with the mean patch token ('F+mean'); from a feature file, all its blocks."""
     if cfg.concat:
         raise UserError("--concat belongs to --search lr; the grid concatenates the last 4 blocks itself")
     if cfg.load_features:
         return dataclasses.replace(cfg, blocks="all")
-    top = parse_blocks(cfg.blocks, vit.depth)[-1]
-    return dataclasses.replace(cfg, blocks=f"{max(1, top - 3)}-{top}",
+    top = max([b for b in parse_blocks(cfg.blocks, vit.depth) if b != "norm"] or [vit.depth])
+    return dataclasses.replace(cfg, blocks=f"{max(1, top - 3)}-{top},norm",
                                feature=cfg.feature if cfg.feature.endswith("mean") else cfg.feature + "+mean")
 
 
@@ -263,11 +256,14 @@ def main(cfg: Settings) -> dict:
     feats.setdefault("train_labels", torch.as_tensor(getattr(aug_ds, "targets", [])))  # (N,) --augment
     if low:  # rank 0 alone fits the classifiers
         return report(cfg, d, lowshot(cfg, feats) if d.main else [], "low-shot logistic regression top-1")
-    if grid and cfg.load_features:  # the file's blocks up to the top one of --blocks
-        ints = [b for b in feats["blocks"] if isinstance(b, int)]
-        top = parse_blocks(cfg.blocks, max(ints))[-1] if ints else feats["blocks"][-1]
-        feats["val_features"] = {b: t for b, t in feats["val_features"].items() if b == top or
-                                 b in ints and top - 3 <= b < top}
+    if grid and cfg.load_features:  # the file's blocks t-3..t of the top one t of --blocks, and its 'norm' of t
+        ints = sorted(b for b in feats["blocks"] if isinstance(b, int))
+        top = max([b for b in parse_blocks(cfg.blocks, ints[-1]) if b != "norm"] or ints) if ints else None
+        keep = [b for b in ints if top - 3 <= b <= top] + ["norm"] * (ints[-1:] == [top] and "norm" in feats["blocks"])
+        feats["val_features"] = {b: feats["val_features"][b] for b in keep or feats["blocks"][-1:]}
+        if ints and "norm" not in keep and d.main:
+            print(f"warning: {cfg.load_features} holds no 'norm' of block {top} (after the final norm, MIM-Refiner's "
+                  f"last-block features): the last-block sets read its raw output", file=sys.stderr)
     # every rank trains the same probes on the same features (cheap); rank 0 reports
     records = linear(ecfg, d, feats, vit, aug_ds, grid)
     mode = records[0]["mode"]
@@ -275,6 +271,10 @@ def main(cfg: Settings) -> dict:
     result = report(cfg, d, records, f"linear probe top-1, {what}, {cfg.epochs} epochs, {mode} ({MODES[mode]})")
     for w in (r for r in records if r["best"] and d.main):  # the reported number(s)
         print(f"best: block {w['block']}, {w['feature']}, lr {w['lr']:g}: top-1 {w['top1']:.4f} ({mode})")
+    if d.main:  # MIM-Refiner reports the best of every probe's evaluations after each epoch
+        w = max(records, key=lambda r: r["top1_best_epoch"])
+        print(f"best of all epochs: block {w['block']}, {w['feature']}, lr {w['lr']:g}: top-1 "
+              f"{w['top1_best_epoch']:.4f} after epoch {w['best_epoch']} of {cfg.epochs} ({mode})")
     return result
 
 

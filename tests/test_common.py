@@ -60,6 +60,12 @@ def test_parse_blocks():
         common.parse_blocks("24-25", 24)
     with pytest.raises(model.UserError, match="cannot read --blocks"):
         common.parse_blocks("x", 24)
+    # 'norm': the pseudo-block of the final norm applied to the top block asked, always last
+    assert common.parse_blocks("norm,17-18", 24) == [17, 18, "norm"]
+    assert common.parse_blocks("last,norm", 24) == [24, "norm"] and common.parse_blocks("norm", 24) == ["norm"]
+    assert common.parse_blocks("all,norm", 2) == [1, 2, "norm"]
+    with pytest.raises(model.UserError, match="cannot read --blocks"):
+        common.parse_blocks("", 24)
 
 
 def test_save_atomic_never_leaves_a_torn_file(tmp_path, monkeypatch):

@@ -24,6 +24,14 @@ def files(tmp_path_factory):
     torch.save({**model.export_encoder(vit), "fc.weight": torch.zeros(3)}, d / "other.pth")
     (d / "notes.txt").write_text("not a checkpoint")
     torch.save({"train_features": torch.zeros(2, 3)}, d / "feats.pt")
+    x, y = torch.randn(4, 3).half(), torch.tensor([0, 1, 0, 1], dtype=torch.int8)  # the four tensors, nothing else
+    four = {"train_features": x, "train_labels": y, "val_features": x, "val_labels": y}
+    for name, bad in [("nan", {"val_features": x.index_fill(1, torch.tensor([2]), float("nan"))}),
+                      ("inf", {"train_features": {3: x.index_fill(0, torch.tensor([1]), float("-inf"))},
+                               "val_features": {3: x}}),
+                      ("wide", {"val_features": x[:, :2]}), ("rows", {"val_labels": y[:3]}),
+                      ("floaty", {"train_labels": y.float()})]:
+        torch.save({**four, **bad}, d / f"{name}.pt")
     make_image_folder(d / "ok", classes=("a", "b"), per_class=(2, 2))
     for split, classes in (("train", "ab"), ("val", "a")):  # val/ lacks a class: every later label would shift
         for c in classes:
@@ -53,6 +61,15 @@ CASES = [  # (script, flags, what the one line must say)
     (probe, "--ckpt {d}/mae.pth --batch-size -4", "--batch-size -4"),
     (probe, "--ckpt {d}/mae.pth --optimizer adam", "--optimizer sgd or lars"),
     (knn, "--load-features {d}/feats.pt", "lacks"),
+    (knn, "--load-features {d}/nan.pt", "val_features of block 'given' holds NaN or infinite values"),
+    (cluster, "--load-features {d}/nan.pt", "holds NaN or infinite values"),
+    (probe, "--load-features {d}/inf.pt --shots 1", "train_features of block 3 holds NaN or infinite values"),
+    (knn, "--load-features {d}/wide.pt", "widths of train and val features differ ({'given': 3} vs {'given': 2}"),
+    (probe, "--load-features {d}/wide.pt", "the blocks or widths of train and val features differ"),
+    (knn, "--load-features {d}/rows.pt", "val_features of block 'given' has 4 rows for 3 labels"),
+    (cluster, "--load-features {d}/rows.pt", "has 4 rows for 3 labels"),
+    (probe, "--load-features {d}/rows.pt --search lr", "has 4 rows for 3 labels"),
+    (probe, "--load-features {d}/floaty.pt", "train_labels must be one integer label per row"),
     (knn, "--ckpt {d}/mae.pth --data {d}/oneless", "other classes (only in train/: ['b'], only in val/: [])"),
     (cluster, "--ckpt {d}/mae.pth --data {d}/oneless", "give both the same class folders"),
     (knn, "--ckpt {d}/foreign.pth", "holds a pickled numpy"),
@@ -85,3 +102,6 @@ def test_real_command_line_has_no_traceback(files):
                          capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.startswith("error: checkpoint") and "fc.weight" in out.stderr
+    out = subprocess.run([sys.executable, "knn.py", "--load-features", str(files / "wide.pt")], cwd=ROOT,
+                         capture_output=True, text=True)  # was a RuntimeError's traceback from the matrix product
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "widths of train and val features" in out.stderr

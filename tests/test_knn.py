@@ -12,8 +12,9 @@ import knn
 import model
 import pretrain
 from model import UserError
+from util import common
 from util.data import build_dataset, eval_transform
-from util.features import extract_features
+from util.features import extract_features, read_feature_file
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +139,26 @@ def test_checkpoint_layouts_refine_and_mae(tiny, tmp_path):
         torch.testing.assert_close(torch.load(out)["val_features"], want[2])
 
 
+def test_norm_pseudo_block_is_the_top_block_after_the_final_norm(tiny, tmp_path):
+    """--blocks 2,norm: block 2 and 'norm', block 2 after the final norm: its CLS is --feature cls-norm's of
+    block 2, its patch mean the mean of the normed patch tokens (mean of the raw ones under cls-norm+mean)."""
+    root, data, ckpt = tiny
+    vit, ds = model.load_encoder(ckpt), build_dataset(data, "val", eval_transform(32))
+    with torch.no_grad():
+        vit.norm.weight.uniform_(0.5, 1.5), vit.norm.bias.normal_()  # not the identity's affine part
+    got, _ = extract_features(vit, ds, common.parse_blocks("2,norm", 4), "cls-norm+mean")
+    want, _ = extract_features(vit, ds, [2], "cls-norm")
+    assert list(got) == [2, "norm"] and got["norm"].shape == (6, 64)
+    torch.testing.assert_close(got["norm"][:, :32], want[2])
+    torch.testing.assert_close(got[2][:, :32], want[2])  # cls-norm on a raw block: the same CLS
+    x = torch.stack([img for img, _ in ds])
+    with torch.no_grad():
+        normed = vit.final_norm(vit.forward_blocks(x, [2])[0])
+    torch.testing.assert_close(got["norm"][:, 32:], normed[:, 1:].mean(1))
+    res = knn.main(cpu_settings(knn.Settings, ckpt=ckpt, data=data, blocks="last,norm", k="1"))["results"]
+    assert [r["block"] for r in res] == [4, "norm"]
+
+
 def test_plot_needs_matplotlib(tiny, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     with pytest.raises(UserError, match="matplotlib"):
@@ -201,3 +222,57 @@ def test_num_heads_flag_and_the_printed_architecture(tiny, tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(torch.load(out)["val_features"], net.forward_features(x)[:, 0],
                                    atol=1e-5, rtol=1e-5)
+
+
+
+# --- a feature file from elsewhere: the four tensors alone ---------------------------------------
+
+def four_tensors(path, dtype=torch.float16, label_dtype=torch.int8, blocks=None, **extra):
+    """Three well-separated classes in 8 dimensions, 30 train and 12 val rows, saved as the four tensors
+    in `dtype` and `label_dtype` (features as {block: tensor} when `blocks` are given) and `extra`;
+    returns the same file in float32 and int64, as --save-features writes it (feature 'cls', block 'given')."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=g) * 3
+    saved, plain = dict(extra), {"feature": "cls", "blocks": ["given"]}
+    for split, n in (("train", 30), ("val", 12)):
+        y = torch.arange(n) % 3
+        x = (centres[y] + torch.randn(n, 8, generator=g)).to(dtype)
+        saved[f"{split}_features"] = x if blocks is None else {b: x for b in blocks}
+        saved[f"{split}_labels"] = y.to(label_dtype)
+        plain[f"{split}_features"], plain[f"{split}_labels"] = x.float(), y
+    torch.save(saved, path)
+    return plain
+
+
+def test_four_tensor_feature_file_in_every_script(tmp_path, capsys):
+    """float16 features and int8 labels, nothing else: every script runs on them, with one warning line
+    naming what it took for the unrecorded feature and block, and scores as on the float32 / int64 file."""
+    import cluster
+    import probe
+    bare, full = str(tmp_path / "bare.pt"), str(tmp_path / "full.pt")
+    torch.save(four_tensors(bare), full)
+    runs = [(knn, dict(k="1,3")), (probe, dict(epochs=2)), (probe, dict(epochs=2, search="lr", lrs="0.1")),
+            (probe, dict(shots="1,2", splits=2)), (cluster, dict(seeds=2, iters=10))]
+    for script, kw in runs:
+        capsys.readouterr()
+        got = script.main(cpu_settings(script.Settings, load_features=bare, **kw))["results"]
+        warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+        assert len(warned) == 1 and "taken as feature 'cls', block 'given'" in warned[0], warned
+        assert got == script.main(cpu_settings(script.Settings, load_features=full, **kw))["results"]
+        assert {r["block"] for r in got} == {"given"} and all(r["feature"] == "cls" for r in got)
+        assert "warning:" not in capsys.readouterr().err  # the full file records both: nothing to say
+    assert len(got) == 1 and got[0]["acc"] == 1.0  # cluster: three blobs 6 standard deviations apart
+
+
+@pytest.mark.parametrize("dtype,label_dtype", [(torch.bfloat16, torch.uint8), (torch.float64, torch.int16)])
+def test_feature_file_of_blocks_in_any_dtype(tmp_path, capsys, dtype, label_dtype):
+    """{block: tensor} features in bfloat16 or float64, labels of any integer width: float32, int64."""
+    path = str(tmp_path / "f.pt")
+    plain = four_tensors(path, dtype, label_dtype, blocks=[7, 9], feature="mean")
+    got = knn.main(cpu_settings(knn.Settings, load_features=path, blocks="all", k="1"))["results"]
+    assert [(r["block"], r["feature"]) for r in got] == [(7, "mean"), (9, "mean")]
+    assert "warning:" not in capsys.readouterr().err  # blocks and feature recorded
+    f = read_feature_file(path, ("train", "val"))
+    assert f["val_features"][9].dtype == torch.float32 and f["val_labels"].dtype == torch.int64
+    assert torch.equal(f["val_features"][9], plain["val_features"])
+    assert torch.equal(f["val_labels"], plain["val_labels"])

@@ -119,18 +119,22 @@ def parse_ints(spec: str, flag: str) -> list:
 
 
 def parse_blocks(spec: str, depth: int) -> list:
-    """'last' | 'all' | '18,20,24' | '17-24' -> sorted block numbers within 1..depth."""
-    if spec in ("last", "all"):
-        return [depth] if spec == "last" else list(range(1, depth + 1))
+    """'last' | 'all' | '18,20,24' | '17-24' -> sorted block numbers within 1..depth; a part 'norm' (alone, or as
+    in 'last,norm') appends 'norm', the pseudo-block of the final norm applied to the top block asked (or the last)."""
+    parts = str(spec).split(",")
+    norm, spec = ["norm"] * ("norm" in parts), ",".join(p for p in parts if p != "norm")
+    if spec in ("last", "all") or norm and not spec:
+        return ([] if not spec else [depth] if spec == "last" else list(range(1, depth + 1))) + norm
     try:
         out = sorted({b for part in spec.split(",") for lo, _, hi in [part.partition("-")]
                       for b in range(int(lo), int(hi or lo) + 1)})
     except ValueError:
-        raise UserError(f"cannot read --blocks {spec!r}; use last, all, a list 18,20,24 or a range 17-24") from None
+        raise UserError(f"cannot read --blocks {spec!r}; use last, all, a list 18,20,24 or a range 17-24, "
+                        f"each with ,norm or not") from None
     bad = [b for b in out if not 1 <= b <= depth] or ([] if out else ["none"])
     if bad:
         raise UserError(f"--blocks {spec}: block {bad[0]} does not exist (the model has blocks 1..{depth})")
-    return out
+    return out + norm
 
 
 # --- Optimisation: Eq. (13) layer decay and Eq. (14) schedule, for every trainer and the probe ---

@@ -1,6 +1,6 @@
 """The data sets behind `--data`: the embedded jittered digits (digits.py) or a folder of images
 (ImageFolder with train/ and val/, or unlabelled images for the trainers); the evaluation
-transform; data-loader settings and the trainers' sampler of (epoch, index) keys."""
+transform; data-loader settings and the trainers' sampler of (epoch, index) keys; the low-shot draws."""
 import os
 import signal
 import threading
@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
 from model import UserError
+from util.common import parse_ints
 from util.digits import JitteredDigits
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -175,6 +176,17 @@ def draw_split(labels, seed: int, shots: int = 0, percent: float = 0.0) -> np.nd
             raise UserError(f"class {c} has only {len(idx)} train images, fewer than --shots {n}")
         out.append(rng.choice(idx, n, replace=False))
     return np.sort(np.concatenate(out))
+
+
+def lowshot_draws(labels, shots: str, percent: float, splits: int, split_file: str, data: str) -> list:
+    """probe.py's labelled subsets, (kind, value, seed, sorted indices): every --shots value and --percent drawn
+    with seeds 0..splits-1, then --split-file's images (named by the paths of --data, not of a feature file)."""
+    draws = [("shots", s, seed, draw_split(labels, seed, shots=s))
+             for s in (parse_ints(shots, "--shots") if shots else []) for seed in range(splits)]
+    draws += [("percent", percent, seed, draw_split(labels, seed, percent=percent)) for seed in range(splits)
+              if percent > 0]
+    return draws + ([("split_file", split_file, 0, split_file_indices(split_file, data, len(labels)))]
+                    if split_file else [])
 
 
 def read_split_file(path: str, n: int, samples=None, root: str = "") -> np.ndarray:

@@ -1,7 +1,8 @@
 """What the evaluation stages share (knn.py, probe.py, cluster.py, finetune.py): their common flags,
-the encoder's features of every image, per block, from a checkpoint or a saved feature file, and the
-printed and JSON report."""
+the encoder's features of every image, per block, from a checkpoint or a checked feature file, feature
+sets side by side without a copy (Columns), and the printed and JSON report."""
 import dataclasses
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,7 +25,8 @@ class FeatureSettings:
                             "1024: 16, 1280: 16, 2560: 32, otherwise width // 64): check the printed architecture")
     data: str = opt("jittered-digits", "jittered-digits, or a folder with train/ and val/ (ImageFolder)")
     img_size: Optional[int] = opt(None, "input resolution (default: the checkpoint's)")
-    blocks: str = opt("last", "blocks to evaluate: last, all, a list 18,20,24 or a range 17-24")
+    blocks: str = opt("last", "blocks to evaluate: last, all, a list 18,20,24 or a range 17-24; with ',norm' also "
+                              "'norm': the top one after the encoder's final norm")
     concat: bool = opt(False, "evaluate the chosen blocks concatenated into one feature")
     feature: str = opt("cls", "cls (block output, no final norm), cls-norm (after the final norm) "
                               "or mean (of the patch tokens); cls+mean, cls-norm+mean: with the mean appended")
@@ -32,8 +34,10 @@ class FeatureSettings:
     workers: int = opt(-1, "data-loading processes per process; -1 = by the cores available (at most 4)")
     device: str = opt("auto", "auto, cpu or cuda")
     out: Optional[str] = opt(None, "also write the results as JSON to this file")
-    save_features: Optional[str] = opt(None, "save the extracted features to this file")
-    load_features: Optional[str] = opt(None, "read the features from this file (the model is not run)")
+    save_features: Optional[str] = opt(None, "save the extracted features to this file (a feature file, "
+                                             "docs/METHOD.md §11)")
+    load_features: Optional[str] = opt(None, "read the features from this file (the model is not run): the four "
+                                             "tensors train/val_features, train/val_labels, docs/METHOD.md §11")
 
 
 def load_model(cfg):
@@ -57,7 +61,8 @@ def pool(vit, tokens, feature: str):
 @torch.inference_mode()
 def extract_features(vit, dataset, blocks, feature="cls", batch_size=256, device="cpu",
                      workers=0, desc="features"):
-    """{block: (N, D) float32 CPU} and labels (N,), rows in dataset order. Under torchrun each
+    """{block: (N, D) float32 CPU} and labels (N,), rows in dataset order; block 'norm' (parse_blocks) pools the
+    top numbered block (or the last) after the final norm, --feature without its '-norm'. Under torchrun each
     rank embeds every world-th image (the list padded to a multiple of the world size) and the
     shards are gathered back and interleaved."""
     device, world = torch.device(device), world_size()
@@ -65,14 +70,15 @@ def extract_features(vit, dataset, blocks, feature="cls", batch_size=256, device
     order = list(range(n)) + list(range(n))[: (-n) % world]  # pad so every rank has as many
     loader = DataLoader(Subset(dataset, order[rank::world]), batch_size=batch_size,
                         **loader_kwargs(device, workers))
-    vit = vit.to(device).eval()
+    vit, run = vit.to(device).eval(), [b for b in blocks if b != "norm"] or [vit.depth]  # the blocks to run
     feats, labels = {b: [] for b in blocks}, []
     bar = {"disable": True} if rank else {}  # rank 0: tqdm's default, so TQDM_DISABLE=1 silences it
     for x, y in tqdm(loader, desc=desc, leave=False, **bar):
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            outs = vit.forward_blocks(x.to(device, non_blocking=True), blocks)
-        for b, t in zip(blocks, outs):
-            feats[b].append(pool(vit, t, feature).float())
+            outs = dict(zip(run, vit.forward_blocks(x.to(device, non_blocking=True), run)))
+            outs["norm"] = vit.final_norm(outs[max(run)]) if "norm" in blocks else None
+        for b in blocks:
+            feats[b].append(pool(vit, outs[b], feature.replace("-norm", "") if b == "norm" else feature).float())
         labels.append(y.to(device, non_blocking=True))
 
     def gather(parts):  # (n_shard, ...) per rank -> (n, ...) in dataset order
@@ -91,14 +97,14 @@ def get_features(cfg, d, splits=("train", "val"), keep_classes=None, vit=None) -
     if cfg.load_features and cfg.save_features:
         raise UserError("give either --load-features or --save-features, not both")
     if cfg.load_features:
-        feats = read_feature_file(cfg.load_features, splits)
+        feats = read_feature_file(cfg.load_features, splits, cfg.feature, warn=d.main)
         for k in ("ckpt", "weights", "data", "feature"):  # the results describe the file, not the flags
             setattr(cfg, k, feats.get(k, cfg.data if k == "data" else None))
         cfg.img_size, cfg.num_heads = (feats.get("arch") or {}).get("img_size"), (feats.get("arch") or {}).get("heads")
         if d.main:
             print(f"features of {cfg.load_features}: {cfg.ckpt or 'checkpoint not recorded'} on {cfg.data}, "
                   f"feature {cfg.feature}, encoder {feats.get('arch') or 'not recorded'}")
-        avail = list(feats[f"{splits[0]}_features"])  # block numbers; 'file' for a bare one-block file
+        avail = list(feats[f"{splits[0]}_features"])  # block numbers; 'given' for a bare file's one
         ints = [b for b in avail if isinstance(b, int)]
         blocks = (avail if cfg.blocks == "all" or (len(avail) == 1 and cfg.blocks == "last")
                   else parse_blocks(cfg.blocks, max(ints)) if ints else [cfg.blocks])
@@ -149,20 +155,63 @@ def select_blocks(f: dict, blocks: list, concat: bool) -> dict:
     return f
 
 
-def read_feature_file(path: str, splits) -> dict:
-    """A --save-features file -> the same dict with `{split}_features` always {block: tensor}."""
+class Columns:
+    """Rows of several (N, D_i) feature tensors side by side, joined a batch at a time: probe.py's
+    grid reads its concatenated feature sets without a copy of the whole train set."""
+
+    def __init__(self, parts):
+        self.parts, self.dim, self.device = parts, sum(p.shape[1] for p in parts), parts[0].device
+
+    def __len__(self):
+        return len(self.parts[0])
+
+    def __getitem__(self, rows):
+        return torch.cat([p[rows] for p in self.parts], dim=1)
+
+
+def read_feature_file(path: str, splits, feature: str = "unknown", warn: bool = True) -> dict:
+    """A feature file -> its dict, checked, with every `{split}_features` {block: (N, D) float32} and every
+    `{split}_labels` (N,) int64. The file (--save-features writes it): `train_features`, `val_features`
+    ((N, D) tensors of any float dtype, or {block: tensor}), `train_labels`, `val_labels` ((N,) integer
+    tensors); optional `feature`, `blocks`, `ckpt`, `weights`, `data`, `arch`, `classes`. What it does not
+    record is taken as `feature` (the --feature flag) and block 'given', with one warning line on stderr."""
     obj = read_checkpoint(path, "feature file", "write one with --save-features")
     need = [f"{s}_{w}" for s in splits for w in ("features", "labels")]
     if not isinstance(obj, dict) or any(k not in obj for k in need):
         raise UserError(f"feature file {path!r} lacks some of {need}; write it with --save-features")
+    bare = any(torch.is_tensor(obj[f"{s}_features"]) for s in splits)
+    said = [f"feature {feature!r}"] * ("feature" not in obj) + ["block 'given'"] * (bare and not obj.get("blocks"))
+    obj.setdefault("feature", feature)
     for s in splits:
         f, y = obj[f"{s}_features"], obj[f"{s}_labels"]
-        f = {(obj.get("blocks") or ["file"])[0]: f} if torch.is_tensor(f) else f  # one block
-        if any(not torch.is_tensor(t) or t.dim() != 2 or len(t) != len(y) for t in f.values()):
-            raise UserError(f"feature file {path!r}: {s}_features must be (N, D) tensors with one "
-                            f"row per label; write it with --save-features")
-        obj[f"{s}_features"], obj[f"{s}_labels"] = f, y.long()
+        f = {(obj.get("blocks") or ["given"])[0]: f} if torch.is_tensor(f) else f  # one block
+        if not torch.is_tensor(y) or y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise UserError(f"feature file {path!r}: {s}_labels must be one integer label per row, (N,) int8..int64")
+        if not isinstance(f, dict) or not f or not len(y) or (y < 0).any():
+            raise UserError(f"feature file {path!r}: {s}_features must be an (N, D) tensor or {{block: (N, D) "
+                            f"tensor}}, with N >= 1 labels 0, 1, ... in {s}_labels")
+        obj[f"{s}_features"], obj[f"{s}_labels"] = {b: check_rows(path, f"{s}_features", b, t, len(y))
+                                                    for b, t in f.items()}, y.long()
+    widths = [{b: t.shape[1] for b, t in obj[f"{s}_features"].items()} for s in splits]
+    if any(w != widths[0] for w in widths):  # the same blocks, as wide, in every split
+        raise UserError(f"feature file {path!r}: the blocks or widths of {' and '.join(splits)} features differ ("
+                        f"{' vs '.join(map(str, widths))}, block: width); extract them with the same encoder")
+    if said and warn:
+        print(f"warning: feature file {path} does not record its {' or '.join(w.split()[0] for w in said)}: "
+              f"taken as {', '.join(said)}", file=sys.stderr)
     return obj
+
+
+def check_rows(path: str, name: str, block, t, rows: int) -> torch.Tensor:
+    """One block's (N, D) features of a feature file as float32, refused unless finite with one row per label."""
+    if not torch.is_tensor(t) or t.dim() != 2 or not t.shape[1] or not t.is_floating_point():
+        raise UserError(f"feature file {path!r}: {name} of block {block!r} must be an (N, D) float tensor")
+    if len(t) != rows:
+        raise UserError(f"feature file {path!r}: {name} of block {block!r} has {len(t)} rows for {rows} labels")
+    t = t.float()
+    if not all(torch.isfinite(v) for v in torch.aminmax(t)):  # NaN propagates to both, an infinity to one
+        raise UserError(f"feature file {path!r}: {name} of block {block!r} holds NaN or infinite values")
+    return t
 
 
 def report(cfg, d, records: list, title: str) -> dict:
