@@ -23,6 +23,7 @@ CPU, the embedded default (about 11 minutes on 2 cores; the README's table is th
 Reduced size (under a minute; what tests/test_demo.py runs on a tiny encoder and image folder):
     python demo.py --quick --ckpt tiny.pth --data folder --out runs/demo-quick
 """
+import importlib.util
 import json
 import os
 import shlex
@@ -45,10 +46,11 @@ ENCODERS = ("mae", "mim-refiner", "mae-ct")  # the story: the MIM encoder and it
 BASELINES = ("pixels", "pixels, per-image", "random")  # no training
 OWN_VIEW = ("mim-refiner, own view", "mae-ct, own view")  # --own-view: the positive is the anchor's other view
 CONTROLS = ("random+mim-refiner", "random+mae-ct")  # --control
-SUMMARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "demo_summary.json")  # the 3-seed run
-SLOTS = [threading.BoundedSemaphore(2)]  # stage processes that may run at once (--jobs); FIFO
-FAILED = threading.Event()  # a stage failed: start no other
+UNSEEDED = BASELINES + ("mae",)  # evaluated once; every other encoder once per refinement seed
 HERE = os.path.dirname(os.path.abspath(__file__))
+SUMMARY = os.path.join(HERE, "docs", "demo_summary.json")  # the committed 3-seed run
+SLOTS = [threading.BoundedSemaphore(2)]  # stage processes that may run at once (--jobs); FIFO
+FAILED, LOCK = threading.Event(), threading.Lock()  # a stage failed: start no other; one random encoder
 
 
 @dataclass
@@ -85,8 +87,7 @@ def stage_flags(cfg: Settings) -> dict:
 
 
 def run(cmd: list, log: str, cfg: Settings):
-    """One stage script as a child process; its output goes to `log`. A failure stops the demo
-    with the stage's last lines."""
+    """Run one stage script as a child process, its output into `log`; a failure stops the demo with its last lines."""
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
     with SLOTS[0], open(log, "w") as f:
         if FAILED.is_set():
@@ -104,7 +105,7 @@ def run(cmd: list, log: str, cfg: Settings):
 
 def folder(cfg: Settings, name: str, seed: int) -> str:
     """Where an encoder's files go: OUT/<name>/, and OUT/<name>/seed<s>/ for a refined one."""
-    return os.path.join(cfg.out, name, *([f"seed{seed}"] if name not in BASELINES + ("mae",) else []))
+    return os.path.join(cfg.out, name, *([f"seed{seed}"] if name not in UNSEEDED else []))
 
 
 def refine_flags(cfg: Settings, name: str) -> list:
@@ -117,8 +118,9 @@ def refine_flags(cfg: Settings, name: str) -> list:
 
 
 def chain(name: str, seed: int, cfg: Settings, flags: dict) -> str:
-    """Refine (unless a baseline or the MAE), extract the features once, then k-NN (standardised and
-    plain), probe, low-shot, clustering."""
+    """Evaluate one encoder: refine it (unless untrained), extract its features once, then every protocol.
+
+    The protocols: k-NN (standardised and plain), linear probe, low-shot, k-means."""
     d = folder(cfg, name, seed)
     os.makedirs(d, exist_ok=True)
     feats, common_flags = os.path.join(d, "features.pt"), ["--device", "cpu", "--workers", "0"]
@@ -127,7 +129,7 @@ def chain(name: str, seed: int, cfg: Settings, flags: dict) -> str:
         source = ["--load-features", feats]
     else:
         ckpt = os.path.abspath(cfg.ckpt) if not name.startswith("random") else random_encoder(cfg)
-        if name not in BASELINES + ("mae",):
+        if name not in UNSEEDED:
             quick = flags["refine"] + (["--local-crops", "1"] if cfg.quick and "mim-refiner" in name else [])
             run(["refine.py", "--ckpt", ckpt, "--data", cfg.data, "--out", d, "--seed", str(seed),
                  "--feature", cfg.feature, "--device", "cpu", *quick, *refine_flags(cfg, name)],
@@ -151,7 +153,8 @@ def chain(name: str, seed: int, cfg: Settings, flags: dict) -> str:
 
 
 def pixel_features(cfg: Settings, path: str, per_image: bool):
-    """The pixels through the evaluation transform as a one-feature file (N, C*H*W) that the stages read;
+    """Write the pixels through the evaluation transform as a feature file (N, C*H*W) that the stages read.
+
     per_image: each image z-scored over its own pixels (no labels used)."""
     size = load_encoder(cfg.ckpt).img_size
     out = {"feature": "pixels" + (", per-image" if per_image else ""), "blocks": ["pixels"], "data": cfg.data}
@@ -176,10 +179,9 @@ def random_encoder(cfg: Settings) -> str:
     return path
 
 
-LOCK = threading.Lock()
-
 
 def read(path: str) -> list:
+    """The records of a stage's --out JSON."""
     with open(path) as f:
         return json.load(f)["results"]
 
@@ -205,12 +207,9 @@ def collect(cfg: Settings, names: list) -> dict:
     """{"split", "seeds", "encoders": {name: {metric: [per seed]}}}: a baseline's list holds its one value."""
     seeds, encoders = list(range(cfg.seeds)), {}
     for name in names:
-        runs = [summarize(folder(cfg, name, s), cfg.k, cfg.quick)
-                for s in (seeds if name not in BASELINES + ("mae",) else [0])]
-        enc = {m: [r[m] for r in runs] for m in runs[0] if m != "knn_per_block"}
-        if "knn_per_block" in runs[0]:
-            enc["knn_per_block"] = {b: [r["knn_per_block"][b] for r in runs] for b in runs[0]["knn_per_block"]}
-        encoders[name] = enc
+        runs = [summarize(folder(cfg, name, s), cfg.k, cfg.quick) for s in ([0] if name in UNSEEDED else seeds)]
+        encoders[name] = {m: {b: [r[m][b] for r in runs] for b in v} if m == "knn_per_block" else [r[m] for r in runs]
+                          for m, v in runs[0].items()}
     return {"split": cfg.data, "seeds": seeds, "encoders": encoders}
 
 
@@ -243,19 +242,13 @@ def table(summary: dict, markdown: bool = False) -> str:
 
 def spread(summary: dict, path: str = SUMMARY) -> str:
     """Where a one-seed run's refined k-NN and k-means ACC sit in the committed multi-seed run's spread."""
-    if not os.path.isfile(path):
-        return ""
-    with open(path) as f:
-        ref = json.load(f)
+    ref = json.load(open(path)) if os.path.isfile(path) else {"split": None}
     if ref["split"] != summary["split"]:
-        return f"(the committed {path} is on {ref['split']}, this run on {summary['split']}: not compared)"
-    lines = [f"against the committed {len(ref['seeds'])}-seed run ({os.path.relpath(path, HERE)}):"]
-    for name, e in summary["encoders"].items():
-        if name in ref["encoders"] and len(ref["encoders"][name]["knn_top1"]) > 1:
-            r = ref["encoders"][name]
-            lines.append(f"  {name}: k-NN {cell(e['knn_top1'])} (committed {cell(r['knn_top1'])}), "
-                         f"k-means ACC {cell(e['cluster_acc'])} (committed {cell(r['cluster_acc'])})")
-    return "\n".join(lines)
+        return f"(no committed multi-seed run on {summary['split']} to compare with)"
+    return "\n".join([f"against the committed {len(ref['seeds'])}-seed run ({os.path.relpath(path, HERE)}):"] + [
+        f"  {n}: k-NN {cell(e['knn_top1'])} (committed {cell(ref['encoders'][n]['knn_top1'])}), k-means ACC "
+        f"{cell(e['cluster_acc'])} (committed {cell(ref['encoders'][n]['cluster_acc'])})"
+        for n, e in summary["encoders"].items() if n not in UNSEEDED and n in ref["encoders"]])
 
 
 def main(cfg: Settings) -> dict:
@@ -264,12 +257,8 @@ def main(cfg: Settings) -> dict:
                         f"or give any encoder checkpoint load_encoder reads")
     if cfg.jobs < 1 or cfg.threads < 1 or cfg.seeds < 1:
         raise UserError("--jobs, --threads and --seeds must be at least 1")
-    if cfg.plot:  # fail now, not after minutes of work
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise UserError("the pictures need matplotlib: pip install -r requirements-demo.txt "
-                            "(or --no-plot)") from None
+    if cfg.plot and importlib.util.find_spec("matplotlib") is None:  # fail now, not after minutes of work
+        raise UserError("the pictures need matplotlib: pip install -r requirements-demo.txt (or --no-plot)")
     os.makedirs(cfg.out, exist_ok=True)
     flags, t0 = stage_flags(cfg), time.perf_counter()
     names = [*BASELINES, *ENCODERS, *(OWN_VIEW if cfg.own_view else ()), *(CONTROLS if cfg.control else ())]
@@ -278,8 +267,8 @@ def main(cfg: Settings) -> dict:
     SLOTS[0] = threading.BoundedSemaphore(cfg.jobs)
     FAILED.clear()
     # All chains start at once, the refinements (the longest stages) first; a stage waits for a --jobs slot.
-    work = sorted([(n, s) for n in names for s in (range(cfg.seeds) if n not in BASELINES + ("mae",) else [0])],
-                  key=lambda ns: (ns[0] in BASELINES + ("mae",), ns[1]))
+    work = sorted([(n, s) for n in names for s in (range(cfg.seeds) if n not in UNSEEDED else [0])],
+                  key=lambda ns: (ns[0] in UNSEEDED, ns[1]))
     with ThreadPoolExecutor(len(work)) as pool:
         jobs = [pool.submit(chain, n, s, cfg, flags) for n, s in work]
         try:
