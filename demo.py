@@ -12,14 +12,14 @@ threads each); this file orchestrates them and aggregates their --out JSON files
     OUT/summary.json   {"split", "seeds", "encoders": {name: {metric: [one value per seed]}}}, fractions
     OUT/knn_per_block.png, neighbours.png, tsne.png (tools/pictures.py)
     OUT/<encoder>/[seed<s>/]  every stage's JSON, log and feature file
---seeds N refines each method N times (seeds 0..N-1); --own-view adds each method with the anchor's own
+--seeds N refines each method N times (seeds 0..N-1); --own-view METHODS adds those methods with the anchor's own
 other view as its positive (`--neighbours none`: the swap's ablation); --control refines the random
 encoder both ways, every block trainable, with the same steps (what the MIM pre-training brings).
 The numbers are reported on `jittered-digits:report`, glyphs no recipe was chosen on (util/digits.py).
 
 CPU, the embedded default (about 11 minutes on 2 cores; the README's table is the 3-seed run):
     python demo.py
-    python demo.py --seeds 3 --own-view --out runs/demo-seeds    # docs/demo_summary.json
+    python demo.py --seeds 3 --own-view mim-refiner --out runs/demo-seeds    # docs/demo_summary.json
 Reduced size (under a minute; what tests/test_demo.py runs on a tiny encoder and image folder):
     python demo.py --quick --ckpt tiny.pth --data folder --out runs/demo-quick
 """
@@ -44,7 +44,6 @@ from util.data import build_dataset, eval_transform
 
 ENCODERS = ("mae", "mim-refiner", "mae-ct")  # the story: the MIM encoder and its two refinements
 BASELINES = ("pixels", "pixels, per-image", "random")  # no training
-OWN_VIEW = ("mim-refiner, own view", "mae-ct, own view")  # --own-view: the positive is the anchor's other view
 CONTROLS = ("random+mim-refiner", "random+mae-ct")  # --control
 UNSEEDED = BASELINES + ("mae",)  # evaluated once; every other encoder once per refinement seed
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -63,8 +62,8 @@ class Settings:
     seeds: int = opt(1, "refinement seeds per method (0..N-1); the summary holds one value per seed")
     mim_refiner_args: str = opt("", "extra refine.py flags for MIM-Refiner, e.g. '--epochs 3'")
     mae_ct_args: str = opt("", "extra refine.py flags for MAE-CT")
-    own_view: bool = opt(False, "also refine both ways with the anchor's own other view as the positive "
-                                "(--neighbours none): what the nearest-neighbour swap adds")
+    own_view: str = opt("", "methods also refined with the anchor's own other view as the positive "
+                            "(--neighbours none): what the nearest-neighbour swap adds; e.g. mim-refiner,mae-ct")
     control: bool = opt(False, "also refine the random encoder both ways, every block trainable, same steps "
                                "(what the MIM pre-training contributes)")
     k: int = opt(20, "the k of the k-NN numbers in the summary and the plot (knn.py runs 10 and 20)")
@@ -261,7 +260,8 @@ def main(cfg: Settings) -> dict:
         raise UserError("the pictures need matplotlib: pip install -r requirements-demo.txt (or --no-plot)")
     os.makedirs(cfg.out, exist_ok=True)
     flags, t0 = stage_flags(cfg), time.perf_counter()
-    names = [*BASELINES, *ENCODERS, *(OWN_VIEW if cfg.own_view else ()), *(CONTROLS if cfg.control else ())]
+    own = [f"{m}, own view" for m in ENCODERS[1:] if m in cfg.own_view.split(",")]
+    names = [*BASELINES, *ENCODERS, *own, *(CONTROLS if cfg.control else ())]
     print(f"demo.py: {cfg.ckpt} on {cfg.data}, {cfg.seeds} seed(s); {cfg.jobs} processes x {cfg.threads} "
           f"threads; stage outputs in {cfg.out}/<encoder>/", flush=True)
     SLOTS[0] = threading.BoundedSemaphore(cfg.jobs)

@@ -23,7 +23,7 @@ def test_demo_quick_chain(tmp_path, capsys):
     out = str(tmp_path / "demo")
     has_plot = importlib.util.find_spec("matplotlib") is not None
     summary = demo.main(demo.Settings(ckpt=ckpt, data=folder, out=out, quick=True, jobs=3, seeds=2,
-                                      plot=has_plot, own_view=True))
+                                      plot=has_plot, own_view="mim-refiner,mae-ct"))
 
     with open(os.path.join(out, "summary.json")) as f:
         assert json.load(f) == json.loads(json.dumps(summary))
