@@ -60,6 +60,7 @@ class Settings:
     out: str = opt("runs/demo", "output folder: summary.json, the pictures, one folder per encoder")
     feature: str = opt("mean", "what the heads and the evaluations read: mean (of the patch tokens) or cls")
     seeds: int = opt(1, "refinement seeds per method (0..N-1); the summary holds one value per seed")
+    one_seed: str = opt("", "methods refined with seed 0 only, whatever --seeds says (to save time), e.g. mae-ct")
     mim_refiner_args: str = opt("", "extra refine.py flags for MIM-Refiner, e.g. '--epochs 3'")
     mae_ct_args: str = opt("", "extra refine.py flags for MAE-CT")
     own_view: str = opt("", "methods also refined with the anchor's own other view as the positive "
@@ -100,6 +101,12 @@ def run(cmd: list, log: str, cfg: Settings):
         raise UserError(f"{' '.join(cmd[:1] + cmd[-2:])} failed (exit {code}): {' | '.join(tail)}; "
                         f"the whole output is in {log}")
     print(f"  {time.perf_counter() - t0:6.0f} s  {' '.join(cmd[:3])}  -> {log}", flush=True)
+
+
+def seeds_of(cfg: Settings, name: str) -> list:
+    """The refinement seeds of encoder `name`: none but 0 for the untrained and the --one-seed methods."""
+    single = name in UNSEEDED or name.split("+")[-1].split(",")[0] in cfg.one_seed.split(",")
+    return [0] if single else list(range(cfg.seeds))
 
 
 def folder(cfg: Settings, name: str, seed: int) -> str:
@@ -204,12 +211,12 @@ def summarize(d: str, k: int, quick: bool) -> dict:
 
 def collect(cfg: Settings, names: list) -> dict:
     """{"split", "seeds", "encoders": {name: {metric: [per seed]}}}: a baseline's list holds its one value."""
-    seeds, encoders = list(range(cfg.seeds)), {}
+    encoders = {}
     for name in names:
-        runs = [summarize(folder(cfg, name, s), cfg.k, cfg.quick) for s in ([0] if name in UNSEEDED else seeds)]
+        runs = [summarize(folder(cfg, name, s), cfg.k, cfg.quick) for s in seeds_of(cfg, name)]
         encoders[name] = {m: {b: [r[m][b] for r in runs] for b in v} if m == "knn_per_block" else [r[m] for r in runs]
                           for m, v in runs[0].items()}
-    return {"split": cfg.data, "seeds": seeds, "encoders": encoders}
+    return {"split": cfg.data, "seeds": list(range(cfg.seeds)), "encoders": encoders}
 
 
 def cell(values: list, scale: float = 100) -> str:
@@ -267,7 +274,7 @@ def main(cfg: Settings) -> dict:
     SLOTS[0] = threading.BoundedSemaphore(cfg.jobs)
     FAILED.clear()
     # All chains start at once, the refinements (the longest stages) first; a stage waits for a --jobs slot.
-    work = sorted([(n, s) for n in names for s in (range(cfg.seeds) if n not in UNSEEDED else [0])],
+    work = sorted([(n, s) for n in names for s in seeds_of(cfg, n)],
                   key=lambda ns: (ns[0] in UNSEEDED, ns[1]))
     with ThreadPoolExecutor(len(work)) as pool:
         jobs = [pool.submit(chain, n, s, cfg, flags) for n, s in work]
