@@ -124,9 +124,7 @@ def refine_flags(cfg: Settings, name: str) -> list:
 
 
 def chain(name: str, seed: int, cfg: Settings, flags: dict) -> str:
-    """Evaluate one encoder: refine it (unless untrained), extract its features once, then every protocol.
-
-    The protocols: k-NN (standardised and plain), linear probe, low-shot, k-means."""
+    """Evaluate one encoder: refine it (unless untrained), extract its features once, run every protocol."""
     d = folder(cfg, name, seed)
     os.makedirs(d, exist_ok=True)
     feats, common_flags = os.path.join(d, "features.pt"), ["--device", "cpu", "--workers", "0"]
@@ -159,9 +157,7 @@ def chain(name: str, seed: int, cfg: Settings, flags: dict) -> str:
 
 
 def pixel_features(cfg: Settings, path: str, per_image: bool):
-    """Write the pixels through the evaluation transform as a feature file (N, C*H*W) that the stages read.
-
-    per_image: each image z-scored over its own pixels (no labels used)."""
+    """The evaluation-transform pixels as a feature file (N, C*H*W); per_image z-scores each image alone."""
     size = load_encoder(cfg.ckpt).img_size
     out = {"feature": "pixels" + (", per-image" if per_image else ""), "blocks": ["pixels"], "data": cfg.data}
     for split in ("train", "val"):
@@ -183,7 +179,6 @@ def random_encoder(cfg: Settings) -> str:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             common.save_atomic(export_encoder(fresh), path)
     return path
-
 
 
 def read(path: str) -> list:
@@ -274,8 +269,7 @@ def main(cfg: Settings) -> dict:
     SLOTS[0] = threading.BoundedSemaphore(cfg.jobs)
     FAILED.clear()
     # All chains start at once, the refinements (the longest stages) first; a stage waits for a --jobs slot.
-    work = sorted([(n, s) for n in names for s in seeds_of(cfg, n)],
-                  key=lambda ns: (ns[0] in UNSEEDED, ns[1]))
+    work = sorted(((n, s) for n in names for s in seeds_of(cfg, n)), key=lambda ns: (ns[0] in UNSEEDED, ns[1]))
     with ThreadPoolExecutor(len(work)) as pool:
         jobs = [pool.submit(chain, n, s, cfg, flags) for n, s in work]
         try:
