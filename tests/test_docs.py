@@ -96,3 +96,24 @@ def test_readme_is_a_landing_page():
     assert text.index("make demo") < text.index("make test") < text.index("\n## ")
     for moved in ("docs/RUNNING.md", "docs/PROTOCOLS.md", "docs/METHOD.md"):
         assert f"]({moved}" in text, moved
+
+
+def refine_commands(text: str) -> list:
+    """Every refine.py command of a document: lines of its code blocks (backslash continuations joined)
+    and inline `...` spans, each from its first word to its end."""
+    text = text.replace("\\\n", " ")
+    found = [line for line in text.splitlines() if re.search(r"(^|\s)refine\.py\s", line)]
+    found += [span for span in re.findall(r"`([^`\n]+)`", text) if re.search(r"(^|\s)refine\.py\s", span)]
+    return [" ".join(c.split()) for c in found]
+
+
+def test_every_mim_refiner_paper_command_trains_the_official_pairing():
+    """The view pairing of MIM-Refiner's public code made the papers' numbers: every MIM-Refiner command
+    that runs at paper scale (under torchrun on several GPUs, or on /imagenet) in the README, docs/*.md and
+    refine.py's docstring carries --pairing official; MAE-CT's (no pairing) and the CPU demos need not."""
+    docs = ["README.md"] + ["docs/" + f for f in sorted(os.listdir(os.path.join(ROOT, "docs"))) if f.endswith(".md")]
+    commands = [c for doc in docs for c in refine_commands(read(doc))] + refine_commands(refine.__doc__)
+    paper = [c for c in commands if ("--data /imagenet" in c or re.search(r"torchrun .*--nproc_per_node=8", c))
+             and "--method mae-ct" not in c]
+    assert len(paper) >= 5, paper  # README: L/16, H/14; RUNNING.md: SLURM; PROTOCOLS.md; refine.py
+    assert all("--pairing official" in c for c in paper), [c for c in paper if "--pairing official" not in c]
