@@ -1,13 +1,18 @@
 """What the README, docs/PROTOCOLS.md and the stage docstrings quote: each paper's number next to the
-checkpoint it starts from and the protocol it was measured with; the links between the documents."""
+checkpoint it starts from and the protocol it was measured with; the links between the documents; the
+official pairing in every MIM-Refiner paper command; METHOD.md's table of the official recipes against recipe.py."""
 import importlib
 import os
 import re
 import shlex
+from types import SimpleNamespace
 
+import pytest
 from conftest import ROOT
 
 import knn
+import model
+import recipe
 import refine
 from util import common
 
@@ -117,3 +122,37 @@ def test_every_mim_refiner_paper_command_trains_the_official_pairing():
              and "--method mae-ct" not in c]
     assert len(paper) >= 5, paper  # README: L/16, H/14; RUNNING.md: SLURM; PROTOCOLS.md; refine.py
     assert all("--pairing official" in c for c in paper), [c for c in paper if "--pairing official" not in c]
+
+
+def test_official_recipe_table_equals_what_recipe_resolves():
+    """docs/METHOD.md §8's table of the official recipes: every cell of every row equals what
+    recipe.resolve (and refine.make_phases, for the top-k) gives for that encoder on ImageNet-1K, 8 GPUs."""
+    text = read("docs/METHOD.md")
+    table = text[text.index("| encoder | method | lr 1 / 2 |"):]
+    rows = [[c.strip() for c in r.strip("|").split("|")] for r in table[:table.index("\n\n")].splitlines()[2:]]
+    size = {"B": "base", "L": "large", "H": "huge", "2B": "2b"}
+    seen = set()
+    for enc, method, lr, batch, epochs, warm, ld, frozen, heads, queue, topk, tau, ema, crops, files in rows:
+        letter, patch = re.search(r"ViT-(2B|B|L|H)/(\d+)", enc).groups()
+        dim, depth = model.SIZES[size[letter]][:2]
+        vit = SimpleNamespace(dim=dim, depth=depth, patch=int(patch), img_size=224, post_norm="data2vec" in enc)
+        r = recipe.resolve(refine.Settings(method=method.lower(), device="cpu"), vit, 8, 1_281_167)
+        pair = lambda cell: [float(v) for v in re.findall(r"\d[\d.]*(?:e-?\d+)?", cell)]  # noqa: E731
+        assert pair(lr) == [r.head_lr, r.lr] and int(batch) == r.batch_size * 8, enc
+        assert pair(epochs) == [r.head_epochs, r.epochs], enc
+        phases = [(r.head_epochs, r.head_warmup_epochs), (r.epochs, r.warmup_epochs)]
+        want = [w if "epochs" in warm else 100 * w / e for e, w in phases]
+        assert pair(warm.replace("%", "")) == pytest.approx(want), enc
+        assert float(ld) == r.layer_decay and int(frozen) == r.freeze_blocks and int(queue) == r.queue_size, enc
+        assert common.parse_blocks(heads, depth) == common.parse_blocks(r.heads, depth), enc
+        assert pair(topk) == [p.topk for p in refine.make_phases(r, 1, 256)], enc
+        assert pair(tau) == [r.head_temperature, r.temperature], enc
+        assert pair(ema) == [r.ema_momentum] + ([r.target_momentum] if method == "MAE-CT" else [])
+        (n, g, lo), *local = re.findall(r"(\d+) x (\d+) \(([\d.]+)-[\d.]+\)", crops)
+        assert (int(n), int(g), float(lo)) == (2, r.global_size, r.global_crop_min), enc
+        assert r.views == ("multicrop" if local else "crop-flip"), enc
+        assert [(int(k), int(s), float(m)) for k, s, m in local] == (
+            [(r.local_crops, r.local_size, r.local_crop_min)] if local else []), enc
+        assert files.count(".yaml") == 2, enc
+        seen.add((enc, method))
+    assert len(seen) == len(rows) == 9
