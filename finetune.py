@@ -2,10 +2,11 @@
 
 MIM-Refiner (Alkin et al. 2024, arXiv 2402.10093) reports ImageNet top-1 with 1% of the labels from
 full fine-tuning, not from a classifier on frozen features: the encoder and a linear head on its
-final-normed CLS token (init std 2e-5) train for 50 epochs with AdamW (lr 3e-5 per 256 images, betas
-0.9 / 0.999, weight decay 0.4), layer-wise lr decay 0.75 (Eq. (13)), 5 warm-up epochs then cosine to
-0 (Eq. (14)), global batch 512, RandomResizedCrop(0.08-1, bicubic) + flip, label smoothing 0.1, the
-positions trained too (Eq. (26)). The labelled images: `--split-file` (the MSN/SimCLRv2 file the
+final-normed CLS token (init std 2e-5; data2vec 2.0: a LayerNorm in front) train for 50 epochs with
+AdamW (lr 3e-5 per 256 images, betas 0.9 / 0.999, weight decay by size: 0.05 for ViT-L/16, 0.4 for
+ViT-H and 2B), layer-wise lr decay 0.75 (Eq. (13)), 5 warm-up epochs then cosine to 0 (Eq. (14)),
+global batch 512, RandomResizedCrop(0.08-1, bicubic) + flip, label smoothing 0.1, the patch positions
+trained too (the CLS slot stays fixed) (Eq. (26)). The labelled images: `--split-file` (the MSN/SimCLRv2 file the
 papers use, one image a line) or `--percent` of every class, drawn with `--seed`. Validation top-1
 after every `--eval-every` epochs; the last and the best are reported. Logistic regression on frozen
 features of the same split, a different protocol, is `probe.py --split-file F` (or `--percent 1`).
@@ -55,7 +56,8 @@ class Settings:
     epochs: int = opt(50, "fine-tuning epochs")
     batch_size: int = opt(512, "global batch, divided over the processes")
     lr: float = opt(3e-5, "AdamW peak lr per 256 images (x global batch / 256)")
-    weight_decay: float = opt(0.4, "AdamW weight decay; none on biases, norms, the CLS token and positions")
+    weight_decay: Optional[float] = opt(None, "AdamW weight decay (none on biases, norms, the CLS token and "
+                                        "positions); unset = by width: 0.05 up to ViT-L's 1024, else 0.4")
     layer_decay: float = opt(0.75, "layer-wise lr decay: block j gets decay^(depth+1-j), the stem decay^(depth+1)")
     warmup_epochs: float = opt(5.0, "linear warm-up in epochs, then cosine to 0")
     label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy")
@@ -67,21 +69,32 @@ class Settings:
     out: Optional[str] = opt(None, "also write the results as JSON to this file")
 
 
+def default_weight_decay(vit) -> float:
+    """The official 1% templates': 0.05 for ViT-L/16 (and, ours, narrower), 0.4 for ViT-H/14, H/16, 2B/14."""
+    return 0.05 if vit.dim <= 1024 else 0.4
+
+
 class Classifier(nn.Module):
-    """The encoder and a linear head on its final-normed CLS token, the positions made trainable."""
+    """The encoder, a linear head on its final-normed CLS token (data2vec 2.0: on a head LayerNorm's)."""
 
     def __init__(self, vit, num_classes: int):
         super().__init__()
         pos = vit.pos_embed
         del vit.pos_embed  # a buffer while the encoder is frozen; fine-tuning trains it (Eq. (26))
         vit.pos_embed = nn.Parameter(pos.clone())
+        # the official table has no CLS slot: ours stays fixed, else it trains as a second CLS token
+        vit.pos_embed.register_hook(lambda g: torch.cat([torch.zeros_like(g[:, :1]), g[:, 1:]], dim=1))
+        self.head_norm = nn.LayerNorm(vit.dim, eps=1e-6) if vit.post_norm else nn.Identity()
         self.vit, self.head = vit, nn.Linear(vit.dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, x):
-        """Eq. (26) of docs/METHOD.md: images (B, C, H, W) -> logits (B, classes)."""
-        return self.head(self.vit(x)[:, 0])
+    def logits(self, cls):
+        """Eq. (26) of docs/METHOD.md: the (final-normed) CLS token (B, D) -> logits (B, classes)."""
+        return self.head(self.head_norm(cls))
+
+    def forward(self, x):  # images (B, C, H, W) -> logits (B, classes)
+        return self.logits(self.vit(x)[:, 0])
 
 
 def labelled_indices(cfg, train) -> list:
@@ -99,7 +112,7 @@ def accuracy(net: Classifier, val, cfg, d) -> float:
     feats, labels = extract_features(net.vit, val, [net.vit.depth], "cls-norm", cfg.batch_size // d.world,
                                             d.device, cfg.workers, desc="val")  # the head's input, (N, D)
     net.vit.train()  # extract_features leaves it in eval mode
-    return (net.head(feats[net.vit.depth].to(d.device)).argmax(1).cpu() == labels).float().mean().item()
+    return (net.logits(feats[net.vit.depth].to(d.device)).argmax(1).cpu() == labels).float().mean().item()
 
 
 def main(cfg: Settings) -> dict:
@@ -122,7 +135,8 @@ def main(cfg: Settings) -> dict:
                         **loader_kwargs(d.device, cfg.workers))
     spe = keys.per_rank // (cfg.batch_size // d.world)  # steps per epoch
     total, warm, peak = cfg.epochs * spe, round(cfg.warmup_epochs * spe), cfg.lr * cfg.batch_size / 256
-    groups = common.param_groups(net, cfg.weight_decay, cfg.layer_decay, net.vit.depth)  # Eq. (13)
+    wd = default_weight_decay(vit) if cfg.weight_decay is None else cfg.weight_decay
+    groups = common.param_groups(net, wd, cfg.layer_decay, net.vit.depth)  # Eq. (13)
     optim = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.999))
     val = build_dataset(cfg.data, "val", eval_transform(vit.img_size))
     autocast = torch.autocast(d.device.type, torch.bfloat16, enabled=d.device.type == "cuda")

@@ -13,7 +13,8 @@ CPU, the embedded default (about 10 min each on one core; k-NN of the committed 
     python refine.py --feature mean --out runs/mim-refiner
     torchrun --standalone --nproc_per_node=2 refine.py --method mae-ct --feature mean --device cpu --out runs/mae-ct
 ImageNet on 8 GPUs (k-NN from public MAEs: MIM-Refiner ViT-L/16 60.6 -> 81.5; MAE-CT ViT-H/14 58.9 -> 79.1):
-    torchrun --nproc_per_node=8 refine.py --ckpt mae_pretrain_vit_large.pth --data /imagenet --out runs/l16
+    torchrun --nproc_per_node=8 refine.py --ckpt mae_pretrain_vit_large.pth --data /imagenet \\
+        --pairing official --out runs/l16
 """
 import copy
 import dataclasses

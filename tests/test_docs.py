@@ -1,13 +1,18 @@
 """What the README, docs/PROTOCOLS.md and the stage docstrings quote: each paper's number next to the
-checkpoint it starts from and the protocol it was measured with; the links between the documents."""
+checkpoint it starts from and the protocol it was measured with; the links between the documents; the
+official pairing in every MIM-Refiner paper command; METHOD.md's table of the official recipes against recipe.py."""
 import importlib
 import os
 import re
 import shlex
+from types import SimpleNamespace
 
+import pytest
 from conftest import ROOT
 
 import knn
+import model
+import recipe
 import refine
 from util import common
 
@@ -96,3 +101,58 @@ def test_readme_is_a_landing_page():
     assert text.index("make demo") < text.index("make test") < text.index("\n## ")
     for moved in ("docs/RUNNING.md", "docs/PROTOCOLS.md", "docs/METHOD.md"):
         assert f"]({moved}" in text, moved
+
+
+def refine_commands(text: str) -> list:
+    """Every refine.py command of a document: lines of its code blocks (backslash continuations joined)
+    and inline `...` spans, each from its first word to its end."""
+    text = text.replace("\\\n", " ")
+    found = [line for line in text.splitlines() if re.search(r"(^|\s)refine\.py\s", line)]
+    found += [span for span in re.findall(r"`([^`\n]+)`", text) if re.search(r"(^|\s)refine\.py\s", span)]
+    return [" ".join(c.split()) for c in found]
+
+
+def test_every_mim_refiner_paper_command_trains_the_official_pairing():
+    """The view pairing of MIM-Refiner's public code made the papers' numbers: every MIM-Refiner command
+    that runs at paper scale (under torchrun on several GPUs, or on /imagenet) in the README, docs/*.md and
+    refine.py's docstring carries --pairing official; MAE-CT's (no pairing) and the CPU demos need not."""
+    docs = ["README.md"] + ["docs/" + f for f in sorted(os.listdir(os.path.join(ROOT, "docs"))) if f.endswith(".md")]
+    commands = [c for doc in docs for c in refine_commands(read(doc))] + refine_commands(refine.__doc__)
+    paper = [c for c in commands if ("--data /imagenet" in c or re.search(r"torchrun .*--nproc_per_node=8", c))
+             and "--method mae-ct" not in c]
+    assert len(paper) >= 5, paper  # README: L/16, H/14; RUNNING.md: SLURM; PROTOCOLS.md; refine.py
+    assert all("--pairing official" in c for c in paper), [c for c in paper if "--pairing official" not in c]
+
+
+def test_official_recipe_table_equals_what_recipe_resolves():
+    """docs/METHOD.md §8's table of the official recipes: every cell of every row equals what
+    recipe.resolve (and refine.make_phases, for the top-k) gives for that encoder on ImageNet-1K, 8 GPUs."""
+    text = read("docs/METHOD.md")
+    table = text[text.index("| encoder | method | lr 1 / 2 |"):]
+    rows = [[c.strip() for c in r.strip("|").split("|")] for r in table[:table.index("\n\n")].splitlines()[2:]]
+    size = {"B": "base", "L": "large", "H": "huge", "2B": "2b"}
+    seen = set()
+    for enc, method, lr, batch, epochs, warm, ld, frozen, heads, queue, topk, tau, ema, crops, files in rows:
+        letter, patch = re.search(r"ViT-(2B|B|L|H)/(\d+)", enc).groups()
+        dim, depth = model.SIZES[size[letter]][:2]
+        vit = SimpleNamespace(dim=dim, depth=depth, patch=int(patch), img_size=224, post_norm="data2vec" in enc)
+        r = recipe.resolve(refine.Settings(method=method.lower(), device="cpu"), vit, 8, 1_281_167)
+        pair = lambda cell: [float(v) for v in re.findall(r"\d[\d.]*(?:e-?\d+)?", cell)]  # noqa: E731
+        assert pair(lr) == [r.head_lr, r.lr] and int(batch) == r.batch_size * 8, enc
+        assert pair(epochs) == [r.head_epochs, r.epochs], enc
+        phases = [(r.head_epochs, r.head_warmup_epochs), (r.epochs, r.warmup_epochs)]
+        want = [w if "epochs" in warm else 100 * w / e for e, w in phases]
+        assert pair(warm.replace("%", "")) == pytest.approx(want), enc
+        assert float(ld) == r.layer_decay and int(frozen) == r.freeze_blocks and int(queue) == r.queue_size, enc
+        assert common.parse_blocks(heads, depth) == common.parse_blocks(r.heads, depth), enc
+        assert pair(topk) == [p.topk for p in refine.make_phases(r, 1, 256)], enc
+        assert pair(tau) == [r.head_temperature, r.temperature], enc
+        assert pair(ema) == [r.ema_momentum] + ([r.target_momentum] if method == "MAE-CT" else [])
+        (n, g, lo), *local = re.findall(r"(\d+) x (\d+) \(([\d.]+)-[\d.]+\)", crops)
+        assert (int(n), int(g), float(lo)) == (2, r.global_size, r.global_crop_min), enc
+        assert r.views == ("multicrop" if local else "crop-flip"), enc
+        assert [(int(k), int(s), float(m)) for k, s, m in local] == (
+            [(r.local_crops, r.local_size, r.local_crop_min)] if local else []), enc
+        assert files.count(".yaml") == 2, enc
+        seen.add((enc, method))
+    assert len(seen) == len(rows) == 9

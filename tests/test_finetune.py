@@ -1,7 +1,9 @@
-"""finetune.py (the papers' 1% protocol): layer-wise lr groups, the split file, label smoothing, and
-two processes (gloo, DDP) against one on the same global batch."""
+"""finetune.py (the papers' 1% protocol): layer-wise lr groups, weight decay by size, data2vec 2.0's head
+LayerNorm, the fixed CLS position slot, the split file, label smoothing, and two processes (gloo, DDP)
+against one on the same global batch."""
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,7 +26,7 @@ def test_param_groups_layer_decay_and_trainable_positions():
     and head 1. No weight decay on 1-D parameters, the CLS token and the (now trained) positions."""
     net = finetune.Classifier(model.ViT(dim=32, depth=3, patch=4, img_size=32), 5)
     assert isinstance(net.vit.pos_embed, torch.nn.Parameter) and "pos_embed" not in dict(net.vit.named_buffers())
-    cfg = settings()
+    cfg = settings(weight_decay=0.4)
     groups = common.param_groups(net, cfg.weight_decay, cfg.layer_decay, net.vit.depth)
     seen = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
     for name, p in net.named_parameters():
@@ -39,6 +41,71 @@ def test_param_groups_layer_decay_and_trainable_positions():
         assert seen[id(p)] == (pytest.approx(want), wd), name
     assert len(seen) == len(list(net.parameters()))
     assert net.head.weight.std() < 1e-4 and not net.head.bias.any()  # MAE's head init, std 2e-5
+
+
+def test_weight_decay_by_size_and_the_flag_wins(tmp_path, monkeypatch, tiny_ckpt):
+    """The official 1% templates: 0.05 for ViT-L/16, 0.4 for ViT-H/14, H/16 and 2B/14 (data2vec 2.0 by its
+    size); what AdamW receives for the matrices, by default and with an explicit --weight-decay."""
+    by_size = {n: finetune.default_weight_decay(SimpleNamespace(dim=model.SIZES[n][0])) for n in model.SIZES}
+    assert by_size == {"tiny": 0.05, "small": 0.05, "base": 0.05, "large": 0.05, "huge": 0.4, "2b": 0.4}
+    assert finetune.default_weight_decay(SimpleNamespace(dim=1280, post_norm=True)) == 0.4  # data2vec 2.0 H/14
+    seen, real = [], torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda groups, **k: seen.append(
+        {g["weight_decay"] for g in groups}) or real(groups, **k))
+    data = make_image_folder(tmp_path / "d", per_class=(2, 1))  # 6 train images
+    for given, want in ((None, {0.0, 0.05}), (0.3, {0.0, 0.3})):
+        finetune.main(settings(ckpt=tiny_ckpt, data=data, percent=100, epochs=1, weight_decay=given))
+        assert seen.pop() == want
+
+
+def post_norm_classifier(classes=3):
+    """A data2vec-2.0-like (post-norm) classifier whose head and head norm are random, not their init."""
+    torch.manual_seed(0)
+    net = finetune.Classifier(model.ViT(dim=32, depth=2, patch=4, img_size=16, post_norm=True), classes)
+    for p in (net.head.weight, net.head_norm.weight, net.head_norm.bias):
+        torch.nn.init.normal_(p)
+    return net
+
+
+def test_data2vec_head_layernorm():
+    """As the official data2vec 2.0 classifier: LayerNorm (eps 1e-6) on the CLS token, then the linear head;
+    a pre-norm encoder has its final norm instead, and no extra parameters."""
+    net, x = post_norm_classifier(), torch.randn(4, 3, 16, 16)
+    cls = net.vit(x)[:, 0]
+    want = F.linear(F.layer_norm(cls, (32,), net.head_norm.weight, net.head_norm.bias, 1e-6),
+                    net.head.weight, net.head.bias)
+    assert torch.allclose(net(x), want, atol=1e-5) and not torch.allclose(net.head(cls), want, atol=1e-2)
+    pre = finetune.Classifier(model.ViT(dim=32, depth=2, patch=4, img_size=16), 3)
+    assert not any(k.startswith("head_norm") for k in pre.state_dict())
+    groups = common.param_groups(net, 0.05, 0.75, 2)
+    assert [g["lr_scale"] for g in groups for p in g["params"] if p is net.head_norm.weight] == [1.0]
+
+
+def test_validation_top1_reads_the_head_norm(tmp_path):
+    """accuracy() (features extracted once, then the head) equals the classifier run image by image."""
+    data = make_image_folder(tmp_path / "d", per_class=(2, 4), size=16)
+    net, d = post_norm_classifier(), common.setup_distributed("cpu")
+    val = build_dataset(data, "val", finetune.eval_transform(16))
+    with torch.no_grad():
+        want = sum(int(net(x[None]).argmax()) == y for x, y in val) / len(val)
+    assert finetune.accuracy(net, val, settings(), d) == pytest.approx(want)
+
+
+def test_cls_position_slot_stays_fixed():
+    """After AdamW steps the CLS slot of the position table is unchanged, the patch rows have moved."""
+    torch.manual_seed(0)
+    net = finetune.Classifier(model.ViT(dim=32, depth=2, patch=4, img_size=16), 3)
+    before, cls = net.vit.pos_embed.detach().clone(), net.vit.cls_token.detach().clone()
+    optim = torch.optim.AdamW(common.param_groups(net, 0.4, 0.75, 2), lr=1e-2)
+    for _ in range(3):
+        loss = F.cross_entropy(net(torch.randn(4, 3, 16, 16)) * 1e4, torch.tensor([0, 1, 2, 0]))
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    after = net.vit.pos_embed.detach()
+    assert torch.equal(after[:, 0], before[:, 0])
+    assert (after[:, 1:] - before[:, 1:]).abs().amax(-1).min() > 0  # every patch row trained
+    assert not torch.equal(net.vit.cls_token.detach(), cls)  # the CLS token itself trains
 
 
 def test_split_file_and_label_smoothing(tmp_path, monkeypatch):
