@@ -2,15 +2,11 @@
 
     python tools/make_assignment.py --out runs/assignment
 
-Regions of the .py files marked with comments (the repository runs unchanged):
-
-    # BEGIN PROMPT                 optional, right before BEGIN SOLUTION: a hint, kept only in the student copy
-    # ...
-    # END PROMPT
-    # BEGIN SOLUTION task=N
-    ...the body the student writes...
-    # END SOLUTION
-    x = expr  # SOLUTION task=N    the one-line form
+Regions of the .py files are marked with comments (the repository runs unchanged), in the otter-grader and
+nbgrader spelling: a line `BEGIN SOLUTION task=N` and a line `END SOLUTION` (each after a `# `) around the
+body the student writes, optionally preceded right away by a hint between `BEGIN PROMPT` and `END PROMPT`
+lines (kept, as comments, in the student copy only); or a statement followed by the comment
+`SOLUTION task=N` (the one-line form). docs/TEACHING.md shows them as they are written.
 
 DIR/student/ has each region replaced by `raise NotImplementedError("task N: ...")` at its indentation,
 DIR/solution/ has the markers removed and the code kept, DIR/grader/ holds the task tests
@@ -49,7 +45,17 @@ def enclosing_function(lines, i):
     for j in range(i - 1, -1, -1):
         m = re.match(r"^(\s*)(async\s+)?def\s+(\w+)", lines[j])
         if m and len(m.group(1)) < indent:
-            return f"{m.group(3)}@{j + 1}"
+            return owner_class(lines, j) + f"{m.group(3)}@{j + 1}"
+    return ""
+
+
+def owner_class(lines, j):
+    """'Name.' when the def on line j (0-based) is a method of class Name, else ''."""
+    indent = len(lines[j]) - len(lines[j].lstrip())
+    for i in range(j - 1, -1, -1):
+        m = re.match(r"^(\s*)(class|def)\s+(\w+)", lines[i])
+        if m and len(m.group(1)) < indent:
+            return f"{m.group(3)}." if m.group(2) == "class" else ""
     return ""
 
 
@@ -133,15 +139,15 @@ def render(text, regions, solved=()):
 
 def tracked_files(root):
     """The repository's files: git's list, or (no git) a walk that skips .venv, runs, .git and caches."""
-    try:
+    if os.path.exists(os.path.join(root, ".git")):  # a folder, or a file in a git worktree
         out = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout
         return sorted(p for p in out.decode().split("\0") if p and os.path.isfile(os.path.join(root, p)))
-    except (OSError, subprocess.CalledProcessError):
-        skip = {".venv", "runs", ".git", "__pycache__", ".pytest_cache"}
+    else:
+        skip = {".venv", "runs", ".git", "__pycache__", ".pytest_cache", ".ruff_cache"}
         found = []
         for d, dirs, files in os.walk(root):
             dirs[:] = [x for x in dirs if x not in skip]
-            found += [os.path.relpath(os.path.join(d, f), root) for f in files]
+            found += [os.path.relpath(os.path.join(d, f), root) for f in files if not f.endswith(".pyc")]
         return sorted(found)
 
 
@@ -197,16 +203,15 @@ def make(root, out):
     files = [p for p in tracked_files(root) if not p.startswith(os.path.relpath(out, root) + os.sep)]
     marked = collect(root, files)
     tasks = tasks_of(marked)
-    if not tasks:
-        raise MarkerError(f"{root}: no BEGIN {SOL} marker in any .py file")
     for sub in ("student", "solution", "grader"):
         shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
     write_copy(root, files, marked, os.path.join(out, "student"), solved=())
     write_copy(root, files, marked, os.path.join(out, "solution"), solved=set(tasks))
     write_copy(root, [p for p in GRADER_FILES if p in files], {}, os.path.join(out, "grader"), ())
     points = {f"task{n}": dict(points=1, **t) for n, t in tasks.items()}
-    with open(os.path.join(out, "grader", "points.json"), "w") as f:
-        json.dump(points, f, indent=1)
+    for where in ("grader/points.json", "student/tools/points.json", "solution/tools/points.json"):
+        with open(os.path.join(out, where), "w") as f:  # tools/grade.py reads it for the task names
+            json.dump(points, f, indent=1)
     return tasks
 
 
