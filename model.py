@@ -57,6 +57,7 @@ def sincos_pos_embed(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention, the Attn of Eq. (2) of docs/METHOD.md: softmax(q k^T / sqrt(D/h)) v per head."""
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
@@ -300,8 +301,7 @@ def nnclr_loss(nn_z, p_all, tau: float, offset: int = 0):
     """Eq. (10) of docs/METHOD.md: NNCLR as MAE-CT uses it; the whole row is the anchor's neighbour
     against every prediction, logit[j, k] = NN(z_j) . p_k / tau; shapes as in `nna_loss`."""
     # BEGIN SOLUTION task=6
-    nn_z = F.normalize(nn_z.detach().float(), dim=1)
-    p = F.normalize(p_all.float(), dim=1)
+    nn_z, p = F.normalize(nn_z.detach().float(), dim=1), F.normalize(p_all.float(), dim=1)
     target = torch.arange(nn_z.shape[0], device=nn_z.device) + offset
     return F.cross_entropy(nn_z @ p.T / tau, target)
     # END SOLUTION

@@ -110,10 +110,12 @@ def docstring_equation(text, region):
     if not fn:
         return None
     name, line = fn.split("@")
-    for node in ast.walk(ast.parse(text)):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.lineno == int(line):
-            m = re.search(r"Eq\. \((\d+'?)\)", ast.get_docstring(node) or "")
-            return f"Eq. ({m.group(1)})" if m else None
+    for node in ast.walk(ast.parse(text)):  # the function's docstring, else its class's
+        for fn in [node, *getattr(node, "body", [])]:
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and fn.lineno == int(line):
+                docs = ast.get_docstring(fn) or (ast.get_docstring(node) if isinstance(node, ast.ClassDef) else "")
+                m = re.search(r"Eq\. \((\d+'?)\)", docs or "")
+                return f"Eq. ({m.group(1)})" if m else None
     return None
 
 
