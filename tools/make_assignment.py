@@ -212,6 +212,7 @@ def make(root, out):
     write_copy(root, [p for p in GRADER_FILES if p in files], {}, os.path.join(out, "grader"), ())
     points = {f"task{n}": dict(points=1, **t) for n, t in tasks.items()}
     for where in ("grader/points.json", "student/tools/points.json", "solution/tools/points.json"):
+        os.makedirs(os.path.dirname(os.path.join(out, where)), exist_ok=True)
         with open(os.path.join(out, where), "w") as f:  # tools/grade.py reads it for the task names
             json.dump(points, f, indent=1)
     return tasks
