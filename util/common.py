@@ -177,6 +177,9 @@ def warmup_cosine(step: int, steps: int, warmup: int, peak: float, floor: float)
 
     Linear warm-up to `peak` over
     `warmup` steps, then half a cosine down to `floor` at step `steps` (step 0 already trains)."""
+    # BEGIN PROMPT
+    # linear warm-up peak * (step + 1) / warmup, then half a cosine from peak down to floor
+    # END PROMPT
     # BEGIN SOLUTION task=9
     if step < warmup:
         return peak * (step + 1) / warmup
