@@ -49,7 +49,8 @@ def test_student_and_solution_copies(tmp_path):
     root = write_tree(tmp_path / "repo", {"calc.py": GOOD, "notes.md": "no code\n"})
     assert ma.main(["--root", root, "--out", str(tmp_path / "a")]) == 0
     student, solution = read(tmp_path / "a/student/calc.py"), read(tmp_path / "a/solution/calc.py")
-    assert '    # a plus b\n    raise NotImplementedError("task 1: a plus b")\n\n' in student
+    want = '    # a plus b\n    raise NotImplementedError("task 1: write add, Eq. (3) of docs/METHOD.md")\n\n'
+    assert want in student, student
     assert '        raise NotImplementedError("task 2: write scale")\n    return xs' in student
     assert "s = a + b" not in student and S not in student and "PROMPT" not in student
     assert solution == GOOD.replace(f"    {P_BEGIN}\n    # a plus b\n    {P_END}\n    {BEGIN}1\n", "") \

@@ -170,8 +170,7 @@ def collect(root, files):
                                   f"({p0}:{l0}); one task, one function")
             name = r["function"].split("@")[0] or "module level"
             eq = docstring_equation(text, r)
-            r["hint"] = (r["prompt"][0] if r["prompt"] else
-                         f"write {name}" + (f", {eq} of docs/METHOD.md" if eq else "")).replace('"', "'")
+            r["hint"] = f"write {name}" + (f", {eq} of docs/METHOD.md" if eq else "")  # the prompt stays above
             r["name"], r["equation"] = name, eq
         if regions:
             marked[path] = (text, regions)
