@@ -31,4 +31,11 @@ demo-full: .venv/.demo-installed
 		--crop-min 0.5 --save-every 100 --export runs/demo-full/mae_tiny_digits.pth
 	$(PY) demo.py --ckpt runs/demo-full/mae_tiny_digits.pth --out runs/demo-full
 
-.PHONY: venv test lint demo demo-full
+# The course assignment (docs/TEACHING.md): student, solution and grader copies; the grade of this tree.
+assignment:
+	$(PY) tools/make_assignment.py --out runs/assignment
+
+grade:
+	$(PY) tools/grade.py
+
+.PHONY: venv test lint demo demo-full assignment grade

@@ -45,9 +45,14 @@ def knn_vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: in
              temperature: float) -> torch.Tensor:
     """Eq. (17) of docs/METHOD.md: the weighted vote of DINO's k-NN, score(c) = sum over the k
     neighbours of class c of exp(sim / temperature). sims, neighbour_labels (M, k) -> class scores (M, C)."""
+    # BEGIN PROMPT
+    # exp(sim / T) for each neighbour, summed per class (scatter_add_ into (M, C) zeros)
+    # END PROMPT
+    # BEGIN SOLUTION task=10
     weights = (sims / temperature).exp()  # (M, k)
     scores = sims.new_zeros(len(sims), num_classes)
     return scores.scatter_add_(1, neighbour_labels, weights)  # (M, C)
+    # END SOLUTION
 
 
 def knn_predict(train_feats, train_labels, test_feats, k, temperature=0.07, num_classes=None,

@@ -44,6 +44,7 @@ def sincos_pos_embed(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     first dim/2 channels code the column, the last dim/2 the row; each half is [sin(pos * w), cos(pos * w)]
     with w_i = 10000^(-i / (dim/4)); float64, so the table matches checkpoints written from numpy."""
     assert dim % 4 == 0, "sin-cos positions need a width divisible by 4"
+    # BEGIN SOLUTION task=1
     w = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
                                 torch.arange(grid_w, dtype=torch.float64), indexing="ij")
@@ -51,21 +52,24 @@ def sincos_pos_embed(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     def half(pos):  # (H*W,) -> (H*W, dim/2)
         ang = pos.reshape(-1, 1) * w
         return torch.cat([ang.sin(), ang.cos()], dim=1)
-
     return torch.cat([half(cols), half(rows)], dim=1).float()
+    # END SOLUTION
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention, the Attn of Eq. (2) of docs/METHOD.md: softmax(q k^T / sqrt(D/h)) v per head."""
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x):
+        # BEGIN SOLUTION task=2
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads)  # (B, N, 3, h, C/h)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, N, C/h)
         x = F.scaled_dot_product_attention(q, k, v)  # fused kernel where the device has one
         return self.proj(x.transpose(1, 2).reshape(B, N, C))  # (B, N, C)
+        # END SOLUTION
 
 
 class Block(nn.Module):
@@ -79,8 +83,7 @@ class Block(nn.Module):
     def forward(self, x):
         """Eq. (2) of docs/METHOD.md: pre-norm (MAE, timm) or post-norm (data2vec 2.0) block."""
         if self.post_norm:
-            x = x + self.attn(x)
-            r = self.norm1(x)
+            r = self.norm1(x + self.attn(x))  # r = LN_1(x')
             return self.norm2(r + self.mlp(r))
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
@@ -253,22 +256,26 @@ class NNQueue(nn.Module):
     @torch.no_grad()
     def enqueue(self, z, idx):
         """Eq. (7) of docs/METHOD.md: write z (n, d) and their dataset indices (n,) over the oldest entries."""
+        # BEGIN SOLUTION task=4
         n, size = z.shape[0], self.z.shape[0]
         pos = (self.ptr + torch.arange(n, device=z.device)) % size  # wraps around
         self.z[pos] = F.normalize(z.float(), dim=1)
         self.idx[pos] = idx
         self.ptr.copy_((self.ptr + n) % size)
+        # END SOLUTION
 
     @torch.no_grad()
     @fp32
     def lookup(self, z, idx, k: int = 1, generator=None):
         """Eq. (6) of docs/METHOD.md: for each query z (B, d) a stored neighbour (B, d), one of the k
         most similar entries, picked uniformly; entries of the query's own image (its dataset index) excluded."""
+        # BEGIN SOLUTION task=3
         sim = F.normalize(z.float(), dim=1) @ self.z.T  # (B, Q) cosine similarities
         sim = sim.masked_fill(self.idx[None, :] == idx[:, None], -1.0)  # never oneself
         top = sim.topk(k, dim=1).indices  # (B, k)
         pick = torch.randint(k, (z.shape[0], 1), device=z.device, generator=generator)
         return self.z[top.gather(1, pick).squeeze(1)]  # (B, d)
+        # END SOLUTION
 
 
 @fp32
@@ -278,6 +285,7 @@ def nna_loss(z, nn_z, p_all, tau: float, offset: int = 0):
     with gradient; the positive of row j is column offset + j. Anchors are compared with every
     prediction, but the positive pair uses the neighbour instead of the anchor, so the positive is a
     different image while the negatives stay in-batch."""
+    # BEGIN SOLUTION task=5
     z, nn_z = F.normalize(z.detach().float(), dim=1), F.normalize(nn_z.detach().float(), dim=1)
     p = F.normalize(p_all.float(), dim=1)
     target = torch.arange(z.shape[0], device=z.device) + offset
@@ -285,16 +293,18 @@ def nna_loss(z, nn_z, p_all, tau: float, offset: int = 0):
     pos = (nn_z * p[target]).sum(1) / tau  # (B,) NN(z_j) . p_j
     logits = logits.scatter(1, target[:, None], pos[:, None])  # swap in the positive only
     return F.cross_entropy(logits, target)
+    # END SOLUTION
 
 
 @fp32
 def nnclr_loss(nn_z, p_all, tau: float, offset: int = 0):
     """Eq. (10) of docs/METHOD.md: NNCLR as MAE-CT uses it; the whole row is the anchor's neighbour
     against every prediction, logit[j, k] = NN(z_j) . p_k / tau; shapes as in `nna_loss`."""
-    nn_z = F.normalize(nn_z.detach().float(), dim=1)
-    p = F.normalize(p_all.float(), dim=1)
+    # BEGIN SOLUTION task=6
+    nn_z, p = F.normalize(nn_z.detach().float(), dim=1), F.normalize(p_all.float(), dim=1)
     target = torch.arange(nn_z.shape[0], device=nn_z.device) + offset
     return F.cross_entropy(nn_z @ p.T / tau, target)
+    # END SOLUTION
 
 
 # --- Checkpoints (docs/METHOD.md §9) ---

@@ -80,8 +80,10 @@ class StackedProbe(nn.Module):
 def grid_loss(logits, y):
     """Eq. (19) of docs/METHOD.md: sum over the grid of each probe's mean cross-entropy.
     logits (G, B, C), y (B,)."""
+    # BEGIN SOLUTION task=12
     per = F.cross_entropy(logits.permute(1, 2, 0), y[:, None].expand(-1, len(logits)), reduction="none")
     return per.mean(0).sum()  # (B, G) -> mean over the batch, sum over the probes
+    # END SOLUTION
 
 
 @torch.no_grad()

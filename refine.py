@@ -175,7 +175,7 @@ def ema_update(ema: nn.Module, online: nn.Module, momentum: float):
     """Eq. (12) of docs/METHOD.md: ema <- momentum * ema + (1 - momentum) * online, parameters only
     (the EMA encoder; MAE-CT's target projector)."""
     for e, o in zip(ema.parameters(), online.parameters()):
-        e.lerp_(o.detach(), 1 - momentum)
+        e.lerp_(o.detach(), 1 - momentum)  # SOLUTION task=7
 
 
 PHASES = ("heads", "refine")  # docs/METHOD.md §7: the heads warm up, then everything refines

@@ -109,3 +109,21 @@ def two_ranks():
         # failure or exit code comes back as torch.multiprocessing's ProcessRaisedException / ProcessExitedException
         mp.start_processes(_as_rank, (free_port(), fn, args), nprocs=2, start_method="fork")
     return run
+
+
+# --- The course assignment's tasks (tests/test_tasks.py, docs/TEACHING.md) ------------------------
+
+MAX_TASKS = 40  # markers task1..task40 are registered; tools/make_assignment.py numbers the tasks
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "task(n): a graded task of the course assignment; `-m taskN` selects it")
+    for n in range(1, MAX_TASKS + 1):
+        config.addinivalue_line("markers", f"task{n}: the tests of task {n} (added from task({n}))")
+
+
+def pytest_collection_modifyitems(items):
+    """`@pytest.mark.task(3)` also marks the test `task3`, so that `pytest -m task3` selects exactly task 3."""
+    for item in items:
+        if (mark := item.get_closest_marker("task")) is not None:
+            item.add_marker(f"task{mark.args[0]}")

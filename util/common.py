@@ -144,11 +144,13 @@ def lr_scale(name: str, depth: int, decay: float) -> float:
 
     Block j (1..depth) gets decay^(depth+1-j); the stem (patch embedding, CLS token, positions, embedding
     norm) decay^(depth+1); the final norm 1."""
+    # BEGIN SOLUTION task=8
     if name.startswith("blocks."):
         return decay ** (depth - int(name.split(".")[1]))  # the stored index is j - 1
     if name.startswith(("patch_embed.", "cls_token", "pos_embed", "embed_norm.")):
         return decay ** (depth + 1)
     return 1.0
+    # END SOLUTION
 
 
 def param_groups(net, weight_decay: float, layer_decay: float = 1.0, depth: int = 0, prefix: str = "vit.",
@@ -175,10 +177,15 @@ def warmup_cosine(step: int, steps: int, warmup: int, peak: float, floor: float)
 
     Linear warm-up to `peak` over
     `warmup` steps, then half a cosine down to `floor` at step `steps` (step 0 already trains)."""
+    # BEGIN PROMPT
+    # linear warm-up peak * (step + 1) / warmup, then half a cosine from peak down to floor
+    # END PROMPT
+    # BEGIN SOLUTION task=9
     if step < warmup:
         return peak * (step + 1) / warmup
     t = min(1.0, (step - warmup) / max(1, steps - warmup))
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * t))
+    # END SOLUTION
 
 
 # --- Files, seeds ---
