@@ -1,6 +1,7 @@
-"""The refinement's hyperparameters by encoder size (docs/METHOD.md §8): the papers' recipes for
-ViT-L/H/2B (and ViT-B, which takes ViT-L's), ours for small encoders on CPUs. Every refine.py setting
-left at None takes its value from `by_scale`; `resolve` fills them in and checks the result."""
+"""The refinement's hyperparameters by encoder size (docs/METHOD.md §8).
+
+The papers' recipes for ViT-L/H/2B (and ViT-B, which takes ViT-L's), ours for small encoders on CPUs. Every refine.py
+setting left at None takes its value from `by_scale`; `resolve` fills them in and checks the result."""
 import dataclasses
 import math
 
@@ -36,8 +37,10 @@ def scale_of(vit, n_train: int = 0) -> tuple:
 
 
 def head_blocks(method: str, dim: int, depth: int) -> list:
-    """docs/METHOD.md §8: MAE-CT one head on the last block; MIM-Refiner one per block of the last third
-    (ViT-H/14: 21-32, twelve heads as in the paper; otherwise the last ceil(depth / 3))."""
+    """docs/METHOD.md §8: the blocks that get a contrastive head.
+
+    MAE-CT one head on the last block; MIM-Refiner one per block of the last third (ViT-H/14: 21-32, twelve heads as in
+    the paper; otherwise the last ceil(depth / 3))."""
     if method == "mae-ct":
         return [depth]
     first = 21 if (dim, depth) == model.SIZES["huge"][:2] else depth - math.ceil(depth / 3) + 1

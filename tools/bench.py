@@ -106,6 +106,7 @@ def sync(device):
 
 def alternate(ours, theirs, rounds: int, device, warmup: int = 1):
     """Time two callables in alternating order (ABBA...), after `warmup` untimed calls of each.
+
     -> (our times, their times, median of their/our per round)."""
     for _ in range(warmup):
         ours(), theirs()
@@ -178,8 +179,9 @@ def bench_vit(name, dim, depth, heads, patch, img, batch, device, bf16, rounds, 
 # k-NN against scikit-learn
 
 def clustered_features(n, m, d, classes, seed=0, spread=1.0):
-    """Train (n, d) / test (m, d) float32 features drawn around `classes` random centres, so the
-    k-NN vote is meaningful (not a sea of ties); labels int64."""
+    """Train (n, d) / test (m, d) float32 features drawn around `classes` random centres; labels int64.
+
+    The centres make the k-NN vote meaningful (not a sea of ties)."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((classes, d)).astype(np.float32)
     ytr, yte = rng.integers(classes, size=n), rng.integers(classes, size=m)
@@ -284,10 +286,11 @@ def bench_probe(n, d, classes, epochs, device, rounds, goal):
 
 
 def bench_probe_augment(n, epochs, device, rounds, goal):
-    """The probe protocol of the papers (`probe.py --augment`): every epoch the frozen encoder
-    embeds a new RandomResizedCrop + flip of every train image. Trained one lr at a time, each of
-    the 13 trainings needs its own encoder passes; the stacked grid needs one per epoch.
-    Encoder: pretrain.py's tiny MAE size (128 wide, 6 deep, patch 4) on the embedded data set."""
+    """The probe protocol of the papers (`probe.py --augment`), one lr at a time against the stacked grid.
+
+    Every epoch the frozen encoder embeds a new RandomResizedCrop + flip of every train image. Trained one lr at a
+    time, each of the 13 trainings needs its own encoder passes; the stacked grid needs one per epoch. Encoder:
+    pretrain.py's tiny MAE size (128 wide, 6 deep, patch 4) on the embedded data set."""
     from util.data import JitteredDigits
     from util.features import extract_features
     data = JitteredDigits("train", n=n, transform=probe.train_transform(32))
@@ -316,8 +319,10 @@ def bench_probe_augment(n, epochs, device, rounds, goal):
 # Data loading of the refinement views
 
 def pil_views(cfg) -> list:
-    """The reference ("before"): the per-image torchvision / PIL recipe that refine.py's loader workers ran
-    before device-side augmentation (crop, flip, ColorJitter, grayscale, PIL's blur, solarisation, per view)."""
+    """The reference ("before"): the per-image torchvision / PIL recipe of refine.py's loader workers.
+
+    What they ran before device-side augmentation: crop, flip, ColorJitter, grayscale, PIL's blur, solarisation, per
+    view."""
     from PIL import ImageFilter
     from torchvision import transforms as T
 
@@ -342,13 +347,15 @@ def each_view(transforms, img) -> list:
 
 
 def bench_loader(device, n_images, batch, workers, epochs=3):
-    """refine.py's MIM-Refiner views (2 x 224 + 10 x 96, BYOL augmentation) of JPEGs of ImageNet's typical size
-    (500 x 375), side by side: before, every view coloured per image in the loader worker (`pil_views`); after,
-    the worker decodes, crops, flips and draws the parameters (V.Views) and the device colours whole
-    batches (V.to_input). Loader throughput: one DataLoader per side with `workers` processes (0: the main
-    process, which then is the one worker), batches only collated and copied to the device, alternating epochs
-    (before, after, after, before, ...); img/s per worker = img/s / max(1, workers), the median over epochs after
-    the first. Then the device's share: to_input's time on one batch, repeated."""
+    """refine.py's MIM-Refiner views, coloured per image in the loader or per batch on the device.
+
+    The views: 2 x 224 + 10 x 96, BYOL augmentation, of JPEGs of ImageNet's typical size (500 x 375), side by side:
+    before, every view coloured per image in the loader worker (`pil_views`); after, the worker decodes, crops, flips
+    and draws the parameters (V.Views) and the device colours whole batches (V.to_input). Loader throughput: one
+    DataLoader per side with `workers` processes (0: the main process, which then is the one worker), batches only
+    collated and copied to the device, alternating epochs (before, after, after, before, ...); img/s per worker = img/s
+    / max(1, workers), the median over epochs after the first. Then the device's share: to_input's time on one batch,
+    repeated."""
     import shutil
     import tempfile
     from types import SimpleNamespace
@@ -436,9 +443,10 @@ def is_oom(e: Exception) -> bool:
 
 
 class RefineBench:
-    """refine.py's MIM-Refiner parts for a preset's encoder, built as refine.main builds them (recipe.py's
-    settings, with 2 global + 10 local views), in phase 2 (encoder and heads train, the EMA encoder follows),
-    stepped by `refine.refine_step` at any batch size: the optimizer state stays allocated between batch
+    """refine.py's MIM-Refiner parts for a preset's encoder, built as refine.main builds them, in phase 2.
+
+    recipe.py's settings, with 2 global + 10 local views; in phase 2 encoder and heads train and the EMA encoder
+    follows; stepped by `refine.refine_step` at any batch size: the optimizer state stays allocated between batch
     sizes, as in a real run."""
 
     def __init__(self, preset, ckpt, device, batch, compile=""):
@@ -463,8 +471,9 @@ class RefineBench:
         self.n_params = sum(p.numel() for p in vit.parameters())
 
     def run(self, batch, steps, warmup=1):
-        """Median seconds per step at this batch; peak memory on CUDA. Raises on OOM. The views: synthetic,
-        normalised, already on the device (data loading is not timed)."""
+        """Median seconds per step at this batch; peak memory on CUDA. Raises on OOM.
+
+        The views: synthetic, normalised, already on the device (data loading is not timed)."""
         dev = self.device
         views = [torch.randn(batch, 3, s, s, device=dev) for s, n in self.views_spec for _ in range(n)]
         idx = torch.arange(batch, device=dev)
@@ -566,8 +575,9 @@ def print_table(rows):
 
 
 def print_refine(details: dict):
-    """The lines under the table: the refinement step per run (img/s, memory, MFU), the largest
-    ViT-L batch, the loader's throughput."""
+    """The lines under the table.
+
+    The refinement step per run (img/s, memory, MFU), the largest ViT-L batch, the loader's throughput."""
     for r in details.get("refine_step", {}).get("runs", []):
         line = f"refine step {r['preset']:<6} batch {r['batch']:>4}  checkpointing {str(r['grad_checkpointing']):<5}"
         if r.get("oom"):
@@ -705,8 +715,9 @@ def main(cfg: Settings) -> dict:
 
 
 def bench_refine(cfg, device, tiny, quick, partial=None):
-    """Refinement step per preset, checkpointing on and off; on CUDA the MFU and the largest
-    ViT-L batch that fits."""
+    """Refinement step per preset, checkpointing on and off.
+
+    On CUDA also the MFU and the largest ViT-L batch that fits."""
     gpu = device.type == "cuda"
     default_batch = {"micro": 4, "tiny": 256 if gpu else 32, "base": 128 if gpu else 8, "large": 128 if gpu else 2}
     names = (cfg.presets.split(",") if cfg.presets else ["micro"] if tiny
