@@ -1,10 +1,11 @@
 """What a refinement trains on: its training images and their views, image i of epoch e a function of (seed, e, i).
 
 Two recipes: crop-flip (MAE-CT's) and BYOL's multi-crop (MIM-Refiner's: two global views plus local crops, colour
-jitter, grayscale, blur, solarisation). The work is split where it is cheapest: a loader worker decodes the image, cuts
-and flips each view's crop and draws each view's photometric parameters (photometric.draw); the device then applies
-colour jitter, grayscale, blur, solarisation and the normalisation to the whole batch of a view at once (`to_input`,
-photometric.augment). Crops leave the worker as uint8, four times less to copy than float32.
+jitter, grayscale, blur, solarisation). `ReferenceViews` writes the multi-crop recipe as torchvision would, one
+image at a time: the readable reference. What runs splits the work where it is cheapest: a loader worker decodes
+the image, cuts and flips each view's crop and draws each view's photometric parameters (photometric.draw); the
+device then applies colour jitter, grayscale, blur, solarisation and the normalisation to the whole batch of a view
+at once (`to_input`, photometric.augment). Crops leave the worker as uint8, four times less to copy than float32.
 """
 from dataclasses import dataclass
 from functools import partial
@@ -13,13 +14,53 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFilter
 from torch.utils.data import Subset
 from torchvision import transforms as T
 
 from util import photometric
 from util.data import IMAGENET_MEAN, IMAGENET_STD, JitteredDigits, Seeded, build_dataset
 
+# --- The reference: the multi-crop recipe in torchvision, one image at a time ---------------------------
+
+class ReferenceViews:
+    """MIM-Refiner's multi-crop views of one PIL image, global first, as torchvision writes them.
+
+    What the loader workers ran before the colouring moved to the device: PIL's blur, uint8 tensors out. `Views`
+    and `to_input` below draw the same distributions, a batch at a time on the device; tools/bench.py times both.
+    """
+
+    def __init__(self, cfg):
+        j, s = cfg.jitter, cfg.global_size / 224  # jitter x BYOL's; blur sigma 0.1-2.0 px at 224, scaled
+
+        def crop(size, scale):
+            return T.RandomResizedCrop(size, scale, interpolation=T.InterpolationMode.BICUBIC)
+
+        def colour(blur_p, solarize_p):  # flip, BYOL's jitter and grayscale, then blur and solarisation
+            return [T.RandomHorizontalFlip(),
+                    T.RandomApply([T.ColorJitter(0.4 * j, 0.4 * j, 0.2 * j, min(0.5, 0.1 * j))], p=0.8),
+                    T.RandomGrayscale(0.2),
+                    T.RandomApply([T.Lambda(partial(pil_blur, lo=0.1 * s, hi=2.0 * s))], p=blur_p),
+                    T.RandomSolarize(128, p=solarize_p), T.PILToTensor()]
+        g, loc = (cfg.global_crop_min, 1.0), (cfg.local_crop_min, cfg.global_crop_min)  # crop area fractions
+        # first global view: always blurred, never solarised
+        self.global1 = T.Compose([crop(cfg.global_size, g), *colour(1.0, 0.0)])
+        # second global view: blurred one time in ten, solarised one in five
+        self.global2 = T.Compose([crop(cfg.global_size, g), *colour(0.1, 0.2)])
+        # local views: small crops of at most global_crop_min of the area, blurred half the time
+        self.local = T.Compose([crop(cfg.local_size, loc), *colour(0.5, 0.0)])
+        self.local_crops = cfg.local_crops
+
+    def __call__(self, img: Image.Image) -> list:
+        return [self.global1(img), self.global2(img)] + [self.local(img) for _ in range(self.local_crops)]
+
+
+def pil_blur(img: Image.Image, lo: float, hi: float) -> Image.Image:
+    """PIL's Gaussian blur, sigma uniform in [lo, hi] from torch's default generator."""
+    return img.filter(ImageFilter.GaussianBlur(float(torch.empty(1).uniform_(lo, hi))))
+
+
+# --- What runs: crops and parameter draws in the loader, the colouring on the device ---------------------
 
 @dataclass(frozen=True)
 class View:
