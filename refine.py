@@ -322,13 +322,18 @@ def main(cfg: Settings) -> dict:
     with Run(cfg.out, d) as run:  # the folder, its lock; SIGTERM/SIGUSR1/SIGINT: checkpoint after the step
         common.seed_everything(cfg.seed)  # the same heads and queues on every rank
         data = train_set(cfg)
-        ck, last = run.resume(lambda ck, path: check_same_settings(  # last.pt, or last.prev.pt if it cannot be used
-            ck, resolve(cfg, SimpleNamespace(**ck["arch"]), d.world, len(data)), d.world, path, len(data))), run.last
+        resumed = None  # the recipe resolved for the encoder of the checkpoint resumed from
+
+        def check(ck, path):  # last.pt, or last.prev.pt if it cannot be used
+            nonlocal resumed
+            resumed = resolve(cfg, SimpleNamespace(**ck["arch"]), d.world, len(data))
+            check_same_settings(ck, resumed, d.world, path, len(data))
+        ck, last = run.resume(check), run.last
         vit = (model.ViT(**ck["arch"], grad_checkpointing=cfg.grad_checkpointing) if ck
                else model.load_encoder(cfg.ckpt, cfg.num_heads or None, grad_checkpointing=cfg.grad_checkpointing))
         for blk in vit.blocks if cfg.compile else []:  # per block, in place: keys stay, memory as checkpointed
             blk.compile()
-        cfg = resolve(cfg, vit, d.world, len(data))
+        cfg = resumed if ck else resolve(cfg, vit, d.world, len(data))  # the recipe, resolved once
         gb = cfg.batch_size * d.world
         views = make_views(cfg)
         data, keys = Views(data, views, cfg.seed), EpochKeys(range(len(data)), d.world, d.rank, cfg.seed)
