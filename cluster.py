@@ -38,9 +38,10 @@ class Settings(FeatureSettings):
 
 
 def assign(x, x_sq, c, chunk=None):
-    """Nearest centroid of every row, `chunk` rows at a time (default: a ~64 MB distance tile):
-    x (n, D), x_sq (n,) = |x|^2, c (k, D) -> assignments (n,) int64, squared distances (n,).
-    |x - c|^2 = |x|^2 - 2 x.c + |c|^2; |x|^2 does not change the argmin, so it is added after."""
+    """Nearest centroid of every row, `chunk` rows at a time (default: a ~64 MB distance tile).
+
+    x (n, D), x_sq (n,) = |x|^2, c (k, D) -> assignments (n,) int64, squared distances (n,). |x - c|^2 = |x|^2 - 2 x.c
+    + |c|^2; |x|^2 does not change the argmin, so it is added after."""
     rows, c_sq = chunk or max(1, (1 << 24) // len(c)), (c * c).sum(1)
     best = [torch.addmm(c_sq, x[s:s + rows], c.T, alpha=-2).min(1)  # (r, k) -> (r,)
             for s in range(0, len(x), rows)]
@@ -49,8 +50,9 @@ def assign(x, x_sq, c, chunk=None):
 
 
 def kmeans_plusplus(x, x_sq, k, gen):
-    """Eq. (24) of docs/METHOD.md: greedy k-means++ seeding (Arthur & Vassilvitskii 2007; scikit-learn's
-    variant): each new centre is the best, by resulting inertia, of 2 + ln k candidates drawn with
+    """Eq. (24) of docs/METHOD.md: greedy k-means++ seeding (Arthur & Vassilvitskii 2007).
+
+    scikit-learn's variant: each new centre is the best, by resulting inertia, of 2 + ln k candidates drawn with
     probability proportional to the squared distance to the nearest centre chosen so far."""
     n, trials = len(x), 2 + int(math.log(k))
 
@@ -110,9 +112,10 @@ def kmeans(x, k, iters=300, seed=0, init="k-means++", tol=1e-4, chunk=None):
 
 
 def cluster_accuracy(y_true, y_pred) -> float:
-    """Eq. (25) of docs/METHOD.md: accuracy under the best one-to-one map of clusters to classes (Hungarian algorithm,
-    scipy.optimize.linear_sum_assignment on the contingency table); clusters left without a
-    class (more clusters than classes) count as wrong."""
+    """Eq. (25) of docs/METHOD.md: accuracy under the best one-to-one map of clusters to classes.
+
+    The map: Hungarian algorithm, scipy.optimize.linear_sum_assignment on the contingency table; clusters left without
+    a class (more clusters than classes) count as wrong."""
     from scipy.optimize import linear_sum_assignment
     # BEGIN SOLUTION task=11
     _, t = np.unique(np.asarray(y_true), return_inverse=True)

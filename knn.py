@@ -35,16 +35,20 @@ class Settings(FeatureSettings):
 
 
 def standardize(train: torch.Tensor, test: torch.Tensor, eps: float = 1e-6):
-    """Eq. (15) of docs/METHOD.md: MIM-Refiner's and MAE-CT's k-NN pre-processing, each dimension shifted and scaled
-    by the train mean and (unbiased) std, the same statistics applied to the test features."""
+    """Eq. (15) of docs/METHOD.md: MIM-Refiner's and MAE-CT's k-NN pre-processing.
+
+    Each dimension shifted and scaled by the train mean and (unbiased) std, the same statistics applied to the test
+    features."""
     mean, std = train.mean(0), train.std(0)  # (D,), (D,)
     return (train - mean) / (std + eps), (test - mean) / (std + eps)
 
 
 def knn_vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int,
              temperature: float) -> torch.Tensor:
-    """Eq. (17) of docs/METHOD.md: the weighted vote of DINO's k-NN, score(c) = sum over the k
-    neighbours of class c of exp(sim / temperature). sims, neighbour_labels (M, k) -> class scores (M, C)."""
+    """Eq. (17) of docs/METHOD.md: the weighted vote of DINO's k-NN.
+
+    score(c) = sum over the k neighbours of class c of exp(sim / temperature). sims, neighbour_labels (M, k) -> class
+    scores (M, C)."""
     # BEGIN PROMPT
     # exp(sim / T) for each neighbour, summed per class (scatter_add_ into (M, C) zeros)
     # END PROMPT
@@ -57,16 +61,14 @@ def knn_vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: in
 
 def knn_predict(train_feats, train_labels, test_feats, k, temperature=0.07, num_classes=None,
                 chunk=None, normalize=True):
-    """Eq. (16) of docs/METHOD.md: weighted k-NN predictions of test_feats (M, D) from train_feats (N, D),
-    train_labels (N,).
+    """Eq. (16) of docs/METHOD.md: weighted k-NN predictions of test_feats (M, D).
 
-    Cosine similarity (rows L2-normalised here unless normalize=False), the top-k neighbours
-    vote with weight exp(sim / temperature), the highest class score wins. `k` is an int ->
-    predictions (M,) int64; or a list -> {k: (M,)} from one search with the largest k.
-    The similarities are computed for `chunk` test rows at a time (default: as many as fit in
-    a 16 MB tile on CPU, 1 GB on GPU) so the (M, N) matrix never exists: one test image against millions
-    of train images works as well as 50k x 1.28M on one GPU. Runs on train_feats' device;
-    the loop has no host synchronisation."""
+    The neighbours: train_feats (N, D) with train_labels (N,). Cosine similarity (rows L2-normalised here unless
+    normalize=False), the top-k neighbours vote with weight exp(sim / temperature), the highest class score wins. `k`
+    is an int -> predictions (M,) int64; or a list -> {k: (M,)} from one search with the largest k. The similarities
+    are computed for `chunk` test rows at a time (default: as many as fit in a 16 MB tile on CPU, 1 GB on GPU) so the
+    (M, N) matrix never exists: one test image against millions of train images works as well as 50k x 1.28M on one
+    GPU. Runs on train_feats' device; the loop has no host synchronisation."""
     ks = [k] if isinstance(k, int) else sorted(set(k))
     n, m = len(train_feats), len(test_feats)
     if min(ks) < 1 or max(ks) > n:

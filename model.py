@@ -3,8 +3,7 @@
 - `ViT`: a plain Vision Transformer, pre-norm (MAE, timm) or post-norm (data2vec 2.0) (docs/METHOD.md §2).
 - `ContrastiveHead`, `NNQueue`, `nna_loss`, `nnclr_loss`: the refinement machinery (docs/METHOD.md §4-6).
 - `load_encoder`: reads every public checkpoint layout of docs/METHOD.md §9 into a `ViT`, strictly.
-Importing it has no side effects; it depends on torch alone (and safetensors, for .safetensors files).
-"""
+Importing it has no side effects; it depends on torch alone (and safetensors, for .safetensors files)."""
 import functools
 import json
 import math
@@ -40,9 +39,10 @@ def check_divisible(h: int, w: int, patch: int):
 
 
 def sincos_pos_embed(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
-    """Eq. (1) of docs/METHOD.md: fixed 2-D sine-cosine positions (grid_h * grid_w, dim), row-major. The
-    first dim/2 channels code the column, the last dim/2 the row; each half is [sin(pos * w), cos(pos * w)]
-    with w_i = 10000^(-i / (dim/4)); float64, so the table matches checkpoints written from numpy."""
+    """Eq. (1) of docs/METHOD.md: fixed 2-D sine-cosine positions (grid_h * grid_w, dim), row-major.
+
+    The first dim/2 channels code the column, the last dim/2 the row; each half is [sin(pos * w), cos(pos * w)] with
+    w_i = 10000^(-i / (dim/4)); float64, so the table matches checkpoints written from numpy."""
     assert dim % 4 == 0, "sin-cos positions need a width divisible by 4"
     # BEGIN SOLUTION task=1
     w = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
@@ -156,8 +156,7 @@ class ViT(nn.Module):
         return x if self.post_norm else self.norm(x)
 
     def forward_blocks(self, x, blocks):
-        """Raw residual stream (B, 1+N, D) after each requested block (1-indexed), in the order asked;
-        blocks past the last one requested are not run."""
+        """Raw residual stream (B, 1+N, D) after each requested block (1-indexed, in the order asked)."""
         blocks = list(blocks)
         if bad := [b for b in blocks if not 1 <= b <= self.depth]:
             raise UserError(f"block {bad[0]} does not exist: this model has blocks 1..{self.depth}")
@@ -185,8 +184,7 @@ def init_weights(m):
 
 
 class SyncBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics cover the global batch under DDP. torch's SyncBatchNorm
-    refuses CPU tensors (no gloo tests); this one all-reduces the moments, differentiably, anywhere."""
+    """BatchNorm1d over the global batch under DDP on any device (torch's refuses CPU tensors, so gloo tests)."""
 
     def forward(self, x):
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -208,8 +206,7 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
 
 
 def mlp(dims, act, last_bn: bool):
-    """Linear-BN-act stack, the last Linear optionally followed by BN. No Linear has a bias, as in both
-    papers' heads (where a BN follows, it would cancel one anyway)."""
+    """Linear-BN-act stack, the last Linear optionally followed by BN; no biases, as in both papers' heads."""
     layers = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
         layers.append(nn.Linear(a, b, bias=False))
@@ -231,8 +228,7 @@ class ContrastiveHead(nn.Module):
         self.apply(init_weights)
 
     def forward(self, x):
-        z = self.projector(x)
-        return z, self.predictor(z)
+        return (z := self.projector(x)), self.predictor(z)
 
 
 def fp32(fn):
@@ -267,8 +263,9 @@ class NNQueue(nn.Module):
     @torch.no_grad()
     @fp32
     def lookup(self, z, idx, k: int = 1, generator=None):
-        """Eq. (6) of docs/METHOD.md: for each query z (B, d) a stored neighbour (B, d), one of the k
-        most similar entries, picked uniformly; entries of the query's own image (its dataset index) excluded."""
+        """Eq. (6) of docs/METHOD.md: for each query z (B, d) a stored neighbour (B, d).
+
+        One of the k most similar entries, picked uniformly; the query's own image (its dataset index) excluded."""
         # BEGIN SOLUTION task=3
         sim = F.normalize(z.float(), dim=1) @ self.z.T  # (B, Q) cosine similarities
         sim = sim.masked_fill(self.idx[None, :] == idx[:, None], -1.0)  # never oneself
@@ -280,11 +277,10 @@ class NNQueue(nn.Module):
 
 @fp32
 def nna_loss(z, nn_z, p_all, tau: float, offset: int = 0):
-    """Eq. (8) of docs/METHOD.md: MIM-Refiner's nearest-neighbour alignment. z, nn_z: this rank's anchor
-    projections and their queue neighbours (B, d); p_all: predictions of all ranks (W*B, d), gathered
-    with gradient; the positive of row j is column offset + j. Anchors are compared with every
-    prediction, but the positive pair uses the neighbour instead of the anchor, so the positive is a
-    different image while the negatives stay in-batch."""
+    """Eq. (8) of docs/METHOD.md: MIM-Refiner's nearest-neighbour alignment; the positive is another image.
+
+    z, nn_z: this rank's anchors and their queue neighbours (B, d); p_all: every rank's predictions (W*B, d), gathered
+    with gradient. Row j's positive (column offset + j) is NN(z_j) . p_j; its negatives z_j . p_k stay in-batch."""
     # BEGIN SOLUTION task=5
     z, nn_z = F.normalize(z.detach().float(), dim=1), F.normalize(nn_z.detach().float(), dim=1)
     p = F.normalize(p_all.float(), dim=1)
@@ -298,8 +294,9 @@ def nna_loss(z, nn_z, p_all, tau: float, offset: int = 0):
 
 @fp32
 def nnclr_loss(nn_z, p_all, tau: float, offset: int = 0):
-    """Eq. (10) of docs/METHOD.md: NNCLR as MAE-CT uses it; the whole row is the anchor's neighbour
-    against every prediction, logit[j, k] = NN(z_j) . p_k / tau; shapes as in `nna_loss`."""
+    """Eq. (10) of docs/METHOD.md: NNCLR as MAE-CT uses it; shapes as in `nna_loss`.
+
+    The whole row is the anchor's neighbour against every prediction, logit[j, k] = NN(z_j) . p_k / tau."""
     # BEGIN SOLUTION task=6
     nn_z, p = F.normalize(nn_z.detach().float(), dim=1), F.normalize(p_all.float(), dim=1)
     target = torch.arange(nn_z.shape[0], device=nn_z.device) + offset
@@ -361,8 +358,9 @@ def load_state_dict_strict(module: nn.Module, sd: dict, what: str = "checkpoint"
 
 
 def read_checkpoint(path: str, what: str = "checkpoint", fix: str = "give a torch checkpoint of plain tensors"):
-    """torch.load with weights_only=True, argparse.Namespace allowed (the `args` of MAE's training checkpoints);
-    a file that needs unpickling of code is refused. *.safetensors -> {'model': tensors, 'arch': stored or None}."""
+    """torch.load with weights_only=True, argparse.Namespace allowed (the `args` of MAE's training checkpoints).
+
+    A file that needs unpickling of code is refused. *.safetensors -> {'model': tensors, 'arch': stored or None}."""
     if not os.path.isfile(path):
         raise UserError(f"{what} {path!r} does not exist; check the path")
     try:
@@ -381,9 +379,10 @@ def read_checkpoint(path: str, what: str = "checkpoint", fix: str = "give a torc
 
 
 def load_encoder(path: str, heads=None, weights: str = "ema", img_size=None, **overrides) -> ViT:
-    """Any checkpoint of docs/METHOD.md §9 -> a ViT, strictly. `heads` overrides the head count (not in the weights);
-    `weights`: ema/online of refine.py checkpoints; `img_size`: new resolution (bicubic positions). The ViT's
-    arguments: as our files store them (beside the weights, or in a bare state dict's `_metadata`), else by shape."""
+    """Any checkpoint of docs/METHOD.md §9 -> a ViT, strictly.
+
+    `heads` overrides the head count (not in the weights); `weights`: ema/online of refine.py checkpoints; `img_size`:
+    new resolution (bicubic). The ViT's arguments: as our files store them (or in `_metadata`), else by shape."""
     obj = read_checkpoint(path)
     if not isinstance(obj, dict):
         raise UserError("the file holds no state dict; give a checkpoint of a ViT encoder")
@@ -402,8 +401,9 @@ def load_encoder(path: str, heads=None, weights: str = "ema", img_size=None, **o
 
 
 def export_encoder(vit: ViT) -> dict:
-    """Bare encoder state dict in MAE / timm layout (what timm's VisionTransformer and the MAE repo load with
-    strict=True), `vit.arch()` in its `_metadata` (load_state_dict ignores it); cloned, to save while training."""
+    """Bare encoder state dict in MAE / timm layout, which timm's VisionTransformer and the MAE repo load strictly.
+
+    Cloned, to save while training; `vit.arch()` in its `_metadata` (load_state_dict ignores it)."""
     sd = OrderedDict((k, v.detach().clone().cpu()) for k, v in vit.state_dict().items()
                      if "decoder" not in k and k != "mask_token")  # an MAE's decoder is not the encoder
     sd._metadata = {"": {"arch": vit.arch()}}

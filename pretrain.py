@@ -1,12 +1,11 @@
-"""MAE pre-training (He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners"): the
-masked-image-modeling encoder that MAE-CT and MIM-Refiner start from.
+"""MAE pre-training (He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners").
 
-The encoder sees a random 25% of the patches; a light decoder predicts the pixels of the hidden 75%;
-the loss is the MSE to per-patch normalised pixels on hidden patches (`MAE.forward_loss`).
-AdamW (0.9, 0.95), lr = base 1.5e-4 x global batch / 256, weight decay 0.05 on weight matrices
-only, per-step linear warm-up then cosine; augmentation RandomResizedCrop + flip, nothing else.
-`--crop-min 0.35` by default, not MAE's 0.2: at 32 px a 20% crop is ~14 px blown up 2.3x, blur that
-neighbours predict trivially, and it often cuts away the 14-26 px digit of jittered-digits.
+The masked-image-modeling encoder that MAE-CT and MIM-Refiner start from. The encoder sees a random 25% of the patches;
+a light decoder predicts the pixels of the hidden 75%; the loss is the MSE to per-patch normalised pixels on hidden
+patches (`MAE.forward_loss`). AdamW (0.9, 0.95), lr = base 1.5e-4 x global batch / 256, weight decay 0.05 on weight
+matrices only, per-step linear warm-up then cosine; augmentation RandomResizedCrop + flip, nothing else. `--crop-min
+0.35` by default, not MAE's 0.2: at 32 px a 20% crop is ~14 px blown up 2.3x, blur that neighbours predict trivially,
+and it often cuts away the 14-26 px digit of jittered-digits.
 
 CPU, the committed checkpoints/mae_tiny_digits.pth (ViT 128 wide, 6 deep, 2 heads, patch 4 on 32 px;
 decoder 64 x 2; 1950 steps of 256 = 0.5M images, 31 min on one thread; base lr 10x the paper's for a
@@ -18,11 +17,11 @@ GPU nodes, the paper's ViT-L/16 recipe (global batch 4096) on an ImageNet folder
         --dim 1024 --depth 24 --dec-dim 512 --dec-depth 8 --dec-heads 16 --batch-size 512 \
         --epochs 800 --warmup-epochs 40 --crop-min 0.2 --workers 10 --compile --out runs/mae_l16
 
-Files in --out (rank 0 writes): last.pt = {'model': MAE state dict (encoder keys in the MAE/timm
-layout, decoder_* and mask_token), 'arch', 'decoder', 'optimizer', 'step', 'loss', 'settings',
-'rng', 'window'}, atomically every --save-every steps, at the end and on SIGTERM/SIGUSR1/SIGINT (then
-exit code 3; rerun to resume, bit-identical on CPU), the one before kept as last.prev.pt; run.lock while
-running; encoder.pth and encoder.safetensors, the bare encoder that timm loads; log.jsonl, a line per log.
+Files in --out (rank 0 writes): last.pt = {'model': MAE state dict (encoder keys in the MAE/timm layout, decoder_* and
+mask_token), 'arch', 'decoder', 'optimizer', 'step', 'loss', 'settings', 'rng', 'window'}, atomically every
+--save-every steps, at the end and on SIGTERM/SIGUSR1/SIGINT (then exit code 3; rerun to resume, bit-identical on CPU),
+the one before kept as last.prev.pt; run.lock while running; encoder.pth and encoder.safetensors, the bare encoder that
+timm loads; log.jsonl, a line per log.
 """
 import json
 import math
@@ -85,6 +84,7 @@ def patchify(imgs, p: int):
 
 def random_masking(x, ratio: float):
     """Keep a random (1 - ratio) of the tokens of each row (argsort of uniform noise, as MAE).
+
     x (B, N, D) -> kept (B, K, D), mask (B, N) with 1 = hidden, ids_restore (B, N)."""
     (B, N, D), keep = x.shape, int(x.shape[1] * (1 - ratio))
     ids_shuffle = torch.rand(B, N, device=x.device).argsort(dim=1)
@@ -161,8 +161,10 @@ def make_checkpoint(mae: MAE, step: int, loss: float, cfg: Settings, optimizer=N
 
 
 def resume(ck: dict, path: str, mae: MAE, cfg: Settings, d: common.Dist, optimizer=None):
-    """Raise UserError unless ck (read from path) is a checkpoint of this run; with the optimizer, load it
-    into the model, optimizer and this rank's generators: (step, loss, the losses since the last log line)."""
+    """Raise UserError unless ck (read from path) is a checkpoint of this run.
+
+    With the optimizer, load it into the model, optimizer and this rank's generators: returns (step, loss, the losses
+    since the last log line)."""
     if not isinstance(ck, dict) or "optimizer" not in ck or "rng" not in ck:
         raise UserError(f"{path} is not a pretrain.py run checkpoint; use another --out or --no-resume")
     if ck["arch"] != mae.arch() or ck["decoder"] != mae.dec_arch:

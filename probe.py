@@ -63,8 +63,9 @@ class Settings(FeatureSettings):
 
 
 class StackedProbe(nn.Module):
-    """G linear probes (one per lr) as one (G, D, C) weight behind one non-affine BatchNorm1d: it has
-    no parameters, so one shared copy acts exactly as G separate ones would."""
+    """G linear probes (one per lr) as one (G, D, C) weight behind one non-affine BatchNorm1d.
+
+    The BatchNorm has no parameters, so one shared copy acts exactly as G separate ones would."""
 
     def __init__(self, dim: int, num_classes: int, grid: int, generator=None):
         super().__init__()
@@ -78,8 +79,7 @@ class StackedProbe(nn.Module):
 
 
 def grid_loss(logits, y):
-    """Eq. (19) of docs/METHOD.md: sum over the grid of each probe's mean cross-entropy.
-    logits (G, B, C), y (B,)."""
+    """Eq. (19) of docs/METHOD.md: sum over the grid of each probe's mean cross-entropy; logits (G, B, C), y (B,)."""
     # BEGIN SOLUTION task=12
     per = F.cross_entropy(logits.permute(1, 2, 0), y[:, None].expand(-1, len(logits)), reduction="none")
     return per.mean(0).sum()  # (B, G) -> mean over the batch, sum over the probes
@@ -88,9 +88,9 @@ def grid_loss(logits, y):
 
 @torch.no_grad()
 def sgd_step(probe: StackedProbe, momentum: torch.Tensor, lrs: torch.Tensor, lars: bool = False):
-    """Eq. (20) of docs/METHOD.md: torch.optim.SGD (momentum 0.9, no decay), lr lrs[g] for probe g:
-    b = 0.9 b + grad; w -= lr b. lars (MAE's LARS, You et al. 2017): each probe's weight gradient first
-    scaled by 0.001 |w| / |grad|."""
+    """Eq. (20) of docs/METHOD.md: torch.optim.SGD (momentum 0.9, no decay): b = 0.9 b + grad; w -= lrs[g] b.
+
+    lars (MAE's LARS, You et al. 2017): each probe's weight gradient first scaled by 0.001 |w| / |grad|."""
     for p, buf in zip((probe.weight, probe.bias), momentum):
         grad, p.grad = p.grad, None
         if lars and p is probe.weight:
@@ -139,10 +139,11 @@ def linear_probe(x, y, val_x, val_y, lrs, epochs=50, batch=1024, warmup_epochs=N
 
 
 def feature_sets(f: dict, feature: str, grid: bool) -> dict:
-    """What the probes read, {(block, feature): Columns}. `--search lr`: each entry of f as it is. The grid
-    (docs/METHOD.md §11): the last-block sets read f's 'norm' (the top block after the final norm; without it the
-    top block), the last-4 sets its top (up to) 4 numbered blocks concatenated; each as F alone and, when f holds
-    'F+mean' features ((N, 2D), F first), as F with the mean patch token."""
+    """What the probes read, {(block, feature): Columns}.
+
+    `--search lr`: each entry of f as it is. The grid (docs/METHOD.md §11): the last-block sets read f's 'norm' (the
+    top block after the final norm; without it the top block), the last-4 sets its top (up to) 4 numbered blocks
+    concatenated; each as F alone and, when f holds 'F+mean' features ((N, 2D), F first), with the mean token."""
     if not grid:
         return {(b, feature): Columns([t]) for b, t in f.items()}
     ints, base = sorted(b for b in f if isinstance(b, int))[-4:], feature.removesuffix("+mean")
@@ -155,9 +156,10 @@ def feature_sets(f: dict, feature: str, grid: bool) -> dict:
 
 
 def linear(cfg, d, feats, vit=None, aug_ds=None, grid=False) -> list:
-    """Every probe of the search trained together, one pass over the (re-embedded) train set per epoch, each
-    evaluated after every epoch; one record per probe: top-1 after the last epoch, `best` marking the best of the
-    grid (--search lr: of each feature set), and its best epoch's (`top1_best_epoch`, `best_epoch`)."""
+    """Every probe of the search trained together, each evaluated after every epoch.
+
+    One pass over the (re-embedded) train set per epoch; one record per probe: top-1 after the last epoch, `best` for
+    the grid's best (--search lr: per feature set), its best epoch's (`top1_best_epoch`, `best_epoch`)."""
     lrs, feature = [float(v) for v in cfg.lrs.split(",")], feats["feature"]  # the file's, or the flag's
     y, vy = feats["train_labels"].to(d.device), feats["val_labels"].to(d.device)
     num_classes, mode = int(max(y.max(), vy.max())) + 1, "augment" if cfg.augment else "features-once"
@@ -189,11 +191,12 @@ def linear(cfg, d, feats, vit=None, aug_ds=None, grid=False) -> list:
 # --- Low-shot: logistic regression on a few labelled images per class
 
 def lowshot_fit(train_x, train_y):
-    """Eq. (22) of docs/METHOD.md: the low-shot classifier, logistic regression with L2 penalty lambda = 2.5e-4 / N
-    (scikit-learn C = 1 / (lambda N) = 4000), no intercept, on train rows each centred on its own scalar mean and
-    L2-normalised (cyanure's preprocess(centering=True, normalize=True, columns=False), as in both papers' code),
-    solved to the optimum: L-BFGS until every gradient entry is below 1e-6 of the largest at W = 0 (scikit-learn's
-    default tol 1e-4 is absolute: at 1000 classes it stopped after one step, near a class-mean classifier)."""
+    """Eq. (22) of docs/METHOD.md: the low-shot classifier, L2-penalised logistic regression solved to the optimum.
+
+    Penalty lambda = 2.5e-4 / N (scikit-learn C = 1 / (lambda N) = 4000), no intercept, on train rows each centred on
+    its own scalar mean and L2-normalised (cyanure's preprocess(centering=True, normalize=True, columns=False), as in
+    both papers' code); L-BFGS until every gradient entry is below 1e-6 of the largest at W = 0 (scikit-learn's default
+    tol 1e-4 is absolute: at 1000 classes it stopped after one step, near a class-mean classifier)."""
     from sklearn.linear_model import LogisticRegression
     x = train_x.double()
     x = F.normalize(x - x.mean(1, keepdim=True), dim=1)  # (N, D): each row its own mean and norm
@@ -230,8 +233,9 @@ def lowshot(cfg, feats) -> list:
 
 
 def grid_settings(cfg, vit):
-    """The extraction behind the grid: the top block t of --blocks and the 3 below it, and 'norm' (t after the final
-    norm), each as --feature with the mean patch token ('F+mean'); from a feature file, all its blocks."""
+    """The extraction behind the grid: the top block t of --blocks, the 3 below it, and 'norm' (t after the final norm).
+
+    Each as --feature with the mean patch token ('F+mean'); from a feature file, all its blocks."""
     if cfg.concat:
         raise UserError("--concat belongs to --search lr; the grid concatenates the last 4 blocks itself")
     if cfg.load_features:

@@ -1,8 +1,10 @@
-"""The refinement's hyperparameters by encoder size (docs/METHOD.md §8): the papers' recipes for
-ViT-L/H/2B (and ViT-B, which takes ViT-L's), ours for small encoders on CPUs. Every refine.py setting
-left at None takes its value from `by_scale`; `resolve` fills them in and checks the result."""
+"""The refinement's hyperparameters by encoder size (docs/METHOD.md §8).
+
+The papers' recipes and ours for small encoders on CPUs, as table rows. Every refine.py setting left at None takes
+its value from `by_scale`; `resolve` fills them in and checks the result."""
 import dataclasses
 import math
+from collections import namedtuple
 
 import torch
 
@@ -10,16 +12,31 @@ import model
 from model import UserError
 from util.common import parse_blocks
 
-# By (encoder size, method): global batch, phase 2 epochs, temperature. The size is read from the
-# encoder's width and depth, else see scale_of; the "small" recipe is ours (for CPUs, sized so that
-# both refinements and three evaluations fit `make demo` on 2 cores).
-RECIPES = {
-    ("base", "mim-refiner"): (1024, 30, 0.2),  # no ViT-B in the paper: the large recipe (our choice)
-    ("large", "mim-refiner"): (1024, 30, 0.2), ("huge", "mim-refiner"): (512, 30, 0.3),
-    ("2b", "mim-refiner"): (512, 20, 0.35), ("small", "mim-refiner"): (128, 6, 0.2),
-    ("base", "mae-ct"): (1024, 20, 0.15), ("large", "mae-ct"): (1024, 20, 0.2),
-    ("huge", "mae-ct"): (512, 30, 0.3), ("small", "mae-ct"): (128, 6, 0.15),
-    ("2b", "mae-ct"): (512, 30, 0.35),  # no 2b in MAE-CT: huge's epochs, MIM-Refiner's tau (ours)
+# docs/METHOD.md §8, a row per scale and method. batch: global (at most 1/32 of the train set, but small); head_*:
+# phase 1; lr per 256 images (MAE-CT: 128, both views); warmup in epochs (None: 20% of a phase); crop: least area of
+# the global crops; frozen: in phase 2 (half: L // 2). Ours: base MIM-Refiner, 2b MAE-CT, small (`make demo`, 2 cores).
+Recipe = namedtuple("Recipe", "batch epochs tau head_tau lr head_lr warmup crop frozen views")
+RECIPES = {  #                       batch epochs tau   head_tau lr    head_lr warmup crop  frozen  views
+    ("base", "mim-refiner"):  Recipe(1024, 30,    0.2,  0.2,     4e-4, 2e-4,   4.0,   0.25, 0,      "multicrop"),
+    ("large", "mim-refiner"): Recipe(1024, 30,    0.2,  0.2,     4e-4, 2e-4,   4.0,   0.25, 0,      "multicrop"),
+    ("huge", "mim-refiner"):  Recipe(512,  30,    0.3,  0.3,     4e-4, 2e-4,   4.0,   0.25, 0,      "multicrop"),
+    ("2b", "mim-refiner"):    Recipe(512,  20,    0.35, 0.35,    4e-4, 2e-4,   4.0,   0.25, 6,      "multicrop"),
+    ("small", "mim-refiner"): Recipe(128,  6,     0.2,  0.2,     4e-3, 4e-3,   None,  0.3,  "half", "multicrop"),
+    ("base", "mae-ct"):       Recipe(1024, 20,    0.15, 0.15,    1e-4, 1e-4,   None,  0.08, "half", "crop-flip"),
+    ("large", "mae-ct"):      Recipe(1024, 20,    0.2,  0.15,    1e-4, 1e-4,   None,  0.08, "half", "crop-flip"),
+    ("huge", "mae-ct"):       Recipe(512,  30,    0.3,  0.15,    1e-4, 1e-4,   None,  0.08, "half", "crop-flip"),
+    ("2b", "mae-ct"):         Recipe(512,  30,    0.35, 0.15,    1e-4, 1e-4,   None,  0.08, "half", "crop-flip"),
+    ("small", "mae-ct"):      Recipe(128,  6,     0.15, 0.15,    2e-3, 2e-3,   None,  0.3,  "half", "multicrop"),
+}
+# By scale alone: the queue's cap (under it: whole global batches, >= top-k, <= half the data); projector hidden, z
+# and predictor hidden widths; jitter x BYOL's; local crops, least area; neighbours: all phases or from "refine" on.
+Size = namedtuple("Size", "layer_decay topk head_epochs queue widths jitter locals local_min neighbours m_t")
+SIZES = {  #      layer_decay topk head_epochs queue  widths             jitter locals local_min neighbours m_t
+    "base":  Size(0.65,       20,  20,         65536, (2048, 256, 4096), 1.0,   10,    0.05,     "all",     0.99),
+    "large": Size(0.65,       20,  20,         65536, (2048, 256, 4096), 1.0,   10,    0.05,     "all",     0.99),
+    "huge":  Size(0.65,       20,  20,         65536, (2048, 256, 4096), 1.0,   10,    0.05,     "all",     0.995),
+    "2b":    Size(0.65,       20,  20,         65536, (2048, 256, 4096), 1.0,   10,    0.05,     "all",     0.99),
+    "small": Size(1.0,        5,   1,          4096,  (512, 128, 1024),  2.0,   0,     0.25,     "refine",  0.99),
 }
 CHOICES = {"method": ("mim-refiner", "mae-ct"), "views": ("multicrop", "crop-flip"), "feature": ("cls", "mean"),
            "pairing": ("intended", "official"), "neighbours": ("all", "refine", "none")}
@@ -36,8 +53,9 @@ def scale_of(vit, n_train: int = 0) -> tuple:
 
 
 def head_blocks(method: str, dim: int, depth: int) -> list:
-    """docs/METHOD.md §8: MAE-CT one head on the last block; MIM-Refiner one per block of the last third
-    (ViT-H/14: 21-32, twelve heads as in the paper; otherwise the last ceil(depth / 3))."""
+    """docs/METHOD.md §8: the blocks that get a contrastive head.
+
+    MAE-CT: the last block; MIM-Refiner: the last ceil(depth / 3) blocks (ViT-H/14: 21-32, twelve, as in the paper)."""
     if method == "mae-ct":
         return [depth]
     first = 21 if (dim, depth) == model.SIZES["huge"][:2] else depth - math.ceil(depth / 3) + 1
@@ -46,34 +64,26 @@ def head_blocks(method: str, dim: int, depth: int) -> list:
 
 def by_scale(cfg, vit, world: int, n_train: int) -> dict:
     """The recipe's value of every setting that has one, given what the command line fixed."""
-    (scale, _), mim = scale_of(vit, n_train), cfg.method == "mim-refiner"
-    big = scale != "small"
-    batch, epochs, tau = RECIPES[scale, cfg.method]
+    scale, _ = scale_of(vit, n_train)
+    r, s, big, mim = RECIPES[scale, cfg.method], SIZES[scale], scale != "small", cfg.method == "mim-refiner"
     given = lambda k, default: default if getattr(cfg, k) is None else getattr(cfg, k)  # noqa: E731
-    batch = min(batch, 2 ** int(math.log2(max(1, n_train // 32)))) if big else batch  # >= 32 steps per epoch
-    gb = given("batch_size", max(1, batch // world)) * world
-    g, topk = given("global_size", vit.img_size), given("topk", 20 if big else 5)
-    head_epochs = given("head_epochs", 20 if big else 1)
-    epochs = given("epochs", 20 if mim and big and vit.post_norm else epochs)  # data2vec 2.0: 20
-    warm = (lambda ep: 4.0) if mim and big else (lambda ep: 0.2 * ep)  # MIM-Refiner 4 epochs, else 20% of a phase
-    return dict(
-        views="multicrop" if mim or not big else "crop-flip", local_crops=10 if big else 0,
-        global_size=g, global_crop_min=(0.25 if mim else 0.08) if big else 0.3,
-        local_crop_min=0.05 if big else 0.25, jitter=1.0 if big else 2.0,
-        neighbours="all" if big else "refine",
-        local_size=vit.patch * math.ceil(g * 96 / 224 / vit.patch),  # 96 px at 224, 98 for patch 14
-        heads=",".join(map(str, head_blocks(cfg.method, vit.dim, vit.depth))),
-        freeze_blocks=vit.depth // 2 if not (mim and big) else 6 if scale == "2b" else 0,
+    batch = min(r.batch, 2 ** int(math.log2(max(1, n_train // 32)))) if big else r.batch  # >= 32 steps per epoch
+    gb, g = given("batch_size", max(1, batch // world)) * world, given("global_size", vit.img_size)
+    topk, head_epochs = given("topk", s.topk), given("head_epochs", s.head_epochs)
+    epochs = given("epochs", 20 if mim and big and vit.post_norm else r.epochs)  # data2vec 2.0 (post-norm): 20
+    warm = lambda ep: 0.2 * ep if r.warmup is None else r.warmup  # noqa: E731
+    return dict(  # the rows' knobs as they stand, then what follows from them, the encoder and the data
+        views=r.views, global_crop_min=r.crop, lr=r.lr, head_lr=r.head_lr, temperature=r.tau,
+        head_temperature=r.head_tau, layer_decay=s.layer_decay, jitter=s.jitter, local_crops=s.locals,
+        local_crop_min=s.local_min, neighbours=s.neighbours, proj_hidden=s.widths[0], proj_dim=s.widths[1],
+        pred_hidden=s.widths[2], target_momentum=s.m_t, batch_size=gb // world, global_size=g, topk=topk,
         head_epochs=head_epochs, epochs=epochs, head_warmup_epochs=warm(head_epochs), warmup_epochs=warm(epochs),
-        batch_size=gb // world, lr=(4e-4 if mim else 1e-4) if big else 4e-3 if mim else 2e-3,  # small: the same
-        head_lr=(2e-4 if mim else 1e-4) if big else 4e-3 if mim else 2e-3,  # peak (MAE-CT counts both views)
-        layer_decay=0.65 if big else 1.0, topk=topk, temperature=tau, head_temperature=tau if mim else 0.15,
-        # whole global batches, at least top-k entries, at most half the train set
-        queue_size=min(65536 if big else 4096, max(gb * math.ceil(topk / gb), n_train // 2 // gb * gb)),
-        proj_hidden=2048 if big else 512, proj_dim=256 if big else 128, pred_hidden=4096 if big else 1024,
+        freeze_blocks=vit.depth // 2 if r.frozen == "half" else r.frozen,
+        heads=",".join(map(str, head_blocks(cfg.method, vit.dim, vit.depth))),
+        local_size=vit.patch * math.ceil(g * 96 / 224 / vit.patch),  # 96 px at 224, 98 for patch 14
+        queue_size=min(s.queue, max(gb * math.ceil(topk / gb), n_train // 2 // gb * gb)),
         # EMA horizon 1/(1-m) steps << the run (0.99 leaves 45% of an 80-step run's EMA at the MAE): at most half
         ema_momentum=min(0.9999, max(0.95, 1 - 2 / (n_train // gb * epochs or 1))) if big else 0.95,
-        target_momentum=0.995 if scale == "huge" else 0.99,  # of phase 2 (ImageNet: 0.9999)
         workers=10 if cfg.device != "cpu" and torch.cuda.is_available() else 0)
 
 

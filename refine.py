@@ -113,8 +113,9 @@ FREE_ON_RESUME = {"ckpt", "out", "max_steps", "save_every", "log_every", "device
 # --- Model, optimiser, objectives ---
 
 class Refiner(nn.Module):
-    """What trains, one module for DDP: the encoder and one contrastive head per chosen block. per_view
-    (MAE-CT): each view through the heads alone, BatchNorm statistics of one view (MIM-Refiner: all)."""
+    """What trains, one module for DDP: the encoder and one contrastive head per chosen block.
+
+    per_view (MAE-CT): each view through the heads alone, BatchNorm statistics of one view (MIM-Refiner: all)."""
 
     def __init__(self, vit, blocks, feature: str, per_view: bool = False, **head_kwargs):
         super().__init__()
@@ -122,9 +123,10 @@ class Refiner(nn.Module):
         self.heads = nn.ModuleDict({str(b): model.ContrastiveHead(vit.dim, **head_kwargs) for b in blocks})
 
     def forward(self, views):
-        """Eq. (4) of docs/METHOD.md: views [(B, C, H, W)], global first -> features {block: (V*B, D)},
-        {block: (z, p)} each (V*B, d), views in order. Views of one resolution run together through the
-        encoder (local: interpolated positions); through the heads, see per_view."""
+        """Eq. (4) of docs/METHOD.md: views [(B, C, H, W)], global first -> features and projections per block.
+
+        Features {block: (V*B, D)}, {block: (z, p)} each (V*B, d), views in order. Views of one resolution run together
+        through the encoder (local: interpolated positions); through the heads, see per_view."""
         h = {b: [] for b in self.blocks}
         for _, same in itertools.groupby(views, key=lambda v: v.shape):
             x = torch.cat(list(same))  # (n*B, C, H, W)
@@ -154,10 +156,12 @@ def set_trainable(refiner: Refiner, phase: str, freeze_blocks: int):
 
 
 def mim_refiner_loss(z, nns, p_all, tau: float, offset: int, pairing: str = "intended"):
-    """Eq. (9) of docs/METHOD.md: the MIM-Refiner objective, NNA for every pair (anchor = global view i,
-    prediction = view v), v != i, over all 2 + V views; the mean of the 2 * (1 + V) terms. z, nns: this rank's
-    projections and neighbours per view [(B, d)]; p_all: each view's predictions of all ranks [(W*B, d)].
-    pairing="official", Eq. (9'): the public code's, cross-global pairs, then each anchor with views 0..V-1."""
+    """Eq. (9) of docs/METHOD.md: the MIM-Refiner objective, NNA for every pair of views.
+
+    The pairs: anchor = global view i, prediction = view v, v != i, over all 2 + V views; the mean of the 2 * (1 + V)
+    terms. z, nns: this rank's projections and neighbours per view [(B, d)]; p_all: each view's predictions of all
+    ranks [(W*B, d)]. pairing="official", Eq. (9'): the public code's, cross-global pairs, then each anchor with views
+    0..V-1."""
     v = len(p_all)
     pairs = ([(i, 1 - i) for i in range(2)] + [(i, j) for i in range(2) for j in range(v - 2)] if pairing == "official"
              else [(i, j) for i in range(2) for j in range(v) if j != i])
@@ -172,8 +176,9 @@ def mae_ct_loss(nns, p_all, tau: float, offset: int):
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, online: nn.Module, momentum: float):
-    """Eq. (12) of docs/METHOD.md: ema <- momentum * ema + (1 - momentum) * online, parameters only
-    (the EMA encoder; MAE-CT's target projector)."""
+    """Eq. (12) of docs/METHOD.md: ema <- momentum * ema + (1 - momentum) * online, parameters only.
+
+    Used for the EMA encoder and MAE-CT's target projector."""
     for e, o in zip(ema.parameters(), online.parameters()):
         e.lerp_(o.detach(), 1 - momentum)  # SOLUTION task=7
 
@@ -195,8 +200,10 @@ class Phase:
 
 
 def make_phases(cfg, spe: int, gb: int) -> list:
-    """Both phases at `spe` steps per epoch; the peak lr scales with the global batch `gb` (MAE-CT counts
-    both views, docs/METHOD.md §8); the warm-up is counted in epochs, at most the phase."""
+    """Both phases at `spe` steps per epoch.
+
+    The peak lr scales with the global batch `gb` (MAE-CT counts both views, docs/METHOD.md §8); the warm-up is counted
+    in epochs, at most the phase."""
     mult = gb / 256 * (1 if cfg.method == "mim-refiner" else 2)
     per_phase = [(cfg.head_epochs, cfg.head_lr, cfg.head_warmup_epochs, cfg.head_temperature, 1),
                  (cfg.epochs, cfg.lr, cfg.warmup_epochs, cfg.temperature, cfg.topk)]
@@ -219,8 +226,9 @@ class Parts:
 
 
 def heads_loss(net, parts: Parts, views, idx, phase: Phase, mim: bool, offset: int, gen, pairing: str):
-    """One step's loss: Eq. (9) (MIM-Refiner) or Eq. (11) (MAE-CT) per head, summed over the heads, with
-    neighbours drawn from each head's queue by `gen`; and per head the first global view's projections
+    """One step's loss: Eq. (9) (MIM-Refiner) or Eq. (11) (MAE-CT) per head, summed over the heads.
+
+    Neighbours are drawn from each head's queue by `gen`; also returned, per head, the first global view's projections
     (B, d), what the queue gets. offset: this rank's first row in the gathered batch."""
     loss, first_view = 0.0, {}
     h, zp = net(views)  # h {block: (V*B, D)}, zp {block: (z, p)} each (V*B, d)
@@ -240,11 +248,12 @@ def heads_loss(net, parts: Parts, views, idx, phase: Phase, mim: bool, offset: i
 
 def refine_step(net, optim, parts: Parts, views, idx, phase: Phase, step: int, cfg, rank: int = 0,
                 sync=lambda loss: (loss.item(), False)) -> tuple:
-    """One optimizer step (docs/METHOD.md §7): the heads' losses with neighbours from the queues, backward,
-    AdamW; then every head's queue takes every rank's first global view (Eq. (7)) and, in phase 2, the EMA
-    encoder and MAE-CT's target projectors follow (Eq. (12)). views: normalised, on the device, global first;
-    idx (B,): their data set indices. sync(loss) -> (value, stop) is the step's one host sync (refine.main's
-    also averages over the ranks and carries a stop signal). Returns (loss value, stop)."""
+    """One optimizer step (docs/METHOD.md §7); returns (loss value, stop).
+
+    The heads' losses with neighbours from the queues, backward, AdamW; then every head's queue takes every rank's
+    first global view (Eq. (7)) and, in phase 2, the EMA encoder and MAE-CT's target projectors follow (Eq. (12)).
+    views: normalised, on the device, global first; idx (B,): their data set indices. sync(loss) -> (value, stop) is
+    the step's one host sync (refine.main's also averages over the ranks and carries a stop signal)."""
     gen = torch.Generator(views[0].device).manual_seed((cfg.seed * 10**9 + step) * 10**4 + rank)  # the picks
     with torch.autocast(views[0].device.type, torch.bfloat16, enabled=views[0].is_cuda):
         loss, first_view = heads_loss(net, parts, views, idx, phase, cfg.method == "mim-refiner",
@@ -275,9 +284,11 @@ def check_same_settings(ck: dict, cfg, world: int, last: str, n_train: int = 0):
 
 
 def start_phase(parts: Parts, cfg, phase: Phase, d, ck):
-    """What trains in `phase`, wrapped for DDP (rebuilt per phase, as what trains changes), and a new
-    AdamW; resuming inside this phase, with the optimizer state of the checkpoint `ck`. As the second
-    phase starts (not resumes), MAE-CT's target projectors become exact copies of the projectors."""
+    """What trains in `phase`, wrapped for DDP, and a new AdamW.
+
+    The wrapper is rebuilt per phase, as what trains changes. Resuming inside this phase: with the optimizer state of
+    the checkpoint `ck`. As the second phase starts (not resumes), MAE-CT's target projectors become exact copies of
+    the projectors."""
     refiner = parts.refiner
     set_trainable(refiner, phase.name, cfg.freeze_blocks)
     if phase.name == "refine" and not (ck and ck["phase"] == "refine"):
@@ -312,13 +323,18 @@ def main(cfg: Settings) -> dict:
     with Run(cfg.out, d) as run:  # the folder, its lock; SIGTERM/SIGUSR1/SIGINT: checkpoint after the step
         common.seed_everything(cfg.seed)  # the same heads and queues on every rank
         data = train_set(cfg)
-        ck, last = run.resume(lambda ck, path: check_same_settings(  # last.pt, or last.prev.pt if it cannot be used
-            ck, resolve(cfg, SimpleNamespace(**ck["arch"]), d.world, len(data)), d.world, path, len(data))), run.last
+        resumed = None  # the recipe resolved for the encoder of the checkpoint resumed from
+
+        def check(ck, path):  # last.pt, or last.prev.pt if it cannot be used
+            nonlocal resumed
+            resumed = resolve(cfg, SimpleNamespace(**ck["arch"]), d.world, len(data))
+            check_same_settings(ck, resumed, d.world, path, len(data))
+        ck, last = run.resume(check), run.last
         vit = (model.ViT(**ck["arch"], grad_checkpointing=cfg.grad_checkpointing) if ck
                else model.load_encoder(cfg.ckpt, cfg.num_heads or None, grad_checkpointing=cfg.grad_checkpointing))
         for blk in vit.blocks if cfg.compile else []:  # per block, in place: keys stay, memory as checkpointed
             blk.compile()
-        cfg = resolve(cfg, vit, d.world, len(data))
+        cfg = resumed if ck else resolve(cfg, vit, d.world, len(data))  # the recipe, resolved once
         gb = cfg.batch_size * d.world
         views = make_views(cfg)
         data, keys = Views(data, views, cfg.seed), EpochKeys(range(len(data)), d.world, d.rank, cfg.seed)

@@ -1,5 +1,6 @@
-"""What several test files build alike: image folders, a tiny checkpoint, the settings of a CPU test,
-two processes set up as torchrun's ranks, a run's log. Fixtures where a test only needs the thing; plain
+"""What several test files build alike: image folders, a tiny checkpoint, a CPU test's settings, ranks, logs.
+
+The ranks: two processes set up as torchrun's; the logs: a run's. Fixtures where a test only needs the thing; plain
 functions (`from conftest import ...`) where it chooses the sizes."""
 import json
 import os
@@ -22,8 +23,9 @@ torch.set_num_threads(1)  # tiny ops on a shared 2-core machine: threads only ad
 # --- Images ------------------------------------------------------------------------------------
 
 def make_images(folder, n, size=32, colour=(0, 0, 0), rng=None, prefix="", ext="png"):
-    """`n` images folder/{prefix}{i}.{ext} of size x size px: 0.6 * colour plus noise in [0, 100) per pixel
-    and channel, drawn from `rng` (default: seed 0). The folder is made, even for n = 0."""
+    """`n` images folder/{prefix}{i}.{ext} of size x size px, drawn from `rng` (default: seed 0).
+
+    Each is 0.6 * colour plus noise in [0, 100) per pixel and channel. The folder is made, even for n = 0."""
     rng = np.random.default_rng(0) if rng is None else rng
     os.makedirs(folder, exist_ok=True)
     for i in range(n):
@@ -33,8 +35,9 @@ def make_images(folder, n, size=32, colour=(0, 0, 0), rng=None, prefix="", ext="
 
 
 def make_image_folder(root, classes=("a", "b", "c"), per_class=(3, 2), size=32, seed=0):
-    """root/train and root/val (an ImageFolder) with per_class = (train, val) PNGs per class, named
-    {class}_{i}.png; each class has its own colour under the noise, so even a random encoder separates them."""
+    """root/train and root/val (an ImageFolder) with per_class = (train, val) PNGs per class, named {class}_{i}.png.
+
+    Each class has its own colour under the noise, so even a random encoder separates them."""
     rng = np.random.default_rng(seed)
     for split, n in zip(("train", "val"), per_class):
         for c, name in enumerate(classes):
@@ -52,8 +55,9 @@ def image_folder(tmp_path_factory):
 # --- A tiny encoder ----------------------------------------------------------------------------
 
 def make_checkpoint(path, seed=0, depth=4, img_size=32):
-    """A random tiny encoder (32 wide, patch 4) saved in MAE's layout, {'model': export_encoder(vit)}; returns
-    the ViT."""
+    """A random tiny encoder (32 wide, patch 4) saved in MAE's layout; returns the ViT.
+
+    The file holds {'model': export_encoder(vit)}."""
     import model  # after the sys.path line above
     torch.manual_seed(seed)
     vit = model.ViT(dim=32, depth=depth, patch=4, img_size=img_size)

@@ -48,9 +48,11 @@ def test_loader_workers_do_not_change_the_batches():
 
 
 def test_crop_flip_draws_what_torchvision_draws():
-    """The same generator state gives torchvision's crop box and flip, and the same picture: torch's antialiased
-    uint8 bicubic filter against PIL's (torchvision's on PIL images) differs by rounding, at most 2 levels at a
-    pixel (measured: 1 on this image) and under a hundredth of a level on average; the mirrored crop is far."""
+    """The same generator state gives torchvision's crop box and flip, and the same picture.
+
+    torch's antialiased uint8 bicubic filter against PIL's (torchvision's on PIL images) differs by rounding, at most 2
+    levels at a pixel (measured: 1 on this image) and under a hundredth of a level on average; the mirrored crop is
+    far."""
     img, view = smooth_image(), V.View(96, (0.05, 1.0))
     ref = T.Compose([T.RandomResizedCrop(96, (0.05, 1.0), interpolation=T.InterpolationMode.BICUBIC),
                      T.RandomHorizontalFlip(), T.PILToTensor()])
@@ -69,8 +71,9 @@ def test_crop_flip_draws_what_torchvision_draws():
 
 
 def test_blur_sigma_follows_the_global_side_for_every_view():
-    """BYOL's blur draws sigma from U(0.1, 2.0) px at 224 px for every view, the 96 px local crops
-    included (the papers' code); at other sizes the range scales with the global side only."""
+    """BYOL's blur draws sigma from U(0.1, 2.0) px at 224 px for every view, the 96 px local crops included.
+
+    As in the papers' code; at other sizes the range scales with the global side only."""
     def ranges(cfg):
         return [(v.colour.sigma_lo, v.colour.sigma_hi) for v in V.make_views(cfg)]
     assert ranges(resolved(global_size=224, local_size=96, local_crops=3)) == [(0.1, 2.0)] * 5
@@ -78,8 +81,10 @@ def test_blur_sigma_follows_the_global_side_for_every_view():
 
 
 def test_byol_recipe_per_view():
-    """Global 1: blur always, no solarisation; global 2: blur 0.1, solarisation 0.2; locals: blur 0.5;
-    jitter (0.4, 0.4, 0.2, 0.1) times --jitter with p 0.8, grayscale 0.2 on every view."""
+    """The views' probabilities: blur, solarisation, jitter and grayscale per view.
+
+    Global 1: blur always, no solarisation; global 2: blur 0.1, solarisation 0.2; locals: blur 0.5; jitter (0.4, 0.4,
+    0.2, 0.1) times --jitter with p 0.8, grayscale 0.2 on every view."""
     views = V.make_views(resolved(global_size=224, local_size=96, local_crops=2, jitter=1.0))
     assert [(v.size, v.colour.blur_p, v.colour.solarize_p) for v in views] == [
         (224, 1.0, 0.0), (224, 0.1, 0.2), (96, 0.5, 0.0), (96, 0.5, 0.0)]
@@ -98,8 +103,9 @@ def test_crop_flip_views_normalised_on_the_device_equal_totensor_normalize():
 
 
 def test_each_view_gets_its_own_images_parameters():
-    """to_input on a batch equals, image by image, photometric.augment with that image's parameters of that
-    view: nothing mixes images or views."""
+    """to_input on a batch equals, image by image, photometric.augment with that image's parameters of that view.
+
+    Nothing mixes images or views."""
     views = V.make_views(resolved(local_crops=1))
     data = V.Views(V.train_set(refine.Settings(limit_train=8)), views, 0)
     (crops, params), _ = next(iter(DataLoader(data, 4, sampler=[(0, i) for i in range(4)])))

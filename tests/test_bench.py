@@ -1,5 +1,6 @@
-"""bench.py on microscopic sizes: the JSON layout, the agreement checks and what the refinement
-benchmark runs (never the speed)."""
+"""bench.py on microscopic sizes: the JSON layout, the agreement checks and what the refinement benchmark runs.
+
+Never the speed."""
 import json
 import math
 

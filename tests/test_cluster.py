@@ -1,5 +1,7 @@
-"""cluster.py: Hungarian accuracy against brute force, metrics against scikit-learn, torch k-means
-against scikit-learn's inertia, chunking, and the script on an ImageFolder with --subset dogs15."""
+"""cluster.py against independent references, and the script end to end.
+
+Hungarian accuracy against brute force, metrics against scikit-learn, torch k-means against scikit-learn's inertia,
+chunking, and the script on an ImageFolder with --subset dogs15."""
 import itertools
 
 import numpy as np

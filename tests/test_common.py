@@ -136,8 +136,10 @@ def test_loader_workers_by_the_cores_available(monkeypatch):
 
 
 def test_loader_workers_leave_signals_to_the_main_process():
-    """SLURM and a terminal signal every process; a worker ignores SIGINT and SIGUSR1, and SIGTERM from anyone
-    but its parent (the main process checkpoints first; the parent's own SIGTERM still ends it)."""
+    """SLURM and a terminal signal every process; a worker ignores SIGINT and SIGUSR1, and most SIGTERMs.
+
+    A worker ignores SIGTERM from anyone but its parent (the main process checkpoints first; the parent's own SIGTERM
+    still ends it)."""
     loader = torch.utils.data.DataLoader(KeyEcho(), batch_size=2, sampler=[(0, i) for i in range(4)], num_workers=1,
                                          persistent_workers=True, worker_init_fn=data.quiet_worker)
     pid = int(next(iter(loader))[0, 0])
@@ -169,8 +171,9 @@ def test_new_settings_are_in_the_help(capsys):
 
 
 def test_seeded_draws_from_the_key_alone():
-    """Seeded[(e, i)] is transform(image i) under torch.manual_seed(key_seed(seed, e, i)), whatever state the
-    caller's generator is in, and leaves that state as it was."""
+    """Seeded[(e, i)] is transform(image i) under torch.manual_seed(key_seed(seed, e, i)).
+
+    Whatever state the caller's generator is in, and it leaves that state as it was."""
     from PIL import Image
 
     from util.data import Seeded, key_seed

@@ -1,5 +1,7 @@
-"""demo.py: the whole chain (refine twice, extract once, k-NN, probe, low-shot, clustering, summary)
-at a reduced size on a tiny encoder and image folder; the summary checked against the stages."""
+"""demo.py: the whole chain at a reduced size on a tiny encoder and image folder.
+
+The chain: refine twice, extract once, k-NN, probe, low-shot, clustering, summary; the summary checked against the
+stages."""
 import importlib.util
 import json
 import os

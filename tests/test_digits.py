@@ -1,5 +1,6 @@
-"""The embedded data set (digits.py): a pure function of its seed, glyph-disjoint splits, the
-pose and grey levels it promises, and nuisance that dominates the pixels."""
+"""The embedded data set (digits.py): a pure function of its seed, with the properties it promises.
+
+Glyph-disjoint splits, the pose and grey levels it promises, and nuisance that dominates the pixels."""
 import numpy as np
 import pytest
 import torch

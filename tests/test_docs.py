@@ -1,6 +1,7 @@
-"""What the README, docs/PROTOCOLS.md and the stage docstrings quote: each paper's number next to the
-checkpoint it starts from and the protocol it was measured with; the links between the documents; the
-official pairing in every MIM-Refiner paper command; METHOD.md's table of the official recipes against recipe.py."""
+"""What the README, docs/PROTOCOLS.md and the stage docstrings quote, and the links between the documents.
+
+Each paper's number next to the checkpoint it starts from and the protocol it was measured with; the official
+pairing in every MIM-Refiner paper command; METHOD.md's table of the official recipes against recipe.py."""
 import importlib
 import os
 import re
@@ -38,8 +39,9 @@ def test_knn_standardisation_is_mim_refiners_and_mae_cts_not_dinos():
 
 
 def test_mae_ct_results_are_quoted_with_the_checkpoint_they_start_from():
-    """MAE-CT's ViT-L/16 and ViT-H/16 start from its own re-trained MAEs; only ViT-H/14 starts from the
-    public MAE (k-NN 58.9 -> 79.1, probe 77.2 -> 81.3)."""
+    """MAE-CT's ViT-L/16 and ViT-H/16 start from its own re-trained MAEs; only ViT-H/14 starts from the public MAE.
+
+    The public one: k-NN 58.9 -> 79.1, probe 77.2 -> 81.3."""
     rows = [r for r in readme().splitlines() if r.startswith("| ") and "+ MAE-CT" in r]
     public = [r for r in rows if "public" in r]
     assert len(public) == 1 and "ViT-H/14" in public[0] and "58.9 -> 79.1" in public[0] and "77.2 -> 81.3" in public[0]
@@ -48,8 +50,9 @@ def test_mae_ct_results_are_quoted_with_the_checkpoint_they_start_from():
 
 
 def test_protocols_section_gives_a_valid_command_for_every_quoted_number():
-    """docs/PROTOCOLS.md's protocol section: every number of the README's results table appears there,
-    next to a command whose flags the stage accepts."""
+    """docs/PROTOCOLS.md's protocol section: every number of the README's results table appears there.
+
+    Each next to a command whose flags the stage accepts."""
     text = read("docs/PROTOCOLS.md")
     section = text[text.index("## Protocols: which command reproduces which number"):]
     end = section.find("\n## ")
@@ -74,8 +77,10 @@ def slug(heading: str) -> str:
 
 
 def test_links_between_the_documents_resolve():
-    """Every relative link of README.md, BENCHMARKS.md and docs/*.md names a file that exists and, after
-    a '#', a heading of that file (sections moved between the documents keep their links)."""
+    """Every relative link of README.md, BENCHMARKS.md and docs/*.md resolves.
+
+    It names a file that exists and, after a '#', a heading of that file (sections moved between the documents keep
+    their links)."""
     docs = ["README.md", "BENCHMARKS.md"] + ["docs/" + f for f in sorted(os.listdir(os.path.join(ROOT, "docs")))
                                                if f.endswith(".md")]
     checked = 0

@@ -1,6 +1,7 @@
-"""finetune.py (the papers' 1% protocol): layer-wise lr groups, weight decay by size, data2vec 2.0's head
-LayerNorm, the fixed CLS position slot, the split file, label smoothing, and two processes (gloo, DDP)
-against one on the same global batch."""
+"""finetune.py (the papers' 1% protocol): layer-wise lr groups, weight decay by size, the head, DDP.
+
+Also data2vec 2.0's head LayerNorm, the fixed CLS position slot, the split file, label smoothing, and two
+processes (gloo, DDP) against one on the same global batch."""
 import json
 import os
 from types import SimpleNamespace
@@ -22,8 +23,9 @@ def settings(**kw):
 
 
 def test_param_groups_layer_decay_and_trainable_positions():
-    """Eq. (13) with decay 0.75: block j 0.75^(depth+1-j); stem and positions 0.75^(depth+1); final norm
-    and head 1. No weight decay on 1-D parameters, the CLS token and the (now trained) positions."""
+    """Eq. (13) with decay 0.75: block j 0.75^(depth+1-j); stem and positions 0.75^(depth+1); final norm and head 1.
+
+    No weight decay on 1-D parameters, the CLS token and the (now trained) positions."""
     net = finetune.Classifier(model.ViT(dim=32, depth=3, patch=4, img_size=32), 5)
     assert isinstance(net.vit.pos_embed, torch.nn.Parameter) and "pos_embed" not in dict(net.vit.named_buffers())
     cfg = settings(weight_decay=0.4)
@@ -128,8 +130,9 @@ def test_split_file_and_label_smoothing(tmp_path, monkeypatch):
 
 
 def test_two_processes_equal_one(tmp_path, two_ranks):
-    """DDP (gloo) with 2 x 2 images per step equals one process with 4 (--batch-size is the global batch): the
-    same images, crops (seeded per image) and averaged gradients, so the same losses and accuracies."""
+    """DDP (gloo) with 2 x 2 images per step equals one process with 4 (--batch-size is the global batch).
+
+    The same images, crops (seeded per image) and averaged gradients, so the same losses and accuracies."""
     data = make_image_folder(tmp_path / "d", per_class=(8, 2))  # 24 train images
     ckpt = str(tmp_path / "e.pth")
     make_checkpoint(ckpt, depth=2)

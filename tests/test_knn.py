@@ -1,5 +1,6 @@
-"""knn.py: the weighted vote against a naive loop, chunking, the feature file, checkpoint layouts,
-and 2-process extraction against 1 process."""
+"""knn.py: the weighted vote against a naive loop, chunking, the feature file, checkpoint layouts, and DDP.
+
+DDP: 2-process extraction against 1 process."""
 import json
 import sys
 
@@ -140,8 +141,10 @@ def test_checkpoint_layouts_refine_and_mae(tiny, tmp_path):
 
 
 def test_norm_pseudo_block_is_the_top_block_after_the_final_norm(tiny, tmp_path):
-    """--blocks 2,norm: block 2 and 'norm', block 2 after the final norm: its CLS is --feature cls-norm's of
-    block 2, its patch mean the mean of the normed patch tokens (mean of the raw ones under cls-norm+mean)."""
+    """--blocks 2,norm: block 2 and 'norm', block 2 after the final norm.
+
+    Its CLS is --feature cls-norm's of block 2, its patch mean the mean of the normed patch tokens (mean of the raw
+    ones under cls-norm+mean)."""
     root, data, ckpt = tiny
     vit, ds = model.load_encoder(ckpt), build_dataset(data, "val", eval_transform(32))
     with torch.no_grad():
@@ -205,8 +208,9 @@ def test_results_describe_the_feature_file_not_the_flags(tiny, tmp_path, capsys)
 
 
 def test_num_heads_flag_and_the_printed_architecture(tiny, tmp_path, capsys):
-    """A timm encoder 64 wide with 4 heads: read by width it has 1 (printed as such); --num-heads 4 gives
-    timm's own features."""
+    """A timm encoder 64 wide with 4 heads: read by width it has 1 (printed as such).
+
+    --num-heads 4 gives timm's own features."""
     timm = pytest.importorskip("timm")
     root, data, _ = tiny
     net = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1,
@@ -228,8 +232,9 @@ def test_num_heads_flag_and_the_printed_architecture(tiny, tmp_path, capsys):
 # --- a feature file from elsewhere: the four tensors alone ---------------------------------------
 
 def four_tensors(path, dtype=torch.float16, label_dtype=torch.int8, blocks=None, **extra):
-    """Three well-separated classes in 8 dimensions, 30 train and 12 val rows, saved as the four tensors
-    in `dtype` and `label_dtype` (features as {block: tensor} when `blocks` are given) and `extra`;
+    """Three well-separated classes in 8 dimensions, 30 train and 12 val rows, saved as a feature file.
+
+    The four tensors in `dtype` and `label_dtype` (features as {block: tensor} when `blocks` are given) and `extra`;
     returns the same file in float32 and int64, as --save-features writes it (feature 'cls', block 'given')."""
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(3, 8, generator=g) * 3
@@ -245,8 +250,9 @@ def four_tensors(path, dtype=torch.float16, label_dtype=torch.int8, blocks=None,
 
 
 def test_four_tensor_feature_file_in_every_script(tmp_path, capsys):
-    """float16 features and int8 labels, nothing else: every script runs on them, with one warning line
-    naming what it took for the unrecorded feature and block, and scores as on the float32 / int64 file."""
+    """float16 features and int8 labels, nothing else: every script runs on them and scores as on float32 / int64.
+
+    Each prints one warning line naming what it took for the unrecorded feature and block."""
     import cluster
     import probe
     bare, full = str(tmp_path / "bare.pt"), str(tmp_path / "full.pt")

@@ -111,8 +111,9 @@ def test_queue_random_pick_only_among_top_k():
 # Head
 
 def test_head_shapes_and_layout():
-    """MAE-CT's head (ReLU, predictor ends in a Linear) and MIM-Refiner's (GELU, a final BN): in both
-    no Linear has a bias, as in the papers' code."""
+    """MAE-CT's head (ReLU, predictor ends in a Linear) and MIM-Refiner's (GELU, a final BN).
+
+    In both no Linear has a bias, as in the papers' code."""
     h = model.ContrastiveHead(32, proj_hidden=64, proj_dim=16, pred_hidden=48, act="relu", predictor_bn=False)
     z, p = h(torch.randn(5, 32))
     assert z.shape == p.shape == (5, 16)

@@ -1,6 +1,7 @@
-"""photometric.py: every batched operation against torchvision's per-image functions (float and uint8 images),
-the composed view pipeline, identities, the kernel truncation, the distribution and determinism of `draw`, and no
-host sync on CUDA."""
+"""photometric.py: every batched operation against torchvision's per-image functions, and more.
+
+Float and uint8 images; also the composed view pipeline, identities, the kernel truncation, the distribution and
+determinism of `draw`, and no host sync on CUDA."""
 import math
 
 import pytest
@@ -26,8 +27,10 @@ ON = torch.tensor([True, False, True, True, False, True, False, True])
 
 
 def images(size: int = 20) -> torch.Tensor:
-    """(8, 3, size, size) in [0, 1]: random, near 0, near 1, pure gray per pixel, one gray level, saturated
-    colours, black and white pixels, random with pixels at the solarize threshold."""
+    """(8, 3, size, size) in [0, 1]: the images that test the edge cases of every colour operation.
+
+    Random, near 0, near 1, pure gray per pixel, one gray level, saturated colours, black and white pixels, random with
+    pixels at the solarize threshold."""
     g = torch.Generator().manual_seed(0)
     r = torch.rand(8, 3, size, size, generator=g)
     x = r.clone()

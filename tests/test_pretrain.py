@@ -64,8 +64,9 @@ def test_masking_keeps_fraction_and_restores(n, ratio):
 
 
 def test_normalised_pixel_loss_by_hand():
-    """The MAE loss == MSE to per-patch normalised pixels over the hidden patches, recomputed with
-    loops from the decoder's prediction (captured by a hook) and the mask drawn from the same noise."""
+    """The MAE loss == MSE to per-patch normalised pixels over the hidden patches, recomputed with loops.
+
+    From the decoder's prediction (captured by a hook) and the mask drawn from the same noise."""
     mae = tiny_mae()
     imgs = torch.randn(2, 3, 16, 16)
     pred = {}
@@ -192,8 +193,9 @@ def test_user_errors(tmp_path, small_digits):
 
 
 def test_two_process_gloo_run(tmp_path, two_ranks):
-    """2 gloo processes on an ImageFolder: trains, keeps one RNG state per rank (each masks its
-    own way), writes an encoder that loads, and a resume refuses another world size."""
+    """2 gloo processes on an ImageFolder: trains, keeps one RNG state per rank, writes an encoder that loads.
+
+    Each rank masks its own way; and a resume refuses another world size."""
     make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=(8, 8), size=20)
     cfg = settings(tmp_path / "run", data=str(tmp_path / "data"), batch_size=4, epochs=2, max_steps=3)
     two_ranks(pretrain.main, cfg)
@@ -207,8 +209,9 @@ def test_two_process_gloo_run(tmp_path, two_ranks):
 
 
 def test_truncated_last_pt_is_survived_with_an_identical_result(tmp_path, small_digits, capsys):
-    """last.pt cut short (a full disk, a crash of the file system): the run resumes from last.prev.pt with a
-    one-line warning and ends equal to an uninterrupted run; the bad file is kept as last.bad.pt."""
+    """last.pt cut short (a full disk, a crash of the file system): the run resumes from last.prev.pt.
+
+    With a one-line warning, and ends equal to an uninterrupted run; the bad file is kept as last.bad.pt."""
     pretrain.main(settings(tmp_path / "a", max_steps=10))
     pretrain.main(settings(tmp_path / "b", max_steps=6, save_every=2))  # last.pt at 6, last.prev.pt at 4
     last = tmp_path / "b" / "last.pt"
@@ -227,8 +230,9 @@ def test_truncated_last_pt_is_survived_with_an_identical_result(tmp_path, small_
 
 
 def test_ctrl_c_checkpoints_after_the_step_and_the_rerun_resumes(tmp_path, small_digits, monkeypatch, capsys):
-    """SIGINT (Ctrl-C) as SIGTERM: the step finishes, last.pt is written, exit code 3; rerunning equals an
-    uninterrupted run, the mean loss of a log line spanning the stop included."""
+    """SIGINT (Ctrl-C) as SIGTERM: the step finishes, last.pt is written, exit code 3.
+
+    Rerunning equals an uninterrupted run, the mean loss of a log line spanning the stop included."""
     pretrain.main(settings(tmp_path / "a", max_steps=6, log_every=4))
     calls, real = [], MAE.forward_loss
 

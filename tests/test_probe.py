@@ -1,6 +1,7 @@
-"""probe.py: the stacked lr grid against torch.optim.SGD one lr at a time, a separable problem, the
-feature sets of MIM-Refiner's 52-probe search, low-shot draws and split files (labelled.py), the
-logistic regression, and the script end to end."""
+"""probe.py: the stacked lr grid, the feature sets, low-shot draws and fits, and the script end to end.
+
+The stacked lr grid against torch.optim.SGD one lr at a time, a separable problem, the feature sets of MIM-Refiner's
+52-probe search, low-shot draws and split files (util/data.py), the logistic regression, and the script end to end."""
 import json
 
 import numpy as np
@@ -32,8 +33,9 @@ def test_linear_probe_separable_features():
 
 
 def test_lars_step_equals_maes_lars_per_probe():
-    """The stacked LARS step equals MAE's LARS written out for each probe alone: the weight gradient
-    scaled by 0.001 |w| / |grad| (1 where a norm is zero), the bias plain momentum SGD."""
+    """The stacked LARS step equals MAE's LARS written out for each probe alone.
+
+    The weight gradient scaled by 0.001 |w| / |grad| (1 where a norm is zero), the bias plain momentum SGD."""
     torch.manual_seed(0)
     stacked = probe.StackedProbe(6, 4, 3)
     stacked.bias.data.normal_()
@@ -127,8 +129,9 @@ def test_read_split_file(tmp_path, image_folder):
 
 
 def test_lowshot_accuracy_preprocessing_and_reference():
-    """Each train row centred on its own mean and L2-normalised (cyanure, columns=False), validation
-    rows as they are: scikit-learn on the same arrays gives the same accuracy."""
+    """Each train row centred on its own mean and L2-normalised (cyanure, columns=False), validation rows as they are.
+
+    scikit-learn on the same arrays gives the same accuracy."""
     from sklearn.linear_model import LogisticRegression
     x, y = blobs(40, dim=8, classes=4, spread=2.0, seed=3)
     vx, vy = blobs(60, dim=8, classes=4, spread=2.0, seed=3, noise_seed=4)
@@ -140,11 +143,12 @@ def test_lowshot_accuracy_preprocessing_and_reference():
 
 
 def test_lowshot_row_centring_differs_from_the_labelled_mean():
-    """A known answer. Train rows a = (1, 0, 0) (class 0) and b = (0, 1, 3) (class 1). Row centring maps
-    them to a' ~ (2, -1, -1) and b' ~ (-4, -1, 5); the symmetric two-sample logistic regression scores
-    class 0 against class 1 by v . (a'/|a'| - b'/|b'|) ~ v . (1.43, -0.25, -1.18), so v = (0, 0, 1)
-    is class 1. Centring with the labelled mean (0.5, 0.5, 1.5) instead gives the direction (1, -1, -3)
-    with offset 4.5, and v = (0, 0, 1) would be class 0."""
+    """A known answer.
+
+    Train rows a = (1, 0, 0) (class 0) and b = (0, 1, 3) (class 1). Row centring maps them to a' ~ (2, -1, -1) and b' ~
+    (-4, -1, 5); the symmetric two-sample logistic regression scores class 0 against class 1 by v . (a'/|a'| - b'/|b'|)
+    ~ v . (1.43, -0.25, -1.18), so v = (0, 0, 1) is class 1. Centring with the labelled mean (0.5, 0.5, 1.5) instead
+    gives the direction (1, -1, -3) with offset 4.5, and v = (0, 0, 1) would be class 0."""
     x, y = torch.tensor([[1.0, 0, 0], [0, 1, 3]]), torch.tensor([0, 1])
     vx, vy = torch.tensor([[0.0, 0, 1], [2, 0, 1], [0, 2, 0]]), torch.tensor([1, 0, 1])
     assert probe.lowshot_accuracy(x, y, vx, vy) == 1.0
@@ -152,8 +156,9 @@ def test_lowshot_row_centring_differs_from_the_labelled_mean():
 
 
 def anisotropic_shots(classes=1000, dim=1024, shots=1, val=2, seed=0):
-    """Class centres and per-row noise on a decaying spectrum (dimension i scaled by i^-1/2) plus a common
-    offset of 0.3: `shots` train rows and `val` val rows per class, float64."""
+    """Class centres and per-row noise on a decaying spectrum plus a common offset of 0.3, float64.
+
+    Dimension i scaled by i^-1/2; `shots` train rows and `val` val rows per class."""
     g = torch.Generator().manual_seed(seed)
     scale = torch.arange(1, dim + 1, dtype=torch.float64) ** -0.5
     centres = torch.randn(classes, dim, generator=g, dtype=torch.float64) * scale
@@ -163,8 +168,10 @@ def anisotropic_shots(classes=1000, dim=1024, shots=1, val=2, seed=0):
 
 
 def eq22_times_cn(W, rows, y, C=4000):
-    """Eq. (22)'s objective times C N, scikit-learn's scaling: C sum_n CE(W x_n, y_n) + ||W||^2 / 2, and its
-    gradient divided by C N (the mean loss's, scikit-learn's tol is on it): (P - Y)^T X / N + W / (C N)."""
+    """Eq. (22)'s objective times C N, scikit-learn's scaling, and its gradient divided by C N.
+
+    The objective: C sum_n CE(W x_n, y_n) + ||W||^2 / 2; the gradient is the mean loss's (scikit-learn's tol is on it):
+    (P - Y)^T X / N + W / (C N)."""
     z = rows @ W.T  # (N, K)
     log_p = z - np.logaddexp.reduce(z, axis=1, keepdims=True)
     onehot = np.eye(W.shape[0])[y]
@@ -174,10 +181,12 @@ def eq22_times_cn(W, rows, y, C=4000):
 
 @pytest.mark.filterwarnings("ignore:The number of unique classes")  # 1-shot: scikit-learn's remark on the old call
 def test_lowshot_is_solved_to_the_optimum():
-    """1000 classes x 1024 dimensions, 1-shot: scikit-learn's default tol 1e-4 bounds the mean loss's gradient
-    entries, all below 1e-3 at W = 0 and 6e-5 after one L-BFGS step, where the old call stopped, far from
-    Eq. (22)'s optimum. lowshot_fit reaches the optimum: its objective equals a reference run on from its
-    solution to tol 1e-12, and its gradient (computed here) is below 1e-5 of the starting one."""
+    """1000 classes x 1024 dimensions, 1-shot: lowshot_fit reaches Eq. (22)'s optimum.
+
+    scikit-learn's default tol 1e-4 bounds the mean loss's gradient entries, all below 1e-3 at W = 0 and 6e-5 after one
+    L-BFGS step, where the old call stopped, far from Eq. (22)'s optimum. lowshot_fit reaches the optimum: its
+    objective equals a reference run on from its solution to tol 1e-12, and its gradient (computed here) is below 1e-5
+    of the starting one."""
     from sklearn.linear_model import LogisticRegression
     x, y, vx, vy = anisotropic_shots()
     rows = x - x.mean(1, keepdim=True)
@@ -230,9 +239,10 @@ def test_main_linear_lowshot_augment(tmp_path, capsys):
 
 
 def test_grid_feature_sets():
-    """The grid reads the top block after the final norm ('norm') and the raw top 4 concatenated, each as CLS
-    and as CLS + mean patch token, from 'cls+mean' features (N, 2D) (CLS first), without copying the train
-    set; without 'norm' (a knn.py file), the raw top block."""
+    """The grid's feature sets from 'cls+mean' features (N, 2D) (CLS first), without copying the train set.
+
+    It reads the top block after the final norm ('norm') and the raw top 4 concatenated, each as CLS and as CLS + mean
+    patch token; without 'norm' (a knn.py file), the raw top block."""
     f = {b: torch.randn(5, 6) for b in (1, 2, 3, 4, 5, "norm")}  # D = 3
     sets = probe.feature_sets(f, "cls+mean", grid=True)
     assert list(sets) == [("norm", "cls"), ("norm", "cls+mean"), ("2+3+4+5", "cls"), ("2+3+4+5", "cls+mean")]
@@ -285,8 +295,9 @@ def test_default_search_is_mim_refiners_52_probes(tmp_path, capsys):
 
 
 def test_best_epoch_is_the_max_of_every_epochs_evaluation(tmp_path, capsys):
-    """Every probe is evaluated after each epoch: `top1` is the last epoch's, `top1_best_epoch` the best epoch's
-    (MIM-Refiner's number), `best_epoch` which; against the same probes stepped here an epoch at a time."""
+    """Every probe is evaluated after each epoch, against the same probes stepped here an epoch at a time.
+
+    `top1` is the last epoch's, `top1_best_epoch` the best epoch's (MIM-Refiner's number), `best_epoch` which."""
     x, y = blobs(120, dim=8, classes=4, spread=2.5)
     vx, vy = blobs(60, dim=8, classes=4, spread=2.5, noise_seed=1)
     path, lrs, epochs = str(tmp_path / "f.pt"), [0.001, 0.05, 2.0], 6

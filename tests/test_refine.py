@@ -60,8 +60,9 @@ def test_recipe_by_scale():
 
 
 def test_recipe_for_other_sizes_scales_with_the_data():
-    """Not a paper size: 'small' (ours, CPUs) only for an encoder under 384 wide on under 50k images, else the
-    nearest paper size's recipe with the global batch and the EMA horizon scaled to the data set."""
+    """Not a paper size: 'small' (ours, CPUs) only for an encoder under 384 wide on under 50k images.
+
+    Else the nearest paper size's recipe with the global batch and the EMA horizon scaled to the data set."""
     vit_s = SimpleNamespace(dim=384, depth=12, patch=16, img_size=224, post_norm=False)  # ViT-S/16
     assert recipe.scale_of(vit_s, 100_000)[0] == "base" and "no paper size" in recipe.scale_of(vit_s, 100_000)[1]
     # 100k images: batch min(1024, 2^floor(log2(100000 // 32))) = 1024; queue whole batches up to half the
@@ -108,8 +109,9 @@ def test_lr_multipliers_and_weight_decay_follow_eq_13():
 
 
 def test_lr_schedule_warms_up_then_cosine():
-    """Eq. (14) with S = 10 steps, S_w = 2, peak 1, floor 0: (s + 1) / 2 for s < 2, then
-    (1 + cos(pi * (s - 2) / 8)) / 2; the last step, s = 9, is at 7/8 of the cosine."""
+    """Eq. (14) with S = 10 steps, S_w = 2, peak 1, floor 0, at known steps.
+
+    (s + 1) / 2 for s < 2, then (1 + cos(pi * (s - 2) / 8)) / 2; the last step, s = 9, is at 7/8 of the cosine."""
     lrs = [common.warmup_cosine(s, 10, 2, 1.0, 0.0) for s in range(10)]
     assert lrs[:3] == [0.5, 1.0, 1.0]  # 1/2, 2/2, then cos(0) = 1
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
@@ -126,9 +128,10 @@ def test_mim_refiner_pairs_every_global_anchor_with_every_other_view(monkeypatch
 
 
 def test_official_pairing_has_the_public_codes_22_terms(tiny_ckpt, tmp_path, monkeypatch):
-    """--pairing official with 2 global + 10 local views (0, 1 global; 2-11 local), written out: each
-    cross-global pair twice, each global view with its own prediction, and locals 1-8 (views 2-9);
-    locals 9-10 (views 10, 11) get no term. The loss is the mean of the 22."""
+    """--pairing official with 2 global + 10 local views, written out: 22 terms.
+
+    Views 0, 1 global; 2-11 local. Each cross-global pair twice, each global view with its own prediction, and locals
+    1-8 (views 2-9); locals 9-10 (views 10, 11) get no term. The loss is the mean of the 22."""
     pairs, value = [], {}
     monkeypatch.setattr(model, "nna_loss", lambda z, nn_z, p, tau, offset: pairs.append((z, p)) or value[len(pairs)])
     z, p = [torch.randn(2, 4) for _ in range(2)], [torch.randn(2, 4) for _ in range(12)]
@@ -153,8 +156,9 @@ def test_official_pairing_has_the_public_codes_22_terms(tiny_ckpt, tmp_path, mon
 
 
 def test_mae_ct_heads_normalise_each_view_alone_mim_refiner_all_views(tiny_ckpt, tmp_path, monkeypatch):
-    """MAE-CT's head, and in phase 2 its EMA target projector, run once per view: each BatchNorm sees
-    one view's statistics. MIM-Refiner's heads see all views together. (Two views of different
+    """MAE-CT's head, and in phase 2 its EMA target projector, run once per view.
+
+    Each BatchNorm sees one view's statistics. MIM-Refiner's heads see all views together. (Two views of different
     statistics, so the joint statistics would give other outputs.)"""
     torch.manual_seed(0)
     vit = model.ViT(dim=32, depth=2, patch=4, img_size=32)
@@ -228,9 +232,10 @@ def test_mae_ct_phases_freezing_and_resume(tiny_ckpt, tmp_path):
 
 
 def test_mae_ct_target_projector_is_copied_when_phase_2_starts(tiny_ckpt, tmp_path):
-    """MAE-CT's EMA target projector is not tracked during the warm-up: when the encoder starts to
-    train it becomes an exact copy of the projector, so after the first step of phase 2 it is
-    m * P + (1 - m) * P' (P, P' the projector before and after that step). Resumed there, as here."""
+    """MAE-CT's EMA target projector is not tracked during the warm-up.
+
+    When the encoder starts to train it becomes an exact copy of the projector, so after the first step of phase 2 it
+    is m * P + (1 - m) * P' (P, P' the projector before and after that step). Resumed there, as here."""
     kw = dict(method="mae-ct", views="crop-flip", head_epochs=1, epochs=1, head_lr=0.05, lr=0.05,
               target_momentum=0.9)
     refine.main(settings(tiny_ckpt, tmp_path, max_steps=4, **kw))  # the warm-up: 4 steps
@@ -246,8 +251,9 @@ def test_mae_ct_target_projector_is_copied_when_phase_2_starts(tiny_ckpt, tmp_pa
 
 
 def test_two_processes_equal_one(tiny_ckpt, tmp_path):
-    """Same global batch of 8: 2 x 4 under torchrun (gloo) vs 1 x 8, across both phases, with
-    top-1 neighbours (the pick is then deterministic)."""
+    """Same global batch of 8: 2 x 4 under torchrun (gloo) vs 1 x 8, across both phases.
+
+    With top-1 neighbours (the pick is then deterministic)."""
     kw = dict(head_epochs=1, epochs=1, max_steps=6, topk=1, head_warmup_epochs=0, warmup_epochs=0,
               head_lr=0.05, lr=0.05)
     args = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
@@ -331,8 +337,9 @@ def test_limit_train_spreads_over_every_class(tmp_path):
 
 
 def test_compile_path_runs_on_cpu_and_matches_eager(tiny_ckpt, tmp_path):
-    """--compile (each encoder block through torch.compile / inductor, in place): a compiled block's
-    outputs and gradients equal the eager block's, and refine.py trains with the same losses and
+    """--compile (each encoder block through torch.compile / inductor, in place) changes nothing but the speed.
+
+    A compiled block's outputs and gradients equal the eager block's, and refine.py trains with the same losses and
     writes a checkpoint with the same keys."""
     torch.manual_seed(0)
     blk = model.Block(32, 2)
@@ -354,8 +361,9 @@ def test_compile_path_runs_on_cpu_and_matches_eager(tiny_ckpt, tmp_path):
 
 @pytest.mark.parametrize("neighbours", ["all", "refine", "none"])
 def test_neighbours_by_phase(tiny_ckpt, tmp_path, monkeypatch, neighbours):
-    """--neighbours: where the positive is a queue neighbour; elsewhere each anchor is its own positive,
-    so NNA gets nn_z = z (InfoNCE). 'refine': the heads' warm-up (4 steps) without, the refinement with."""
+    """--neighbours: where the positive is a queue neighbour; elsewhere each anchor is its own positive.
+
+    So NNA gets nn_z = z (InfoNCE). 'refine': the heads' warm-up (4 steps) without, the refinement with."""
     seen, real_nna = [], model.nna_loss
     monkeypatch.setattr(model, "nna_loss",
                         lambda z, nn_z, *a: seen.append(torch.equal(z, nn_z)) or real_nna(z, nn_z, *a))
@@ -382,8 +390,9 @@ def test_truncated_last_pt_is_survived_with_an_identical_result(tiny_ckpt, tmp_p
 
 def test_resume_compares_data_paths_allows_a_moved_folder_and_reports_the_loss(tiny_ckpt, tmp_path, monkeypatch,
                                                                                capsys):
-    """--data ./x/ then x: the same folder; x moved to y: a warning; other data: refused. A folder of images
-    without classes is data enough. Rerunning a finished run reports its loss, not nan."""
+    """--data ./x/ then x: the same folder; x moved to y: a warning; other data: refused.
+
+    A folder of images without classes is data enough. Rerunning a finished run reports its loss, not nan."""
     make_images(tmp_path / "x", 40)
     make_images(tmp_path / "z", 20)
     monkeypatch.chdir(tmp_path)
@@ -399,9 +408,10 @@ def test_resume_compares_data_paths_allows_a_moved_folder_and_reports_the_loss(t
 
 
 def test_multicrop_resume_and_loader_workers_change_nothing(tiny_ckpt, tmp_path):
-    """MIM-Refiner's multi-crop views, coloured on the device from parameters drawn in the loader: a run
-    stopped inside an epoch and resumed equals an uninterrupted one with two persistent loader workers,
-    bit for bit (weights, EMA, queues, losses)."""
+    """MIM-Refiner's multi-crop views, stopped inside an epoch and resumed, equal an uninterrupted run, bit for bit.
+
+    The views are coloured on the device from parameters drawn in the loader; two persistent loader workers; equal are
+    the weights, EMA, queues and losses."""
     kw = dict(head_epochs=1, epochs=1, save_every=100, jitter=1.0)  # 2 global + 1 local view, colour on
     a, b = tmp_path / "a", tmp_path / "b"
     refine.main(settings(tiny_ckpt, a, max_steps=6, **kw))  # stops inside the second epoch

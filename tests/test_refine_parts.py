@@ -1,7 +1,9 @@
-"""Known answers for refine.py's parts: the EMA update (Eq. (12) of docs/METHOD.md) by hand and in closed form,
-what Refiner.forward feeds each head (Eq. (4)), and MAE-CT's EMA target projector (§6) through build,
-start_phase and refine_step. Every expected value is computed here from the formula quoted beside it, with
-torch's plain operations, never by calling the function under test a second time."""
+"""Known answers for refine.py's parts: the EMA update, what Refiner.forward feeds each head, the target projector.
+
+The EMA update (Eq. (12) of docs/METHOD.md) by hand and in closed form, what Refiner.forward feeds each head (Eq. (4)),
+and MAE-CT's EMA target projector (§6) through build, start_phase and refine_step. Every expected value is computed
+here from the formula quoted beside it, with torch's plain operations, never by calling the function under test a
+second time."""
 import copy
 
 import pytest
@@ -20,8 +22,10 @@ CPU = common.Dist(0, 1, torch.device("cpu"))
 # --- ema_update: e <- m * e + (1 - m) * o, parameters only (Eq. (12)) ----------------------------
 
 def hand_set(first: float, stat: float) -> nn.Module:
-    """Linear(2, 2) then BatchNorm1d(2): its 10 parameters first, first + 1/2, ..., first + 9/2 in
-    parameters() order; its running mean and variance `stat`, `stat` + 1, batches tracked 7."""
+    """Linear(2, 2) then BatchNorm1d(2), its parameters and statistics set to known values.
+
+    Its 10 parameters first, first + 1/2, ..., first + 9/2 in parameters() order; its running mean and variance `stat`,
+    `stat` + 1, batches tracked 7."""
     net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     with torch.no_grad():
         nn.utils.vector_to_parameters(first + 0.5 * torch.arange(10.0), net.parameters())
@@ -58,6 +62,7 @@ def test_ema_update_once_by_hand():
 
 def test_ema_update_several_times_by_hand_and_in_closed_form():
     """Three updates towards a changing online o_1, o_2, o_3: e_k = m * e_(k-1) + (1 - m) * o_k, step by step.
+
     Then n updates towards a fixed o: e_k - o = m * (e_(k-1) - o), so e_n = o + m^n * (e_0 - o)."""
     ema = hand_set(1.0, stat=3.0)
     want = flat(ema)
@@ -76,8 +81,10 @@ def test_ema_update_several_times_by_hand_and_in_closed_form():
 # --- Refiner.forward: Eq. (4), then the heads on all views (MIM-Refiner) or view by view (MAE-CT) ----
 
 def features_by_hand(vit, views, blocks, feature):
-    """Eq. (4) one view and one block at a time: block b's output, through the final norm when b is the last
-    block, then its CLS token or the mean of its patch tokens; the views' rows one after the other."""
+    """Eq. (4) one view and one block at a time.
+
+    Block b's output, through the final norm when b is the last block, then its CLS token or the mean of its patch
+    tokens; the views' rows one after the other."""
     out = {b: [] for b in blocks}
     with torch.no_grad():
         for v in views:
@@ -95,9 +102,11 @@ CLOSE = dict(atol=1e-5, rtol=1e-5)
 
 @pytest.mark.parametrize("feature", ["cls", "mean"])
 def test_refiner_forward_equals_the_features_and_heads_by_hand(feature, monkeypatch):
-    """Heads on blocks 1 and 2 of a 2-block ViT; two global 32 px views and two local 16 px ones, each of its
-    own statistics. The encoder runs once per resolution; h[b] is Eq. (4) by hand, rows in view order; the
-    heads' (z, p) are head(h) on all V*B rows (MIM-Refiner) or head(h_v) per view (MAE-CT, per_view=True)."""
+    """Heads on blocks 1 and 2 of a 2-block ViT; two global 32 px views and two local 16 px ones.
+
+    Each view has its own statistics. The encoder runs once per resolution; h[b] is Eq. (4) by hand, rows in view
+    order; the heads' (z, p) are head(h) on all V*B rows (MIM-Refiner) or head(h_v) per view (MAE-CT,
+    per_view=True)."""
     torch.manual_seed(0)
     vit = model.ViT(dim=16, depth=2, heads=2, patch=4, img_size=32)
     B, blocks = 3, [1, 2]
@@ -133,8 +142,10 @@ B = 4
 
 
 def mae_ct_parts():
-    """A 2-block ViT and MAE-CT's parts by the small recipe on 64 images, batch 4: one head on block 2, block 1
-    frozen in phase 2, a queue of 32 (= 64 // 2 // 4 * 4); EMA momentum m = 1/2, target momentum m_t = 3/4."""
+    """A 2-block ViT and MAE-CT's parts by the small recipe on 64 images, batch 4.
+
+    One head on block 2, block 1 frozen in phase 2, a queue of 32 (= 64 // 2 // 4 * 4); EMA momentum m = 1/2, target
+    momentum m_t = 3/4."""
     torch.manual_seed(0)
     vit = model.ViT(dim=16, depth=2, heads=2, patch=4, img_size=32)
     settings = refine.Settings(method="mae-ct", views="crop-flip", batch_size=B, proj_hidden=16, proj_dim=8,
@@ -168,8 +179,10 @@ def first_view_h(vit, view):
 
 
 def projected(projector, h):
-    """What the queue stores of `projector` on one view's rows: the projection in training mode (BatchNorm
-    statistics of these B rows, as heads_loss runs MAE-CT's projectors view by view), L2-normalised (NNQueue.z)."""
+    """What the queue stores of `projector` on one view's rows: the projection in training mode, L2-normalised.
+
+    Training mode: BatchNorm statistics of these B rows, as heads_loss runs MAE-CT's projectors view by view;
+    L2-normalised as NNQueue.z."""
     with torch.no_grad():
         return F.normalize(copy.deepcopy(projector)(h), dim=1)  # a copy: its running statistics are not ours
 
@@ -182,11 +195,13 @@ def state(module) -> dict:
 # by 0.01 would move a parameter by ~0.01 * lr = 5e-4.
 
 def test_mae_ct_target_projector_and_queue_through_both_phases():
-    """Phase 1 (index 0): the target projector and the EMA encoder stay as built, and the queue takes the online
+    """Phase 1 and 2 of MAE-CT's target projector, the EMA encoder and the queue, against Eq. (12).
+
+    Phase 1 (index 0): the target projector and the EMA encoder stay as built, and the queue takes the online
     projector's projections of view 0. start_phase of phase 2 copies the projector into its target, weights and
-    BatchNorm statistics. Each phase 2 step then moves the target by Eq. (12), target = m_t * old target +
-    (1 - m_t) * new projector, and the EMA encoder likewise with m; the queue takes the *target's* projections.
-    Resumed inside phase 2, start_phase leaves the target as it is."""
+    BatchNorm statistics. Each phase 2 step then moves the target by Eq. (12), target = m_t * old target + (1 - m_t) *
+    new projector, and the EMA encoder likewise with m; the queue takes the *target's* projections. Resumed inside
+    phase 2, start_phase leaves the target as it is."""
     cfg, parts = mae_ct_parts()
     head, target, queue, vit = parts.refiner.heads["2"], parts.targets["2"], parts.queues["2"], parts.refiner.vit
     built_target, built_ema = state(target), state(parts.ema)

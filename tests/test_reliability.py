@@ -1,6 +1,7 @@
-"""Kill -9, SIGTERM and restart equal an uninterrupted run; a second run on the same --out is refused
-while the first finishes unchanged; bad output paths and non-finite losses never cost a good checkpoint
-(docs/RUNNING.md, "Resuming and failures")."""
+"""Kill -9, SIGTERM and restart equal an uninterrupted run; one run per --out; failures cost no good checkpoint.
+
+A second run on the same --out is refused while the first finishes unchanged; bad output paths and non-finite losses
+never cost a good checkpoint (docs/RUNNING.md, "Resuming and failures")."""
 import os
 import signal
 import socket
@@ -36,8 +37,10 @@ def run(cmd):
 
 
 def paused(cmd, out: Path, step: int, **popen):
-    """Start cmd with util/resume.py's test pause in its `step`-th step; returns the process, once it waits there
-    (its stderr in the file p.err, which no reader has to drain), and the file whose removal lets it run on."""
+    """Start cmd with util/resume.py's test pause in its `step`-th step; returns once it waits there.
+
+    Returns the process (its stderr in the file p.err, which no reader has to drain) and the file whose removal lets it
+    run on."""
     ready, err = out.with_name(out.name + ".ready"), out.with_name(out.name + ".err")
     with open(err, "w") as f:
         p = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, PAUSE: f"{step}:{ready}"}, stdout=subprocess.DEVNULL,
@@ -52,9 +55,10 @@ def paused(cmd, out: Path, step: int, **popen):
 
 
 def signal_at_step(cmd, out: Path, step: int, worker=False, sig=signal.SIGKILL, group=False):
-    """Start cmd, send it `sig` (or, worker=True, its child: the rank under torchrun; group=True: every process of
-    it, as SLURM does) while it waits in its `step`-th step (a signal stops it after that step); returns cmd's exit
-    code and stderr, after it ends."""
+    """Start cmd, send it `sig` while it waits in its `step`-th step; returns cmd's exit code and stderr, after it ends.
+
+    With worker=True the signal goes to its child (the rank under torchrun); with group=True to every process of it, as
+    SLURM does. A signal stops it after that step."""
     p, _ = paused(cmd, out, step, start_new_session=group)
     pids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split() if worker else [p.pid]
     for pid in pids:
@@ -91,8 +95,9 @@ def test_pretrain_killed_and_restarted_equals_uninterrupted(folder, whole_pretra
 
 
 def test_pretrain_sigterm_mid_run_then_resume_equals_uninterrupted(folder, whole_pretrain, tmp_path):
-    """SIGTERM (SLURM before a preemption): the step finishes, last.pt is written (--save-every is far),
-    exit code 3 with a message; the same command then ends bit-identical to an uninterrupted run."""
+    """SIGTERM (SLURM before a preemption): the step finishes, last.pt is written, exit code 3 with a message.
+
+    --save-every is far; the same command then ends bit-identical to an uninterrupted run."""
     out, cmd = tmp_path / "run", pretrain_cmd(folder, tmp_path / "run", "--save-every", "100")
     code, err = signal_at_step(cmd, out, step=3, sig=signal.SIGTERM)
     stopped = torch.load(out / "last.pt", weights_only=True)["step"]
@@ -152,8 +157,9 @@ def whole_refine(folder, tmp_path_factory):
 
 
 def test_refine_rank_killed_and_restarted_by_torchrun_equals_uninterrupted(folder, whole_refine, tmp_path):
-    """SIGKILL the rank of `torchrun --max-restarts 1`: torchrun starts it again, it resumes from
-    last.pt, and the end is bit-identical to an uninterrupted plain run."""
+    """SIGKILL the rank of `torchrun --max-restarts 1`: torchrun starts it again, it resumes from last.pt.
+
+    The end is bit-identical to an uninterrupted plain run."""
     ckpt, a = whole_refine
     killed = tmp_path / "killed"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
@@ -169,8 +175,9 @@ def test_refine_rank_killed_and_restarted_by_torchrun_equals_uninterrupted(folde
 
 
 def test_refine_sigterm_to_every_process_with_loader_workers(folder, whole_refine, tmp_path):
-    """SIGTERM to every process of the run, loader workers too (as SLURM signals a job): the workers live on,
-    the step finishes, last.pt is written, exit code 3; the rerun equals an uninterrupted run."""
+    """SIGTERM to every process of the run, loader workers too (as SLURM signals a job): nothing is lost.
+
+    The workers live on, the step finishes, last.pt is written, exit code 3; the rerun equals an uninterrupted run."""
     ckpt, a = whole_refine
     out = tmp_path / "run"
     cmd = refine_cmd(ckpt, folder, out) + ["--workers", "2", "--save-every", "100"]

@@ -1,6 +1,7 @@
-"""runguard.py and runfiles.py: one writer per --out, signals caught until the step ends, last.pt kept
-beside the previous good checkpoint and the fall back to it, no empty folder left by a failed run (docs/RUNNING.md,
-"Resuming and failures")."""
+"""util/resume.py: one writer per --out, signals caught until the step ends, a good checkpoint always kept.
+
+last.pt kept beside the previous good checkpoint and the fall back to it, no empty folder left by a failed run
+(docs/RUNNING.md, "Resuming and failures")."""
 import json
 import os
 import signal
@@ -105,8 +106,10 @@ def test_signal_is_gathered_and_stops_after_the_checkpoint(tmp_path):
 
 
 def test_test_pause_waits_for_a_signal_or_its_files_removal(tmp_path, monkeypatch):
-    """The tests' pause (resume.PAUSE): the Nth step writes the file and waits; a signal then stops the run after
-    that step, the file's removal lets it run on; a pause whose file exists (a restarted rank's) is skipped."""
+    """The tests' pause (resume.PAUSE): the Nth step writes the file and waits.
+
+    A signal then stops the run after that step, the file's removal lets it run on; a pause whose file exists (a
+    restarted rank's) is skipped."""
     def once_ready(ready, act):  # another thread: the main one is waiting in the pause
         def go():
             deadline = time.monotonic() + 60

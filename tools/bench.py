@@ -1,43 +1,39 @@
 """Speed, side by side: this codebase against timm, scikit-learn and one-at-a-time loops.
 
-Every comparison runs both sides in this one process, on the same inputs, alternating
-(ours, theirs, theirs, ours, ...) so that a busy machine slows both alike; the ratio reported is
-the median over rounds of (their time / our time), so > 1 means ours is faster.
+Every comparison runs both sides in this one process, on the same inputs, alternating (ours, theirs, theirs, ours,
+...) so that a busy machine slows both alike; the ratio reported is the median over rounds of (their time / our
+time), so > 1 means ours is faster.
 
 - `vit_vs_timm`: our `model.ViT` against timm's `VisionTransformer` holding the same weights
   (`model.export_encoder`), forward + backward images/s, same size, dtype and batch.
-- `knn_vs_sklearn`: `knn.knn_predict` against `KNeighborsClassifier(algorithm='brute',
-  metric='cosine')` given the same vote weight exp(sim / T) as a callable; same k, same features;
-  the predictions must agree.
-- `kmeans_vs_sklearn`: `cluster.kmeans` against `sklearn.cluster.KMeans`, same K, n_init,
-  iterations and data; from the same initial centres both reach the same inertia (within 1%).
-- `probe_grid_vs_sequential`: the 13 learning rates of the MIM-Refiner grid trained one after the
-  other against the stacked-grid probe of `probe.py` (one pass for all 13), in the papers'
-  protocol (`probe.py --augment`: crops re-embedded every epoch; the ratio) and, as a detail row,
-  on features extracted once.
-- refinement step (not a ratio): images/s and peak memory of refine.py's own training step,
-  `refine.refine_step` in phase 2 (encoder and heads train, queues and EMA encoder update), on the
-  parts refine.main builds for a preset's encoder (recipe.py's settings, 2 global + 10 local
-  views: synthetic, normalised, already on the device), with and without activation
-  checkpointing; on CUDA also the model FLOP utilisation MFU = 6 x params x tokens per image
+- `knn_vs_sklearn`: `knn.knn_predict` against `KNeighborsClassifier(algorithm='brute', metric='cosine')` given the
+  same vote weight exp(sim / T) as a callable; same k, same features; the predictions must agree.
+- `kmeans_vs_sklearn`: `cluster.kmeans` against `sklearn.cluster.KMeans`, same K, n_init, iterations and data; from
+  the same initial centres both reach the same inertia (within 1%).
+- `probe_grid_vs_sequential`: the 13 learning rates of the MIM-Refiner grid trained one after the other against the
+  stacked-grid probe of `probe.py` (one pass for all 13), in the papers' protocol (`probe.py --augment`: crops
+  re-embedded every epoch; the ratio) and, as a detail row, on features extracted once.
+- refinement step (not a ratio): images/s and peak memory of refine.py's own training step, `refine.refine_step` in
+  phase 2 (encoder and heads train, queues and EMA encoder update), on the parts refine.main builds for a preset's
+  encoder (recipe.py's settings, 2 global + 10 local views: synthetic, normalised, already on the device), with and
+  without activation checkpointing; on CUDA also the model FLOP utilisation MFU = 6 x params x tokens per image
   (summed over the views) x images/s / peak, and the largest ViT-L batch that fits.
-- data loading (`--only loader`, not by default): refine.py's MIM-Refiner views (2 x 224 + 10 x 96) of
-  500 x 375 JPEGs, img/s per loader worker side by side, before (the per-image torchvision / PIL
-  recipe in the worker, `pil_views`) and after (crops and parameter draws in the worker, colour on the
-  device); and the device's colouring time per batch.
+- data loading (`--only loader`, not by default): refine.py's MIM-Refiner views (2 x 224 + 10 x 96) of 500 x 375
+  JPEGs, img/s per loader worker side by side, before (the per-image torchvision / PIL recipe in the worker,
+  `util.views.ReferenceViews`) and after (crops and parameter draws in the worker, colour on the device); and the
+  device's colouring time per batch.
 
 CPU, the quick version (about 70 s on 2 cores; writes all four ratios):
-    python bench.py --quick --device cpu --out bench.json
+    python tools/bench.py --quick --device cpu --out bench.json
 its refinement part alone (tiny preset, checkpointing on and off; about 6 s, 50 s beside other jobs):
-    python bench.py --quick --device cpu --only refine
+    python tools/bench.py --quick --device cpu --only refine
 every part at microscopic sizes, as the test suite runs them (timings meaningless; about 13 s):
-    python bench.py --tiny --device cpu
+    python tools/bench.py --tiny --device cpu
 the loader, one worker (about 17 s on this CPU):
-    python bench.py --quick --device cpu --only loader --workers 1
+    python tools/bench.py --quick --device cpu --only loader --workers 1
 One GPU, about 15 minutes (ViT-B/L in bf16, k-NN 50k x 10k at D = 384, ViT-L/16 refinement step):
-    python bench.py --device cuda --out bench_gpu.json
-See BENCHMARKS.md for the figures measured so far and the machines they come from.
-"""
+    python tools/bench.py --device cuda --out bench_gpu.json
+See BENCHMARKS.md for the figures measured so far and the machines they come from."""
 import gc
 import os
 import platform
@@ -46,7 +42,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # read as tqdm is imported (torch imports it): no bars from the features
 
@@ -105,8 +100,7 @@ def sync(device):
 
 
 def alternate(ours, theirs, rounds: int, device, warmup: int = 1):
-    """Time two callables in alternating order (ABBA...), after `warmup` untimed calls of each.
-    -> (our times, their times, median of their/our per round)."""
+    """Time two callables alternately (ABBA...) after `warmup` untimed calls of each: (ours, theirs, ratio)."""
     for _ in range(warmup):
         ours(), theirs()
     sync(device)
@@ -178,8 +172,7 @@ def bench_vit(name, dim, depth, heads, patch, img, batch, device, bf16, rounds, 
 # k-NN against scikit-learn
 
 def clustered_features(n, m, d, classes, seed=0, spread=1.0):
-    """Train (n, d) / test (m, d) float32 features drawn around `classes` random centres, so the
-    k-NN vote is meaningful (not a sea of ties); labels int64."""
+    """Train (n, d) / test (m, d) float32 features around `classes` random centres (no sea of ties), int64 labels."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((classes, d)).astype(np.float32)
     ytr, yte = rng.integers(classes, size=n), rng.integers(classes, size=m)
@@ -284,10 +277,11 @@ def bench_probe(n, d, classes, epochs, device, rounds, goal):
 
 
 def bench_probe_augment(n, epochs, device, rounds, goal):
-    """The probe protocol of the papers (`probe.py --augment`): every epoch the frozen encoder
-    embeds a new RandomResizedCrop + flip of every train image. Trained one lr at a time, each of
-    the 13 trainings needs its own encoder passes; the stacked grid needs one per epoch.
-    Encoder: pretrain.py's tiny MAE size (128 wide, 6 deep, patch 4) on the embedded data set."""
+    """The probe protocol of the papers (`probe.py --augment`), one lr at a time against the stacked grid.
+
+    Every epoch the frozen encoder embeds a new RandomResizedCrop + flip of every train image: each of the 13 single-lr
+    trainings needs its own encoder passes, the grid one per epoch. Encoder: pretrain.py's tiny MAE size (128 wide, 6
+    deep, patch 4) on the embedded data set."""
     from util.data import JitteredDigits
     from util.features import extract_features
     data = JitteredDigits("train", n=n, transform=probe.train_transform(32))
@@ -315,40 +309,14 @@ def bench_probe_augment(n, epochs, device, rounds, goal):
 # ---------------------------------------------------------------------------------------------
 # Data loading of the refinement views
 
-def pil_views(cfg) -> list:
-    """The reference ("before"): the per-image torchvision / PIL recipe that refine.py's loader workers ran
-    before device-side augmentation (crop, flip, ColorJitter, grayscale, PIL's blur, solarisation, per view)."""
-    from PIL import ImageFilter
-    from torchvision import transforms as T
-
-    def blur(img, lo, hi):
-        return img.filter(ImageFilter.GaussianBlur(float(torch.empty(1).uniform_(lo, hi))))
-
-    def byol(size, scale, blur_p, solarize_p):
-        j, s = cfg.jitter, cfg.global_size / 224
-        return T.Compose([
-            T.RandomResizedCrop(size, scale, interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.4 * j, 0.4 * j, 0.2 * j, min(0.5, 0.1 * j))], p=0.8),
-            T.RandomGrayscale(0.2), T.RandomApply([T.Lambda(partial(blur, lo=0.1 * s, hi=2.0 * s))], p=blur_p),
-            T.RandomSolarize(128, p=solarize_p), T.PILToTensor()])
-    g, loc = (cfg.global_crop_min, 1.0), (cfg.local_crop_min, cfg.global_crop_min)
-    return ([byol(cfg.global_size, g, 1.0, 0.0), byol(cfg.global_size, g, 0.1, 0.2)]
-            + [byol(cfg.local_size, loc, 0.5, 0.0)] * cfg.local_crops)
-
-
-def each_view(transforms, img) -> list:
-    """The reference's views of one image (data.Seeded seeds the draws per (epoch, index), as for V.Views)."""
-    return [t(img) for t in transforms]
-
-
 def bench_loader(device, n_images, batch, workers, epochs=3):
-    """refine.py's MIM-Refiner views (2 x 224 + 10 x 96, BYOL augmentation) of JPEGs of ImageNet's typical size
-    (500 x 375), side by side: before, every view coloured per image in the loader worker (`pil_views`); after,
-    the worker decodes, crops, flips and draws the parameters (V.Views) and the device colours whole
-    batches (V.to_input). Loader throughput: one DataLoader per side with `workers` processes (0: the main
-    process, which then is the one worker), batches only collated and copied to the device, alternating epochs
-    (before, after, after, before, ...); img/s per worker = img/s / max(1, workers), the median over epochs after
-    the first. Then the device's share: to_input's time on one batch, repeated."""
+    """refine.py's MIM-Refiner views, coloured per image in the loader or per batch on the device.
+
+    2 x 224 + 10 x 96 views (BYOL) of 500 x 375 JPEGs (ImageNet's typical size): before, the worker colours every
+    view (`V.ReferenceViews`); after, it decodes, crops, flips and draws the parameters (V.Views) and the device
+    colours whole batches (V.to_input). One DataLoader per side with `workers` processes (0: the main process, the
+    one worker), batches only collated and copied to the device, epochs alternating (before, after, after, before,
+    ...); img/s per worker = img/s / max(1, workers), median over the epochs after the first; then to_input's time."""
     import shutil
     import tempfile
     from types import SimpleNamespace
@@ -370,7 +338,7 @@ def bench_loader(device, n_images, batch, workers, epochs=3):
         vit = SimpleNamespace(dim=1024, depth=24, patch=16, img_size=224, post_norm=False)  # ViT-L/16's recipe
         cfg = resolve(refine.Settings(batch_size=batch), vit, 1, 1_281_167)
         images, views = datasets.ImageFolder(root), V.make_views(cfg)
-        sides = {"before": Seeded(images, partial(each_view, pil_views(cfg)), 0),  # ([views], index)
+        sides = {"before": Seeded(images, V.ReferenceViews(cfg), 0),  # ([views], index), seeded as V.Views
                  "after": V.Views(images, views, 0)}  # (([crops], params), index)
         keys = {k: EpochKeys() for k in sides}
         loaders = {k: DataLoader(ds, batch, sampler=keys[k], drop_last=True, **loader_kwargs(device, workers))
@@ -436,10 +404,10 @@ def is_oom(e: Exception) -> bool:
 
 
 class RefineBench:
-    """refine.py's MIM-Refiner parts for a preset's encoder, built as refine.main builds them (recipe.py's
-    settings, with 2 global + 10 local views), in phase 2 (encoder and heads train, the EMA encoder follows),
-    stepped by `refine.refine_step` at any batch size: the optimizer state stays allocated between batch
-    sizes, as in a real run."""
+    """refine.py's MIM-Refiner parts for a preset's encoder, built as refine.main builds them, in phase 2.
+
+    recipe.py's settings, 2 global + 10 local views; encoder and heads train, the EMA encoder follows; stepped by
+    `refine.refine_step` at any batch size, the optimizer state kept allocated between batch sizes as in a real run."""
 
     def __init__(self, preset, ckpt, device, batch, compile=""):
         dim, depth, heads, patch, img, n_train = REFINE_PRESETS[preset]
@@ -463,8 +431,7 @@ class RefineBench:
         self.n_params = sum(p.numel() for p in vit.parameters())
 
     def run(self, batch, steps, warmup=1):
-        """Median seconds per step at this batch; peak memory on CUDA. Raises on OOM. The views: synthetic,
-        normalised, already on the device (data loading is not timed)."""
+        """Median seconds per step at this batch (synthetic views on the device), peak memory on CUDA; raises on OOM."""
         dev = self.device
         views = [torch.randn(batch, 3, s, s, device=dev) for s, n in self.views_spec for _ in range(n)]
         idx = torch.arange(batch, device=dev)
@@ -566,8 +533,7 @@ def print_table(rows):
 
 
 def print_refine(details: dict):
-    """The lines under the table: the refinement step per run (img/s, memory, MFU), the largest
-    ViT-L batch, the loader's throughput."""
+    """The lines under the table: refinement step per run (img/s, memory, MFU), largest ViT-L batch, loader."""
     for r in details.get("refine_step", {}).get("runs", []):
         line = f"refine step {r['preset']:<6} batch {r['batch']:>4}  checkpointing {str(r['grad_checkpointing']):<5}"
         if r.get("oom"):
@@ -705,8 +671,7 @@ def main(cfg: Settings) -> dict:
 
 
 def bench_refine(cfg, device, tiny, quick, partial=None):
-    """Refinement step per preset, checkpointing on and off; on CUDA the MFU and the largest
-    ViT-L batch that fits."""
+    """Refinement step per preset, checkpointing on and off; on CUDA the MFU and the largest ViT-L batch."""
     gpu = device.type == "cuda"
     default_batch = {"micro": 4, "tiny": 256 if gpu else 32, "base": 128 if gpu else 8, "large": 128 if gpu else 2}
     names = (cfg.presets.split(",") if cfg.presets else ["micro"] if tiny

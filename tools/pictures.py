@@ -55,8 +55,9 @@ def last_block(path: str):
 
 
 def neighbour_grid(data: str, feats: dict, path: str, queries: int = 8, shown: int = 5):
-    """For `queries` val images (one per class, the first of each), their `shown` nearest train
-    images under each encoder's last block (cosine of standardised features, as the k-NN);
+    """Nearest train images of `queries` val images (one per class, the first of each), per encoder.
+
+    Their `shown` nearest train images under each encoder's last block (cosine of standardised features, as the k-NN);
     a neighbour of the query's class is framed green, another red. feats: {name: last_block(...)}."""
     plt = pyplot()
     train_ds, val_ds = build_dataset(data, "train"), build_dataset(data, "val")
@@ -87,9 +88,10 @@ def neighbour_grid(data: str, feats: dict, path: str, queries: int = 8, shown: i
 
 
 def feature_map(feats: dict, path: str, n: int = 1000):
-    """t-SNE (scikit-learn, PCA start, seed 0) of the first n val images' last-block features of
-    each encoder, coloured by class: before refinement the classes overlap, after it they separate.
-    feats: {name: last_block(...)}."""
+    """t-SNE (scikit-learn, PCA start, seed 0) of the first n val images' last-block features of each encoder.
+
+    Coloured by class: before refinement the classes overlap, after it they separate. feats: {name:
+    last_block(...)}."""
     from sklearn.manifold import TSNE
     plt = pyplot()
     fig, axes = plt.subplots(1, len(feats), figsize=(3.3 * len(feats), 3.4), squeeze=False)

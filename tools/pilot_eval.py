@@ -1,5 +1,6 @@
-"""Pilot numbers of BENCHMARKS.md: k-NN and a quick linear probe of every block of an encoder on the
-embedded data set, in about a minute on one core (the demo's protocols take several).
+"""Pilot numbers of BENCHMARKS.md: k-NN and a quick linear probe of every block of an encoder.
+
+On the embedded data set, in about a minute on one core (the demo's protocols take several).
 
 k-NN: knn.py's vote (20 neighbours, standardised features, cosine, exp(sim / 0.07)). Probe: a
 full-batch logistic regression on the standardised features (200 Adam steps, lr 1e-2, L2 1e-4),

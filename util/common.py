@@ -1,7 +1,8 @@
-"""What every stage script shares: settings from the command line, distributed set-up, block and
-list flags, the lr schedule, and small file and seed helpers. Importing it has no side effects.
-Data sets live in data.py, training views in augment.py, checkpoint files in runfiles.py and the
-evaluation stages' features in features.py."""
+"""What every stage script shares: settings from the command line, distributed set-up, flags, schedules.
+
+Besides the settings and the distributed set-up: block and list flags, the lr schedule, and small file and seed
+helpers. Importing it has no side effects. Data sets live in data.py, training views in views.py, a run's --out folder
+in resume.py and the evaluation stages' features in features.py."""
 import argparse
 import dataclasses
 import json
@@ -93,8 +94,9 @@ def world_size() -> int:
 
 
 def all_gather(x: torch.Tensor, grad: bool = False) -> torch.Tensor:
-    """Concatenate equal-shaped tensors of all ranks along dim 0, rank order; with grad=True the
-    backward pass sends each rank the gradient of its own rows (summed over ranks)."""
+    """Concatenate equal-shaped tensors of all ranks along dim 0, rank order.
+
+    With grad=True the backward pass sends each rank the gradient of its own rows (summed over ranks)."""
     if world_size() == 1:
         return x
     if grad:
@@ -119,8 +121,10 @@ def parse_ints(spec: str, flag: str) -> list:
 
 
 def parse_blocks(spec: str, depth: int) -> list:
-    """'last' | 'all' | '18,20,24' | '17-24' -> sorted block numbers within 1..depth; a part 'norm' (alone, or as
-    in 'last,norm') appends 'norm', the pseudo-block of the final norm applied to the top block asked (or the last)."""
+    """'last' | 'all' | '18,20,24' | '17-24' -> sorted block numbers within 1..depth.
+
+    A part 'norm' (alone, or as in 'last,norm') appends 'norm', the pseudo-block of the final norm applied to the top
+    block asked (or the last)."""
     parts = str(spec).split(",")
     norm, spec = ["norm"] * ("norm" in parts), ",".join(p for p in parts if p != "norm")
     if spec in ("last", "all") or norm and not spec:
@@ -210,8 +214,9 @@ def seed_everything(seed: int):
 
 
 def write_tmp(obj, path: str) -> str:
-    """torch.save to a temporary file beside `path`, flushed to the disk, its name returned; a failed write
-    (a full disk) leaves no partial file and is one line naming the file."""
+    """torch.save to a temporary file beside `path`, flushed to the disk, its name returned.
+
+    A failed write (a full disk) leaves no partial file and is one line naming the file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:

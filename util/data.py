@@ -1,6 +1,8 @@
-"""The data sets behind `--data`: the embedded jittered digits (digits.py) or a folder of images
-(ImageFolder with train/ and val/, or unlabelled images for the trainers); the evaluation
-transform; data-loader settings and the trainers' sampler of (epoch, index) keys; the low-shot draws."""
+"""The data sets behind `--data`, their transforms and loader settings.
+
+The embedded jittered digits (digits.py) or a folder of images (ImageFolder with train/ and val/, or unlabelled images
+for the trainers); the evaluation transform; data-loader settings and the trainers' sampler of (epoch, index) keys; the
+low-shot draws."""
 import os
 import signal
 import threading
@@ -18,8 +20,10 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def build_dataset(data: str, split: str, transform=None, labels: bool = True) -> Dataset:
-    """The `split` ('train' or 'val') of `--data`; the result has `.targets` and `.classes`. labels=False
-    (the trainers, which read train/ only): also a folder of images without classes, with or without train/."""
+    """The `split` ('train' or 'val') of `--data`; the result has `.targets` and `.classes`.
+
+    labels=False (the trainers, which read train/ only): also a folder of images without classes, with or without
+    train/."""
     if data.startswith("jittered-digits"):  # jittered-digits[:select|:report]: which glyphs evaluate
         part = data.partition(":")[2] or "val"
         if part not in ("val", "select", "report"):
@@ -123,9 +127,10 @@ def key_seed(seed: int, epoch: int, i: int) -> int:
 
 
 class Seeded(Dataset):
-    """Key (epoch, i) -> (transform(image i), i), the transform drawing from torch's CPU generator seeded by
-    key_seed(seed, epoch, i): what a step sees depends on the step alone, not on the loader workers, the
-    world size or a resume. The caller's generator is left as it was."""
+    """Key (epoch, i) -> (transform(image i), i), the transform seeded by key_seed(seed, epoch, i).
+
+    The transform draws from torch's CPU generator so seeded: what a step sees depends on the step alone, not on the
+    loader workers, the world size or a resume. The caller's generator is left as it was."""
 
     def __init__(self, data, transform, seed: int):
         self.data, self.transform, self.seed = data, transform, seed
@@ -141,9 +146,11 @@ class Seeded(Dataset):
 
 
 def quiet_worker(_):
-    """DataLoader worker_init_fn. SIGINT and SIGUSR1 are for the main process (a terminal and SLURM send them
-    to every process); SIGTERM ends a worker only when its parent sends it: from anyone else (SLURM signals
-    every process of a job) it would kill the worker before the main process has written its checkpoint."""
+    """DataLoader worker_init_fn: signals are for the main process, which checkpoints first.
+
+    SIGINT and SIGUSR1 are for the main process (a terminal and SLURM send them to every process); SIGTERM ends a
+    worker only when its parent sends it: from anyone else (SLURM signals every process of a job) it would kill the
+    worker before the main process has written its checkpoint."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     if hasattr(signal, "sigwaitinfo"):
@@ -158,16 +165,18 @@ def quiet_worker(_):
 
 
 def train_transform(img_size: int, crop_min: float = 0.08):
-    """The probe's and fine-tuning's train augmentation (MAE, MAE-CT, MIM-Refiner): RandomResizedCrop
-    (area crop_min..1, bicubic) + flip, ImageNet mean/std."""
+    """The probe's and fine-tuning's train augmentation (MAE, MAE-CT, MIM-Refiner).
+
+    RandomResizedCrop (area crop_min..1, bicubic) + flip, ImageNet mean/std."""
     from torchvision import transforms as T  # here: its import costs seconds that only training needs
     return T.Compose([T.RandomResizedCrop(img_size, (crop_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def draw_split(labels, seed: int, shots: int = 0, percent: float = 0.0) -> np.ndarray:
-    """Sorted indices of a labelled subset: exactly `shots` images of every class, or `percent`%
-    of every class's images (at least one); the same draw for the same seed."""
+    """Sorted indices of a labelled subset; the same draw for the same seed.
+
+    Exactly `shots` images of every class, or `percent`% of every class's images (at least one)."""
     labels, rng, out = np.asarray(labels), np.random.default_rng(seed), []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
@@ -179,8 +188,10 @@ def draw_split(labels, seed: int, shots: int = 0, percent: float = 0.0) -> np.nd
 
 
 def lowshot_draws(labels, shots: str, percent: float, splits: int, split_file: str, data: str) -> list:
-    """probe.py's labelled subsets, (kind, value, seed, sorted indices): every --shots value and --percent drawn
-    with seeds 0..splits-1, then --split-file's images (named by the paths of --data, not of a feature file)."""
+    """probe.py's labelled subsets, (kind, value, seed, sorted indices).
+
+    Every --shots value and --percent drawn with seeds 0..splits-1, then --split-file's images (named by the paths of
+    --data, not of a feature file)."""
     draws = [("shots", s, seed, draw_split(labels, seed, shots=s))
              for s in (parse_ints(shots, "--shots") if shots else []) for seed in range(splits)]
     draws += [("percent", percent, seed, draw_split(labels, seed, percent=percent)) for seed in range(splits)
@@ -190,8 +201,9 @@ def lowshot_draws(labels, shots: str, percent: float, splits: int, split_file: s
 
 
 def read_split_file(path: str, n: int, samples=None, root: str = "") -> np.ndarray:
-    """Indices of the train images in an MSN/SimCLRv2 split file: one file name or path a line
-    (n01440764_10026.JPEG); a bare number is an index (for jittered-digits)."""
+    """Indices of the train images in an MSN/SimCLRv2 split file.
+
+    One file name or path a line (n01440764_10026.JPEG); a bare number is an index (for jittered-digits)."""
     if not os.path.isfile(path):
         raise UserError(f"split file {path!r} does not exist; give a file with one image per line")
     index = {}  # file name and path under train/ -> index
@@ -207,8 +219,9 @@ def read_split_file(path: str, n: int, samples=None, root: str = "") -> np.ndarr
 
 
 def split_file_indices(path: str, data: str, n: int, dataset=None) -> np.ndarray:
-    """read_split_file against the image paths of --data's train split (an ImageFolder; indices for
-    jittered-digits); `dataset` when the caller has built it already."""
+    """read_split_file against the image paths of --data's train split.
+
+    An ImageFolder; indices for jittered-digits. `dataset` when the caller has built it already."""
     if dataset is None and not data.startswith("jittered-digits"):
         dataset = build_dataset(data, "train")
     return read_split_file(path, n, getattr(dataset, "samples", None), getattr(dataset, "root", ""))

@@ -1,6 +1,7 @@
-"""What the evaluation stages share (knn.py, probe.py, cluster.py, finetune.py): their common flags,
-the encoder's features of every image, per block, from a checkpoint or a checked feature file, feature
-sets side by side without a copy (Columns), and the printed and JSON report."""
+"""What the evaluation stages share (knn.py, probe.py, cluster.py, finetune.py): flags, features, report.
+
+Their common flags, the encoder's features of every image, per block, from a checkpoint or a checked feature file,
+feature sets side by side without a copy (Columns), and the printed and JSON report."""
 import dataclasses
 import sys
 from dataclasses import dataclass
@@ -47,8 +48,9 @@ def load_model(cfg):
 
 
 def pool(vit, tokens, feature: str):
-    """One block's tokens (B, 1+N, D) -> (B, D): cls, cls-norm (after the final norm) or mean; with
-    '+mean' appended, (B, 2D): that feature, then the mean of the patch tokens (probe.py's grid)."""
+    """One block's tokens (B, 1+N, D) -> (B, D): cls, cls-norm (after the final norm) or mean.
+
+    With '+mean' appended, (B, 2D): that feature, then the mean of the patch tokens (probe.py's grid)."""
     if feature in ("cls+mean", "cls-norm+mean"):
         return torch.cat([pool(vit, tokens, feature[:-5]), tokens[:, 1:].mean(1)], dim=1)
     if feature == "mean":
@@ -61,10 +63,11 @@ def pool(vit, tokens, feature: str):
 @torch.inference_mode()
 def extract_features(vit, dataset, blocks, feature="cls", batch_size=256, device="cpu",
                      workers=0, desc="features"):
-    """{block: (N, D) float32 CPU} and labels (N,), rows in dataset order; block 'norm' (parse_blocks) pools the
-    top numbered block (or the last) after the final norm, --feature without its '-norm'. Under torchrun each
-    rank embeds every world-th image (the list padded to a multiple of the world size) and the
-    shards are gathered back and interleaved."""
+    """{block: (N, D) float32 CPU} and labels (N,), rows in dataset order.
+
+    Block 'norm' (parse_blocks) pools the top numbered block (or the last) after the final norm, --feature without its
+    '-norm'. Under torchrun each rank embeds every world-th image (the list padded to a multiple of the world size) and
+    the shards are gathered back and interleaved."""
     device, world = torch.device(device), world_size()
     rank, n = (dist.get_rank() if world > 1 else 0), len(dataset)
     order = list(range(n)) + list(range(n))[: (-n) % world]  # pad so every rank has as many
@@ -90,10 +93,11 @@ def extract_features(vit, dataset, blocks, feature="cls", batch_size=256, device
 
 
 def get_features(cfg, d, splits=("train", "val"), keep_classes=None, vit=None) -> dict:
-    """The feature-file dict of `splits`, read from --load-features or extracted from --ckpt (and
-    then written to --save-features), with each `{split}_features` as {block: (N, D) float32}
-    for the --blocks asked (one concatenated entry under --concat); `blocks` lists the keys.
-    keep_classes: class names whose rows are kept (ImageNet subsets)."""
+    """The feature-file dict of `splits`, read from --load-features or extracted from --ckpt.
+
+    Extracted features are then written to --save-features. Each `{split}_features` as {block: (N, D) float32} for the
+    --blocks asked (one concatenated entry under --concat); `blocks` lists the keys. keep_classes: class names whose
+    rows are kept (ImageNet subsets)."""
     if cfg.load_features and cfg.save_features:
         raise UserError("give either --load-features or --save-features, not both")
     if cfg.load_features:
@@ -147,8 +151,9 @@ def get_features(cfg, d, splits=("train", "val"), keep_classes=None, vit=None) -
 
 
 def select_blocks(f: dict, blocks: list, concat: bool) -> dict:
-    """{block: (N, D)} -> the chosen blocks as float32, or under --concat one entry
-    {'b1+b2+...': (N, D1 + D2 + ...)}."""
+    """{block: (N, D)} -> the chosen blocks as float32.
+
+    Under --concat one entry {'b1+b2+...': (N, D1 + D2 + ...)}."""
     f = {b: f[b].float() for b in blocks}
     if concat and len(blocks) > 1:
         f = {"+".join(map(str, blocks)): torch.cat(list(f.values()), dim=1)}
@@ -156,8 +161,9 @@ def select_blocks(f: dict, blocks: list, concat: bool) -> dict:
 
 
 class Columns:
-    """Rows of several (N, D_i) feature tensors side by side, joined a batch at a time: probe.py's
-    grid reads its concatenated feature sets without a copy of the whole train set."""
+    """Rows of several (N, D_i) feature tensors side by side, joined a batch at a time.
+
+    probe.py's grid reads its concatenated feature sets without a copy of the whole train set."""
 
     def __init__(self, parts):
         self.parts, self.dim, self.device = parts, sum(p.shape[1] for p in parts), parts[0].device
@@ -170,11 +176,13 @@ class Columns:
 
 
 def read_feature_file(path: str, splits, feature: str = "unknown", warn: bool = True) -> dict:
-    """A feature file -> its dict, checked, with every `{split}_features` {block: (N, D) float32} and every
-    `{split}_labels` (N,) int64. The file (--save-features writes it): `train_features`, `val_features`
-    ((N, D) tensors of any float dtype, or {block: tensor}), `train_labels`, `val_labels` ((N,) integer
-    tensors); optional `feature`, `blocks`, `ckpt`, `weights`, `data`, `arch`, `classes`. What it does not
-    record is taken as `feature` (the --feature flag) and block 'given', with one warning line on stderr."""
+    """A feature file -> its dict, checked.
+
+    Every `{split}_features` becomes {block: (N, D) float32} and every `{split}_labels` (N,) int64. The file
+    (--save-features writes it): `train_features`, `val_features` ((N, D) tensors of any float dtype, or {block:
+    tensor}), `train_labels`, `val_labels` ((N,) integer tensors); optional `feature`, `blocks`, `ckpt`, `weights`,
+    `data`, `arch`, `classes`. What it does not record is taken as `feature` (the --feature flag) and block 'given',
+    with one warning line on stderr."""
     obj = read_checkpoint(path, "feature file", "write one with --save-features")
     need = [f"{s}_{w}" for s in splits for w in ("features", "labels")]
     if not isinstance(obj, dict) or any(k not in obj for k in need):

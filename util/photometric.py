@@ -1,14 +1,10 @@
-"""BYOL's photometric view augmentation (colour jitter, grayscale, Gaussian blur, solarisation) batched on the
-device, each image of a batch with its own random parameters.
+"""BYOL's photometric view augmentation batched on the device, each image with its own random parameters.
 
-The loader workers only decode, crop and flip, and `draw` each view's parameters (one float32 vector laid out as
-`COLUMNS`); `augment` then applies a whole view's batch at once, on the GPU or the CPU. Each operation follows
-torchvision's definition of the same operation on float images (named in its docstring), so that the views are
-those of torchvision's recipe. Nothing here waits for the device (no `.item()`, no `.nonzero()`, no Python branch
-on a tensor's value): an operation runs on every image of the batch, with identity parameters for the images that
-do not get it, or is undone for them with `torch.where`. Images are float (B, 3, H, W) in [0, 1] unless said
-otherwise, per-image parameters (B,).
-"""
+Loader workers decode, crop and flip, and `draw` each view's parameters (a float32 vector laid out as `COLUMNS`);
+`augment` colours a view's whole batch at once (jitter, grayscale, blur, solarisation), on the GPU or the CPU, each
+operation as torchvision defines it on float images (named in its docstring). Nothing waits for the device (no
+`.item()`, `.nonzero()` or branch on a tensor's value): every image takes every operation, with identity parameters or
+undone by `torch.where` where it should not. Images: float (B, 3, H, W) in [0, 1] unless said; parameters (B,)."""
 import math
 from dataclasses import dataclass
 
@@ -31,8 +27,9 @@ def _each(v: torch.Tensor) -> torch.Tensor:
 
 
 def gray(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, 1, H, W): 0.2989 r + 0.587 g + 0.114 b, the weights (and the order of the sum) of
-    torchvision.transforms.functional.rgb_to_grayscale. They add up to 0.9999, so white becomes 0.9999."""
+    """(B, 3, H, W) -> (B, 1, H, W): torchvision.transforms.functional.rgb_to_grayscale's 0.2989 r + 0.587 g + 0.114 b.
+
+    The same weights and order of the sum; they add up to 0.9999, so white becomes 0.9999."""
     r, g, b = x.unbind(1)  # 3 x (B, H, W)
     return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)  # (B, 1, H, W)
 
@@ -49,8 +46,7 @@ def brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 def contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """clamp(f x + (1 - f) m, 0, 1), m the mean of the image's gray(x) over all its pixels:
-    torchvision.transforms.functional.adjust_contrast."""
+    """clamp(f x + (1 - f) m, 0, 1), m the image's mean gray(x): torchvision.transforms.functional.adjust_contrast."""
     return _blend(x, gray(x).mean(dim=(1, 2, 3), keepdim=True), f)  # mean: (B, 1, 1, 1)
 
 
@@ -60,8 +56,9 @@ def saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 def _rgb2hsv(x: torch.Tensor):
-    """(B, 3, H, W) -> h, s, v, each (B, H, W): torchvision's _rgb2hsv, operation for operation. Where
-    max = min (gray) the divisors are set to 1, which makes h = s = 0 there instead of NaN."""
+    """(B, 3, H, W) -> h, s, v, each (B, H, W): torchvision's _rgb2hsv, operation for operation.
+
+    Where max = min (gray) the divisors are set to 1, which makes h = s = 0 there instead of NaN."""
     r, g, b = x.unbind(1)  # 3 x (B, H, W)
     maxc, minc = x.max(dim=1).values, x.min(dim=1).values
     eqc = maxc == minc
@@ -78,8 +75,9 @@ def _rgb2hsv(x: torch.Tensor):
 
 
 def _hsv2rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """h, s, v (B, H, W) -> (B, 3, H, W): torchvision's _hsv2rgb. It picks r, g, b for the sector i of the hue
-    circle from (v, p, q, t); torchvision by a one-hot einsum, here by gather (the same values, exactly)."""
+    """h, s, v (B, H, W) -> (B, 3, H, W): torchvision's _hsv2rgb, by gather instead of its one-hot einsum.
+
+    It picks r, g, b for the sector i of the hue circle from (v, p, q, t); the same values, exactly."""
     i = torch.floor(h * 6.0)
     f = h * 6.0 - i
     p = (v * (1.0 - s)).clamp(0.0, 1.0)
@@ -94,32 +92,32 @@ def _hsv2rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """RGB -> HSV, h <- (h + f) mod 1, HSV -> RGB, f in [-0.5, 0.5]: torchvision.transforms.functional.adjust_hue
-    on float images (its tensor algorithm, batched with f per image). The round trip is not exact, so images
-    with f = 0 keep their input (torchvision's ColorJitter does not call adjust_hue for them either)."""
+    """h <- (h + f) mod 1 in HSV, f in [-0.5, 0.5] per image: torchvision.transforms.functional.adjust_hue, batched.
+
+    Its float algorithm. The HSV round trip is inexact: images with f = 0 keep their input (ColorJitter skips them)."""
     h, s, v = _rgb2hsv(x)
     h = (h + f.view(-1, 1, 1)) % 1.0  # f: (B,) -> (B, 1, 1) against (B, H, W)
     return torch.where(_each(f) == 0, x, _hsv2rgb(h, s, v))
 
 
 def grayscale(x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
-    """Where `on` (bool (B,)), gray(x) in all three channels:
-    torchvision.transforms.functional.rgb_to_grayscale(x, num_output_channels=3)."""
+    """Where `on` (B,), gray(x) in all three channels: torchvision.transforms.functional.rgb_to_grayscale(x, 3)."""
     return torch.where(_each(on), gray(x).expand_as(x), x)
 
 
 def kernel_size_for(sigma_hi: float) -> int:
-    """The odd kernel 2 ceil(3 sigma_hi) + 1: the Gaussian truncated at 3 sigma on each side. BYOL's torchvision
-    recipe used a 23 px kernel at 224 px (sigma <= 2, so 5.5 sigma); for sigma 2 this gives 13 px. The 23 px
-    kernel's weight beyond 3 sigma is 0.1% per axis, 0.2% in all: on any image in [0, 1] the two blurs differ by
-    at most half the kernels' L1 distance, 0.52 / 255 per pixel, below 1/255 (tested on a random image)."""
+    """The odd kernel 2 ceil(3 sigma_hi) + 1: the Gaussian truncated at 3 sigma on each side.
+
+    BYOL's torchvision recipe used a 23 px kernel at 224 px (sigma <= 2, so 5.5 sigma); for sigma 2 this gives 13 px.
+    The 23 px kernel's weight beyond 3 sigma is 0.1% per axis, 0.2% in all, so on any image in [0, 1] the two blurs
+    differ by at most half the kernels' L1 distance, 0.52 / 255 per pixel (tested on a random image)."""
     return 2 * math.ceil(3 * sigma_hi) + 1
 
 
 def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """(B,) -> (B, k): torchvision's _get_gaussian_kernel1d per image, exp(-t^2 / (2 sigma^2)) normalised to sum 1,
-    t = linspace(-(k - 1) / 2, (k - 1) / 2, k). Sigma 0 would give 0 / 0 at t = 0: such images get sigma 1
-    here and keep their input in gaussian_blur."""
+    """(B,) -> (B, k): torchvision's _get_gaussian_kernel1d per image, exp(-t^2 / (2 sigma^2)) normalised to sum 1.
+
+    t = linspace(-(k-1)/2, (k-1)/2, k). Sigma 0 (0 / 0 at t = 0) is computed as 1; gaussian_blur keeps those inputs."""
     half = (kernel_size - 1) * 0.5
     t = torch.linspace(-half, half, kernel_size, dtype=sigma.dtype, device=sigma.device)  # (k,)
     sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
@@ -128,10 +126,11 @@ def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Gaussian blur with sigma per image, sigma 0 for none (the input, exactly):
-    torchvision.transforms.functional.gaussian_blur(x, [k, k], [sigma, sigma]), reflect padding, the same kernel.
-    Separable (rows, then columns: 2k multiply-adds per pixel instead of k^2); one grouped conv2d per axis takes
-    every channel of every image as its own group, each with its image's kernel. k odd, below 2 min(H, W)."""
+    """Gaussian blur, sigma per image (0: none, exactly): torchvision.transforms.functional.gaussian_blur, batched.
+
+    Reflect padding and kernel as gaussian_blur(x, [k, k], [sigma, sigma]). Separable, rows then columns (2k
+    multiply-adds per pixel, not k^2): a grouped conv2d per axis, a group per channel of each image, with its image's
+    kernel. k odd, below 2 min(H, W)."""
     b, c, height, width = x.shape
     pad = kernel_size // 2
     kernel = gaussian_kernels(sigma.to(x.dtype), kernel_size).repeat_interleave(c, dim=0)  # (B * 3, k)
@@ -144,16 +143,16 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
 
 def solarize(x: torch.Tensor, on: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Where `on`, pixels >= threshold become 1 - x: torchvision.transforms.functional.solarize on float images.
-    torchvision's uint8 recipe, RandomSolarize(128), inverts u >= 128. The default 0.5 = 127.5 / 255 is half a
-    level from both 127 / 255 and 128 / 255, so on u / 255 it inverts the same pixels whatever the float rounding
-    (a threshold of 128 / 255 would put level 128 exactly on the boundary)."""
+
+    The default 0.5 = 127.5 / 255 inverts on u / 255 the pixels that torchvision's uint8 RandomSolarize(128) inverts, u
+    >= 128, whatever the float rounding (a threshold of 128 / 255 would put level 128 exactly on the boundary)."""
     return torch.where(_each(on) & (x >= threshold), 1.0 - x, x)
 
 
 def _blend_step(x: torch.Tensor, op: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """One position of the jitter sequence for the blends: per image op 0 brightness, 1 contrast, 2 saturation,
-    anything else none (factor 1: x unchanged, exactly). The three are one blend with different partners (black,
-    the mean gray level, the gray image), so one blend over the batch serves all three."""
+    """One position of the jitter sequence: per image op 0 brightness, 1 contrast, 2 saturation, else none.
+
+    Factor 1 leaves x exactly. One blend over the batch serves all three (partners: black, mean gray, gray image)."""
     g = gray(x)  # (B, 1, H, W)
     partner = torch.where(_each(op == 1), g.mean(dim=(1, 2, 3), keepdim=True), g)  # (B, 1, H, W)
     partner = torch.where(_each(op == 0), 0.0, partner)
@@ -162,12 +161,11 @@ def _blend_step(x: torch.Tensor, op: torch.Tensor, params: torch.Tensor) -> torc
 
 
 def colour_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """torchvision's ColorJitter with each image's factors (params (B, len(COLUMNS))) in each image's own order:
-    brightness, contrast, saturation, hue as above. Hue, the costly one, splits each image's sequence into the
-    blends before it and those after it: the blends of positions 0-2 that come before the image's hue, then hue
-    once for the whole batch, then the blends of positions 1-3 that come after it. An image with nothing to do
-    at a step gets the identity (blend factor 1, hue 0) and comes out unchanged, exactly; the host never learns
-    which image does what."""
+    """torchvision's ColorJitter with each image's factors (params (B, len(COLUMNS))) in each image's own order.
+
+    Hue, the costly one, runs once for the whole batch: first the blends of positions 0-2 that come before each image's
+    hue, then hue, then the blends of positions 1-3 after it. An image with nothing to do at a step gets the identity
+    (blend factor 1, hue 0): unchanged, exactly; the host never learns which image does what."""
     order = params[:, ORDER]  # (B, 4)
     hue_at = (order == 3).to(torch.uint8).argmax(dim=1)  # (B,): the position of hue in each image's order
     for k in range(3):
@@ -179,9 +177,10 @@ def colour_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
 
 
 def augment(x: torch.Tensor, params: torch.Tensor, mean, std, kernel_size: int) -> torch.Tensor:
-    """A view's batch: uint8 (B, 3, H, W) -> /255 -> colour jitter -> grayscale -> blur -> solarize -> (x - mean) /
-    std, float32 (B, 3, H, W) on x's device. params: (B, len(COLUMNS)) from `draw`, moved to x's device if they
-    are not there; mean, std: 3 floats each (Python scalars: a tensor of them copied to the GPU would sync)."""
+    """A view's batch, uint8 (B, 3, H, W) -> float32 (B, 3, H, W) on x's device: coloured, then normalised.
+
+    /255 -> colour jitter -> grayscale -> blur -> solarize -> (x - mean) / std. params: (B, len(COLUMNS)) from `draw`,
+    moved to x's device; mean, std: 3 Python floats each (a tensor of them copied to the GPU would sync every call)."""
     params = params.to(x.device, torch.float32, non_blocking=True)  # (B, 11)
     p = dict(zip(COLUMNS, params.unbind(1)))  # name -> (B,)
     y = x.float().div(255)  # (B, 3, H, W) in [0, 1]
@@ -192,8 +191,7 @@ def augment(x: torch.Tensor, params: torch.Tensor, mean, std, kernel_size: int) 
 
 
 def normalize(y: torch.Tensor, mean, std) -> torch.Tensor:
-    """(y - mean) / std per channel, in place on float (B, 3, H, W): torchvision's Normalize. mean, std: Python
-    floats, as a tensor of them copied to the GPU would sync every call."""
+    """(y - mean) / std per channel in place, float (B, 3, H, W): torchvision's Normalize (mean, std: as augment's)."""
     for ch, (m, s) in enumerate(zip(mean, std)):
         y[:, ch].sub_(m).div_(s)
     return y
@@ -202,12 +200,12 @@ def normalize(y: torch.Tensor, mean, std) -> torch.Tensor:
 def draw(jitter_p: float, brightness: float, contrast: float, saturation: float, hue: float, grayscale_p: float,
          blur_p: float, sigma_lo: float, sigma_hi: float, solarize_p: float) -> torch.Tensor:
     """One view's parameters, (len(COLUMNS),) float32, from torch's default CPU generator (the caller seeds it).
-    The semantics of torchvision's RandomApply([ColorJitter(brightness, contrast, saturation, hue)], jitter_p),
+
+    As torchvision's RandomApply([ColorJitter(brightness, contrast, saturation, hue)], jitter_p),
     RandomGrayscale(grayscale_p), a blur with probability blur_p and sigma uniform in [sigma_lo, sigma_hi], and
-    RandomSolarize(p=solarize_p): factors uniform in [max(0, 1 - b), 1 + b], hue in [-hue, hue], the order a
-    random permutation. Every call consumes the same randomness, whatever is applied and whatever the ranges
-    (torchvision draws only what it applies), so one view's draws never shift the next view's. Each event is
-    applied when its uniform draw is < p: never for p = 0, always for p = 1."""
+    RandomSolarize(p=solarize_p): factors uniform in [max(0, 1 - b), 1 + b], hue in [-hue, hue], the order a random
+    permutation. Every call consumes the same randomness whatever is applied or the ranges (torchvision draws only what
+    it applies), so one view's draws never shift the next's. An event happens when its uniform draw is < p."""
     jitter = float(torch.rand(1)) < jitter_p
     order = torch.randperm(4).float()  # (4,)
     factors = torch.cat([torch.empty(1).uniform_(max(0.0, 1.0 - brightness), 1.0 + brightness),
@@ -229,8 +227,7 @@ def draw(jitter_p: float, brightness: float, contrast: float, saturation: float,
 
 @dataclass(frozen=True)
 class Photometric:
-    """One view's photometric recipe, the arguments of `draw`; the defaults are BYOL's first global view at
-    224 px (jitter 0.4, 0.4, 0.2, 0.1 with p 0.8, grayscale 0.2, blur always with sigma 0.1-2.0, no solarize)."""
+    """One view's photometric recipe, the arguments of `draw`; the defaults are BYOL's first global view at 224 px."""
     jitter_p: float = 0.8
     brightness: float = 0.4
     contrast: float = 0.4

@@ -1,8 +1,7 @@
 """The files of a training run in its --out folder (docs/RUNNING.md, "Resuming and failures").
 
-- `Run`: the folder of one run: created, locked by rank 0 (runguard), signals caught; `resume` reads
-  last.pt, or last.prev.pt with a warning when last.pt cannot be used; `save` writes last.pt atomically and
-  keeps the file it replaces as last.prev.pt (an unusable one as last.bad.pt): nothing good is deleted.
+- `Run`: the folder of one run: created, locked by rank 0 (run.lock), signals caught; `resume` and `save` keep a
+  good checkpoint there: last.pt, the one before as last.prev.pt (an unusable one as last.bad.pt).
 - `write_encoder`: encoder.pth and encoder.safetensors, the same keys, the architecture stored in both.
 - atomic writes, the log trimmed to the checkpoint, every random generator's state.
 Importing it has no side effects."""
@@ -45,8 +44,7 @@ def _process(pid: int):
 
 
 def _job() -> tuple:
-    """(the SLURM job or torchrun run this process belongs to, [its requeues, its restarts]): a later start
-    of the same job knows that the earlier one has ended, on whichever host it ran."""
+    """(SLURM job or torchrun run, [requeues, restarts]): a later start knows the earlier ended, on whichever host."""
     env = os.environ.get
     return (env("SLURM_JOB_ID") or env("TORCHELASTIC_RUN_ID"),
             [int(env("SLURM_RESTART_COUNT", 0)), int(env("TORCHELASTIC_RESTART_COUNT", 0))])
@@ -115,8 +113,9 @@ def release_lock(out: str):
 
 
 class Signals:
-    """SIGTERM, SIGUSR1 and SIGINT set `.signal` (the first one's name) until `restore()`; a second Ctrl-C a
-    second later interrupts at once (copies of one signal, as torchrun forwards them, arrive together)."""
+    """SIGTERM, SIGUSR1 and SIGINT set `.signal` (the first one's name) until `restore()`.
+
+    A second Ctrl-C a second later interrupts at once (torchrun's forwarded copies of one signal arrive together)."""
 
     def __init__(self, loud: bool):
         self.signal, self.since, self.loud, self.old = None, 0.0, loud, {}
@@ -138,8 +137,10 @@ class Signals:
 
 
 def write_encoder(sd: dict, out: str) -> str:
-    """OUT/encoder.pth, a state dict of model.export_encoder (timm loads it strictly; the architecture in its
-    `_metadata`), and OUT/encoder.safetensors, the same tensors, the architecture as JSON in its metadata."""
+    """OUT/encoder.pth and OUT/encoder.safetensors: the same tensors, the architecture stored in both.
+
+    encoder.pth: model.export_encoder's (timm loads it strictly; the architecture in `_metadata`); .safetensors:
+    JSON."""
     from safetensors.torch import save_file
     path, arch = os.path.join(out, "encoder.pth"), getattr(sd, "_metadata", {}).get("", {}).get("arch")
     save_atomic(sd, path)
@@ -150,8 +151,7 @@ def write_encoder(sd: dict, out: str) -> str:
 
 
 def trim_log(path: str, step: int):
-    """Keep the log lines up to `step`: a killed run may have logged past its last checkpoint;
-    a fresh run (step 0) keeps none."""
+    """Keep the log lines up to `step` (step 0: none); a killed run may have logged past its checkpoint."""
     def before(line):
         try:
             return json.loads(line)["step"] <= step
@@ -192,8 +192,9 @@ def all_rng_states(world: int) -> list:
 
 
 def data_of(ck: dict, new: str, n_new: int):
-    """The --data of a checkpoint's settings, as a resumed run compares it: `new` when that names the same data,
-    as the same folder written another way (./x/, x) or as a moved folder (as many images: with a warning)."""
+    """The --data of a checkpoint's settings, as a resumed run compares it: `new` when that names the same data.
+
+    Also as the same folder written another way (./x/, x) or as a moved folder (as many images: with a warning)."""
     old, n_old = ck["settings"].get("data"), ck.get("n_train")
     if old == new or old is None or any(s.startswith("jittered-digits") for s in (old, new)):
         return old
@@ -205,8 +206,9 @@ def data_of(ck: dict, new: str, n_new: int):
 
 
 class Run:
-    """The --out folder of a training run, opened on every rank after setup_distributed: rank 0 creates it and
-    takes its lock, every rank catches SIGTERM/SIGUSR1/SIGINT until the run is closed: `with Run(out, d) as run:`."""
+    """The --out folder of a training run: `with Run(out, d) as run:`, on every rank after setup_distributed.
+
+    Rank 0 creates it and takes its lock, every rank catches SIGTERM/SIGUSR1/SIGINT until the run is closed."""
 
     def __init__(self, out: str, d):
         self.out, self.d, self.created, self.last_bad, self.steps = out, d, None, False, 0
@@ -238,8 +240,9 @@ class Run:
         return take_lock(self.out)
 
     def gather_loss(self, loss: torch.Tensor) -> tuple:
-        """The step's loss averaged over the ranks, and whether any rank has had a signal: one collective, one
-        host sync, once per step on every rank, so that all ranks stop after the same step."""
+        """The step's loss averaged over the ranks, and whether any rank has had a signal.
+
+        One collective, one host sync, once per step on every rank, so that all ranks stop after the same step."""
         self.steps += 1
         self._pause()
         x = torch.stack([loss.detach().float(), loss.new_tensor(float(self.signals.signal is not None))])
@@ -251,8 +254,9 @@ class Run:
         return losses.mean().item(), bool(stop.max().item())
 
     def _pause(self):
-        """Test-only (PAUSE=N:PATH): rank 0's Nth step in this process writes PATH unless it exists (a restarted rank
-        runs on), then waits, 120 s at most, for a signal (the run stops after this step) or PATH's removal."""
+        """Test-only (PAUSE=N:PATH): rank 0's Nth step in this process writes PATH (unless it exists) and waits.
+
+        A restarted rank finds PATH and runs on. Waits 120 s at most for a signal (stop after it) or PATH's removal."""
         n, _, path = os.environ.get(PAUSE, "").partition(":")
         if not (self.d.main and n == str(self.steps) and path) or os.path.exists(path):
             return
@@ -276,6 +280,7 @@ class Run:
 
     def resume(self, check):
         """The checkpoint to resume from: last.pt, else last.prev.pt (with a warning); None for a fresh run.
+
         check(ck, path) raises UserError if this run cannot resume from ck (another model, other settings)."""
         reasons, refusals = [], []
         for path in (self.last, self.prev):
@@ -306,8 +311,7 @@ class Run:
         return None
 
     def save(self, obj):
-        """Rank 0: write last.pt atomically; the file it replaces becomes last.prev.pt (last.bad.pt if it
-        could not be used), so that a good checkpoint is always there."""
+        """Rank 0: write last.pt atomically; the file it replaces is kept as last.prev.pt (last.bad.pt if unusable)."""
         tmp = write_tmp(obj, self.last)
         if os.path.exists(self.last):
             os.replace(self.last, self.bad if self.last_bad else self.prev)
