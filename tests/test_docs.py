@@ -109,8 +109,9 @@ def test_readme_is_a_landing_page():
 
 
 def refine_commands(text: str) -> list:
-    """Every refine.py command of a document: lines of its code blocks (backslash continuations joined)
-    and inline `...` spans, each from its first word to its end."""
+    """Every refine.py command of a document, from its first word to its end.
+
+    Lines of its code blocks (backslash continuations joined) and inline `...` spans."""
     text = text.replace("\\\n", " ")
     found = [line for line in text.splitlines() if re.search(r"(^|\s)refine\.py\s", line)]
     found += [span for span in re.findall(r"`([^`\n]+)`", text) if re.search(r"(^|\s)refine\.py\s", span)]
@@ -118,9 +119,10 @@ def refine_commands(text: str) -> list:
 
 
 def test_every_mim_refiner_paper_command_trains_the_official_pairing():
-    """The view pairing of MIM-Refiner's public code made the papers' numbers: every MIM-Refiner command
-    that runs at paper scale (under torchrun on several GPUs, or on /imagenet) in the README, docs/*.md and
-    refine.py's docstring carries --pairing official; MAE-CT's (no pairing) and the CPU demos need not."""
+    """Every paper-scale MIM-Refiner command carries --pairing official: that pairing made the papers' numbers.
+
+    Paper scale: under torchrun on several GPUs, or on /imagenet, in the README, docs/*.md and refine.py's docstring.
+    MAE-CT's commands (no pairing) and the CPU demos need not."""
     docs = ["README.md"] + ["docs/" + f for f in sorted(os.listdir(os.path.join(ROOT, "docs"))) if f.endswith(".md")]
     commands = [c for doc in docs for c in refine_commands(read(doc))] + refine_commands(refine.__doc__)
     paper = [c for c in commands if ("--data /imagenet" in c or re.search(r"torchrun .*--nproc_per_node=8", c))
@@ -130,8 +132,10 @@ def test_every_mim_refiner_paper_command_trains_the_official_pairing():
 
 
 def test_official_recipe_table_equals_what_recipe_resolves():
-    """docs/METHOD.md §8's table of the official recipes: every cell of every row equals what
-    recipe.resolve (and refine.make_phases, for the top-k) gives for that encoder on ImageNet-1K, 8 GPUs."""
+    """docs/METHOD.md §8's table of the official recipes agrees with recipe.py, cell by cell.
+
+    Every cell of every row equals what recipe.resolve (and refine.make_phases, for the top-k) gives for that
+    encoder on ImageNet-1K, 8 GPUs."""
     text = read("docs/METHOD.md")
     table = text[text.index("| encoder | method | lr 1 / 2 |"):]
     rows = [[c.strip() for c in r.strip("|").split("|")] for r in table[:table.index("\n\n")].splitlines()[2:]]

@@ -46,8 +46,9 @@ def test_param_groups_layer_decay_and_trainable_positions():
 
 
 def test_weight_decay_by_size_and_the_flag_wins(tmp_path, monkeypatch, tiny_ckpt):
-    """The official 1% templates: 0.05 for ViT-L/16, 0.4 for ViT-H/14, H/16 and 2B/14 (data2vec 2.0 by its
-    size); what AdamW receives for the matrices, by default and with an explicit --weight-decay."""
+    """Weight decay as the official 1% templates: 0.05 for ViT-L/16, 0.4 for ViT-H/14, H/16 and 2B/14.
+
+    data2vec 2.0 by its size; what AdamW receives for the matrices, by default and with an explicit --weight-decay."""
     by_size = {n: finetune.default_weight_decay(SimpleNamespace(dim=model.SIZES[n][0])) for n in model.SIZES}
     assert by_size == {"tiny": 0.05, "small": 0.05, "base": 0.05, "large": 0.05, "huge": 0.4, "2b": 0.4}
     assert finetune.default_weight_decay(SimpleNamespace(dim=1280, post_norm=True)) == 0.4  # data2vec 2.0 H/14
@@ -70,8 +71,9 @@ def post_norm_classifier(classes=3):
 
 
 def test_data2vec_head_layernorm():
-    """As the official data2vec 2.0 classifier: LayerNorm (eps 1e-6) on the CLS token, then the linear head;
-    a pre-norm encoder has its final norm instead, and no extra parameters."""
+    """The head as the official data2vec 2.0 classifier: LayerNorm (eps 1e-6) on the CLS token, then the linear head.
+
+    A pre-norm encoder has its final norm instead, and no extra parameters."""
     net, x = post_norm_classifier(), torch.randn(4, 3, 16, 16)
     cls = net.vit(x)[:, 0]
     want = F.linear(F.layer_norm(cls, (32,), net.head_norm.weight, net.head_norm.bias, 1e-6),

@@ -1,5 +1,6 @@
-"""tools/gpu_check.py: the whole check at its smallest size on the CPU (its JSON's parts and figures), a part
-that fails, and bad flags."""
+"""tools/gpu_check.py: the whole check at its smallest size on the CPU.
+
+Its JSON's parts and figures, a part that fails, and bad flags."""
 import json
 import math
 import subprocess

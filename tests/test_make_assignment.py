@@ -1,5 +1,7 @@
-"""tools/make_assignment.py, tools/grade.py and tools/selfcheck_assignment.py: the marker parsing and its
-one-line errors, the student and solution copies, idempotence, the grade's schema, the CI self-check."""
+"""The course tools: tools/make_assignment.py, tools/grade.py and tools/selfcheck_assignment.py.
+
+The marker parsing and its one-line errors, the student and solution copies, idempotence, the grade's schema,
+the CI self-check."""
 import importlib.util
 import os
 import subprocess
@@ -71,8 +73,9 @@ def test_idempotent(tmp_path):
 
 
 def test_repository_copies_compile_and_are_idempotent():
-    """Every marked file of this repository: the student rendering compiles, the solution rendering has no
-    marker left and equals the file with the marker lines dropped."""
+    """Every marked file of this repository renders: the student copy compiles, the solution is the source.
+
+    The solution rendering has no marker left and equals the file with the marker lines dropped."""
     marked = ma.collect(ROOT, ma.tracked_files(ROOT))
     assert len(ma.tasks_of(marked)) >= 10
     for path, (text, regions) in marked.items():

@@ -178,8 +178,9 @@ def test_kernel_truncated_at_3_sigma_is_within_a_level_of_byol_23px():
 
 
 def pil_blur_gap(kind: str) -> tuple:
-    """The largest |device blur - PIL's GaussianBlur(radius=sigma)| (the papers' per-image blur) over 8
-    uint8 images of 64 px of one kind and sigma 0.1-2.0, in levels: (whole image, 8 px from the border)."""
+    """The largest |device blur - PIL's GaussianBlur(radius=sigma)|, in levels: (whole image, 8 px from the border).
+
+    PIL's blur is the papers' per-image blur; over 8 uint8 images of 64 px of one kind and sigma 0.1-2.0."""
     import numpy as np
     from PIL import Image, ImageFilter
     whole = inner = 0.0
@@ -197,7 +198,9 @@ def pil_blur_gap(kind: str) -> tuple:
 
 
 def test_blur_against_pil_within_3_levels_on_smooth_images_not_on_pixel_noise():
-    """docs/METHOD.md §5: PIL's blur approximates the Gaussian by box filters and repeats the edge pixel where
+    """docs/METHOD.md §5: the device blur is within a few levels of PIL's on smooth images only.
+
+    PIL's blur approximates the Gaussian by box filters and repeats the edge pixel where
     torchvision reflects; on smooth images (bicubic from 8 x 8) the two agree within 3/255 away from the
     border and 5/255 at it; on pixel noise they do not (tens of levels), the bound holds for smooth images only."""
     whole, inner = pil_blur_gap("smooth")

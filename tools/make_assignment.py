@@ -60,7 +60,9 @@ def owner_class(lines, j):
 
 
 def parse(text, name="<text>"):
-    """The marked regions of one file's text, in order: dicts with task, kind ('block' or 'line'), the
+    """The marked regions of one file's text, in order.
+
+    Dicts with task, kind ('block' or 'line'), the
     0-based line span [start, end] (markers and prompt included), indent, prompt lines, function."""
     lines, regions, state, cur = text.split("\n"), [], None, None
     for i, line in enumerate(lines):
@@ -120,7 +122,9 @@ def docstring_equation(text, region):
 
 
 def render(text, regions, solved=()):
-    """The text with each region of a task not in `solved` replaced by a raise (the student copy) and the
+    """One rendering of a marked file: unsolved tasks raise, solved ones keep their code.
+
+    The text with each region of a task not in `solved` replaced by a raise (the student copy) and the
     markers of the others removed, code kept (the solution copy: solved = every task)."""
     lines, out, k = text.split("\n"), [], 0
     for r in regions:
