@@ -6,9 +6,8 @@ protocols (docs/METHOD.md §11) on the mean of the patch tokens: weighted k-NN o
 (standardised, and plain cosine), linear probe, 1/2/5-shot logistic regression, k-means clustering.
 Beside them stand the baselines that need no training: raw pixels through the evaluation transform (as
 they are, and each image z-scored over its own pixels) and a randomly initialised encoder of the MAE's
-shape. Each encoder's features are extracted once (knn.py --save-features) and the other stages read
-them (--load-features). The stages run as separate processes (`--jobs` at a time, `--threads` torch
-threads each); this file orchestrates them and aggregates their --out JSON files into
+shape. Each encoder's features are extracted once (knn.py --save-features), the other stages read them; the
+stages run as separate processes (`--jobs` at a time, `--threads` torch threads each), aggregated into
     OUT/summary.json   {"split", "seeds", "encoders": {name: {metric: [one value per seed]}}}, fractions
     OUT/knn_per_block.png, neighbours.png, tsne.png (tools/pictures.py)
     OUT/<encoder>/[seed<s>/]  every stage's JSON, log and feature file
@@ -17,9 +16,10 @@ other view as its positive (`--neighbours none`: the swap's ablation); --control
 encoder both ways, every block trainable, with the same steps (what the MIM pre-training brings).
 The numbers are reported on `jittered-digits:report`, glyphs no recipe was chosen on (util/digits.py).
 
-CPU, the embedded default (about 11 minutes on 2 cores; the README's table is the 3-seed run):
+CPU, the embedded default (over 12 minutes on 2 cores; docs/DEMO.md: what the committed 3-seed run shows):
     python demo.py
-    python demo.py --seeds 3 --own-view mim-refiner --out runs/demo-seeds    # docs/demo_summary.json
+    python demo.py --seeds 3 --own-view mim-refiner,mae-ct --control --one-seed random+mim-refiner,random+mae-ct \
+        --out runs/demo-seeds    # docs/demo_summary.json, the README's table; tools/demo_goals.py checks it
 Reduced size (under a minute; what tests/test_demo.py runs on a tiny encoder and image folder):
     python demo.py --quick --ckpt tiny.pth --data folder --out runs/demo-quick
 """
@@ -60,7 +60,7 @@ class Settings:
     out: str = opt("runs/demo", "output folder: summary.json, the pictures, one folder per encoder")
     feature: str = opt("mean", "what the heads and the evaluations read: mean (of the patch tokens) or cls")
     seeds: int = opt(1, "refinement seeds per method (0..N-1); the summary holds one value per seed")
-    one_seed: str = opt("", "methods refined with seed 0 only, whatever --seeds says (to save time), e.g. mae-ct")
+    one_seed: str = opt("", "methods (mae-ct) or encoders (random+mae-ct) refined with seed 0 only, to save time")
     mim_refiner_args: str = opt("", "extra refine.py flags for MIM-Refiner, e.g. '--epochs 3'")
     mae_ct_args: str = opt("", "extra refine.py flags for MAE-CT")
     own_view: str = opt("", "methods also refined with the anchor's own other view as the positive "
@@ -104,8 +104,9 @@ def run(cmd: list, log: str, cfg: Settings):
 
 
 def seeds_of(cfg: Settings, name: str) -> list:
-    """The refinement seeds of encoder `name`: none but 0 for the untrained and the --one-seed methods."""
-    single = name in UNSEEDED or name.split("+")[-1].split(",")[0] in cfg.one_seed.split(",")
+    """The refinement seeds of encoder `name`: none but 0 for the untrained and the --one-seed methods or encoders."""
+    named = cfg.one_seed.split(",")
+    single = name in UNSEEDED or name in named or name.split("+")[-1].split(",")[0] in named
     return [0] if single else list(range(cfg.seeds))
 
 

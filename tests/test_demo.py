@@ -72,6 +72,16 @@ def test_refine_flags_of_the_ablations():
     assert demo.refine_flags(cfg, "random+mim-refiner") == ["--method", "mim-refiner", "--freeze-blocks", "0"]
 
 
+def test_one_seed_names_methods_or_single_encoders():
+    """--one-seed mae-ct covers every MAE-CT encoder; --one-seed random+mae-ct that control alone."""
+    cfg = demo.Settings(seeds=3, one_seed="mae-ct")
+    assert [demo.seeds_of(cfg, n) for n in ("mae-ct", "mae-ct, own view", "random+mae-ct", "mim-refiner")] == [
+        [0], [0], [0], [0, 1, 2]]
+    cfg = demo.Settings(seeds=3, one_seed="random+mim-refiner,random+mae-ct")
+    assert [demo.seeds_of(cfg, n) for n in ("mae-ct", "random+mae-ct", "random+mim-refiner", "mae")] == [
+        [0, 1, 2], [0], [0], [0]]
+
+
 def test_table_cells_are_mean_and_sample_sd():
     """Two seeds 0.5 and 0.7: mean 60.0, sample SD 14.1 (sqrt(0.02) = 0.1414)."""
     assert demo.cell([0.5, 0.7]) == "60.0 ± 14.1" and demo.cell([0.123]) == "12.3"
@@ -84,3 +94,59 @@ def test_demo_errors(tmp_path):
     torch.save({"model": {}}, bad)
     with pytest.raises(UserError, match="failed"):  # a stage's error stops the demo, naming the log
         demo.main(demo.Settings(ckpt=bad, out=str(tmp_path / "o"), quick=True, plot=False, jobs=1))
+
+
+def test_readme_demo_table_is_the_committed_run():
+    """The README's demo table is demo.table() of docs/demo_summary.json: 3 seeds on the report split."""
+    with open(demo.SUMMARY) as f:
+        summary = json.load(f)
+    assert summary["split"] == "jittered-digits:report" and summary["seeds"] == [0, 1, 2]
+    for name, e in summary["encoders"].items():  # one value per seed; the baselines, the MAE, the controls one
+        n = 1 if name in demo.UNSEEDED or name in demo.CONTROLS else 3
+        assert all(len(v) == n for k, v in e.items() if k != "knn_per_block"), name
+        assert all(len(v) == n for v in e.get("knn_per_block", {}).values()), name
+    with open(os.path.join(demo.HERE, "README.md")) as f:
+        assert demo.table(summary, markdown=True) in f.read()
+
+
+def synthetic_summary() -> dict:
+    """A summary whose goals are worked out by hand in test_demo_goals_known_answers."""
+    one = lambda v: {"knn_top1": [v], "knn_plain_top1": [v + 0.05]}  # noqa: E731
+    return {"split": "s", "seeds": [0, 1, 2], "encoders": {
+        "pixels": one(0.50), "pixels, per-image": one(0.60),
+        "mae": {"knn_per_block": {"1": [0.40], "2": [0.50], "3": [0.46]}, "probe_top1": [0.70],
+                "cluster_acc": [0.15]},
+        "mim-refiner": {"knn_top1": [0.70, 0.72, 0.74], "cluster_acc": [0.40, 0.40, 0.40],
+                        "knn_per_block": {"1": [0.4] * 3, "2": [0.5] * 3, "3": [0.70, 0.72, 0.74]}},
+        "mae-ct": {"knn_top1": [0.60, 0.61, 0.62], "cluster_acc": [0.30, 0.30, 0.30]},
+        "mae-ct, own view": {"knn_top1": [0.64, 0.65, 0.66], "cluster_acc": [0.20, 0.21, 0.22]}}}
+
+
+def test_demo_goals_known_answers():
+    """Each goal by hand: MAE best 50.0 (block 2), last 46.0; MIM-Refiner 72.0 ± 2.0, MAE-CT 61.0 ± 1.0, ..."""
+    from tools import demo_goals
+    got = {g: (m, ok) for g, m, ok in demo_goals.goals(synthetic_summary())}
+    assert got["MAE k-NN: best block at least 3 points above the last"] == ("block 2 50.0, last 46.0", True)
+    assert got["MIM-Refiner k-NN above MAE-CT's by more than 2 SD"] == ("+11.0 (2 SD = 4.0)", True)
+    # the best pixel k-NN is the per-image one under plain cosine: 60 + 5
+    assert got["mim-refiner: k-NN above every pixel k-NN"] == ("72.0 vs 65.0 (pixels, per-image, plain cosine)", True)
+    assert got["mae-ct: k-NN above every pixel k-NN"][1] is False
+    assert got["MAE best block at least the standardised pixels' k-NN"] == ("50.0 vs 50.0", True)
+    # own view k-NN 65.0 ± 1.0 beats the swap's 61.0; k-means 30.0 ± 0.0 vs 21.0 ± 1.0: +9.0 > 2.0
+    assert got["mae-ct: swap above own view on k-NN by more than 2 SD"] == ("-4.0 (2 SD = 2.0)", False)
+    assert got["mae-ct: swap above own view on k-means ACC by more than 2 SD"] == ("+9.0 (2 SD = 2.0)", True)
+    assert "mim-refiner: swap above own view on k-NN by more than 2 SD" not in got  # no such row in the run
+    assert got["MIM-Refiner k-means ACC at least 20 points above the MAE's"] == ("+25.0", True)
+    assert got["MAE linear probe at least 50"] == ("70.0", True)
+    table = demo_goals.per_block(synthetic_summary()).splitlines()
+    assert table[0] == "| block | mae | mim-refiner |" and table[-1] == "| 3 | 46.0 | 72.0 ± 2.0 |"
+
+
+def test_demo_page_quotes_the_goals_of_the_committed_run():
+    """docs/DEMO.md holds tools/demo_goals.py's report of docs/demo_summary.json, between its markers."""
+    from tools import demo_goals
+    with open(demo.SUMMARY) as f:
+        report = demo_goals.report(json.load(f))
+    with open(os.path.join(demo.HERE, "docs", "DEMO.md")) as f:
+        page = f.read()
+    assert f"<!-- demo_goals -->\n{report}\n<!-- /demo_goals -->" in page
