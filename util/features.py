@@ -20,8 +20,7 @@ class FeatureSettings:
     """The flags of every evaluation stage; each stage's Settings adds its own."""
     ckpt: str = opt("checkpoints/mae_tiny_digits.pth", "encoder checkpoint, any layout of docs/METHOD.md §9")
     weights: str = opt("ema", "which encoder of a refine.py checkpoint: ema or online")
-    num_heads: int = opt(0, "attention heads of --ckpt; 0 = as the file stores them, else by width (768: 12, "
-                            "1024: 16, 1280: 16, 2560: 32, otherwise width // 64): check the printed architecture")
+    num_heads: int = opt(0, "attention heads of --ckpt (printed); 0 = as stored, else width // 64 (1280: 16, 2560: 32)")
     data: str = opt("jittered-digits", "jittered-digits, or a folder with train/ and val/ (ImageFolder)")
     img_size: Optional[int] = opt(None, "input resolution (default: the checkpoint's)")
     blocks: str = opt("last", "blocks to evaluate: last, all, a list 18,20,24 or a range 17-24; with ',norm' also "
