@@ -30,18 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from model import UserError, load_encoder
-from util import common
+from util import common, data
 from util.common import opt
-from util.data import (
-    EpochKeys,
-    Seeded,
-    build_dataset,
-    draw_split,
-    eval_transform,
-    loader_kwargs,
-    split_file_indices,
-    train_transform,
-)
 from util.features import extract_features, report
 
 
@@ -100,17 +90,17 @@ class Classifier(nn.Module):
 def labelled_indices(cfg, train) -> list:
     """Indices of the labelled train images: those of --split-file, or --percent of every class."""
     if cfg.split_file:
-        return split_file_indices(cfg.split_file, cfg.data, len(train), train).tolist()
+        return data.split_file_indices(cfg.split_file, cfg.data, len(train), train).tolist()
     if not 0 < cfg.percent <= 100:
         raise UserError(f"--percent {cfg.percent}: give a percentage in (0, 100], or --split-file")
-    return draw_split(train.targets, cfg.seed, percent=cfg.percent).tolist()
+    return data.draw_split(train.targets, cfg.seed, percent=cfg.percent).tolist()
 
 
 @torch.no_grad()
 def accuracy(net: Classifier, val, cfg, d) -> float:
     """Validation top-1: every process embeds a shard (extract_features), all score all."""
     feats, labels = extract_features(net.vit, val, [net.vit.depth], "cls-norm", cfg.batch_size // d.world,
-                                            d.device, cfg.workers, desc="val")  # the head's input, (N, D)
+                                     d.device, cfg.workers, desc="val")  # the head's input, (N, D)
     net.vit.train()  # extract_features leaves it in eval mode
     return (net.logits(feats[net.vit.depth].to(d.device)).argmax(1).cpu() == labels).float().mean().item()
 
@@ -123,22 +113,22 @@ def main(cfg: Settings) -> dict:
     if cfg.batch_size % d.world:
         raise UserError(f"--batch-size {cfg.batch_size} does not divide over {d.world} processes; use a multiple")
     vit = load_encoder(cfg.ckpt, weights=cfg.weights, img_size=cfg.img_size)
-    train = build_dataset(cfg.data, "train")
+    train = data.build_dataset(cfg.data, "train")
     idx, targets = labelled_indices(cfg, train), torch.as_tensor(train.targets)
     if cfg.batch_size > len(idx):
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(idx)} labelled images; lower it")
     net = Classifier(vit, len(train.classes)).to(d.device)
     ddp = net if d.world == 1 else DDP(net, [d.device] if d.device.type == "cuda" else None)
-    data = Seeded(train, train_transform(vit.img_size, cfg.crop_min), cfg.seed)
-    keys = EpochKeys(idx, d.world, d.rank, cfg.seed)  # the labelled images, in a (seed, epoch) order
-    loader = DataLoader(data, cfg.batch_size // d.world, sampler=keys, drop_last=True,
-                        **loader_kwargs(d.device, cfg.workers))
+    images = data.Seeded(train, data.train_transform(vit.img_size, cfg.crop_min), cfg.seed)
+    keys = data.EpochKeys(idx, d.world, d.rank, cfg.seed)  # the labelled images, in a (seed, epoch) order
+    loader = DataLoader(images, cfg.batch_size // d.world, sampler=keys, drop_last=True,
+                        **data.loader_kwargs(d.device, cfg.workers))
     spe = keys.per_rank // (cfg.batch_size // d.world)  # steps per epoch
     total, warm, peak = cfg.epochs * spe, round(cfg.warmup_epochs * spe), cfg.lr * cfg.batch_size / 256
     wd = default_weight_decay(vit) if cfg.weight_decay is None else cfg.weight_decay
     groups = common.param_groups(net, wd, cfg.layer_decay, net.vit.depth)  # Eq. (13)
     optim = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.999))
-    val = build_dataset(cfg.data, "val", eval_transform(vit.img_size))
+    val = data.build_dataset(cfg.data, "val", data.eval_transform(vit.img_size))
     autocast = torch.autocast(d.device.type, torch.bfloat16, enabled=d.device.type == "cuda")
     records, step = [], 0
     for epoch in range(cfg.epochs):
@@ -163,7 +153,7 @@ def main(cfg: Settings) -> dict:
     max(records, key=lambda r: r["top1"])["best"] = True
     what = f"--split-file {cfg.split_file}" if cfg.split_file else f"{cfg.percent:g}% of every class"
     return report(cfg, d, records, f"fine-tuning top-1 on {len(idx)} labelled images ({what}), "
-                                          f"{cfg.epochs} epochs of {spe} steps, global batch {cfg.batch_size}")
+                                   f"{cfg.epochs} epochs of {spe} steps, global batch {cfg.batch_size}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import finetune
 import model
 from model import UserError
 from util import common
-from util.data import build_dataset
+from util.data import build_dataset, eval_transform
 
 
 def settings(**kw):
@@ -89,7 +89,7 @@ def test_validation_top1_reads_the_head_norm(tmp_path):
     """accuracy() (features extracted once, then the head) equals the classifier run image by image."""
     data = make_image_folder(tmp_path / "d", per_class=(2, 4), size=16)
     net, d = post_norm_classifier(), common.setup_distributed("cpu")
-    val = build_dataset(data, "val", finetune.eval_transform(16))
+    val = build_dataset(data, "val", eval_transform(16))
     with torch.no_grad():
         want = sum(int(net(x[None]).argmax()) == y for x, y in val) / len(val)
     assert finetune.accuracy(net, val, settings(), d) == pytest.approx(want)

@@ -1,8 +1,6 @@
 """What every stage script shares: settings from the command line, distributed set-up, flags, schedules.
 
-Besides the settings and the distributed set-up: block and list flags, the lr schedule, and small file and seed
-helpers. Importing it has no side effects. Data sets live in data.py, training views in views.py, a run's --out folder
-in resume.py and the evaluation stages' features in features.py."""
+Also file and seed helpers; importing it has no side effects. Data sets: data.py, views.py; --out folders: resume.py."""
 import argparse
 import dataclasses
 import json
@@ -11,7 +9,6 @@ import os
 import random
 import sys
 import typing
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,7 +20,7 @@ from model import UserError
 
 def opt(default, help: str):
     """A settings field with its --help text."""
-    return field(default=default, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def parse_settings(cls, argv=None):
@@ -36,12 +33,8 @@ def parse_settings(cls, argv=None):
         if typing.get_origin(typ) is typing.Union:  # Optional[X] -> X
             typ = next(t for t in typing.get_args(typ) if t is not type(None))
         text = f"{f.metadata.get('help', '')} (default: {f.default})".replace("%", "%%")  # argparse's format
-        kw = dict(default=f.default, help=text)
-        flag = "--" + f.name.replace("_", "-")
-        if typ is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        else:
-            p.add_argument(flag, type=typ, **kw)
+        kind = dict(action=argparse.BooleanOptionalAction) if typ is bool else dict(type=typ)
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=text, **kind)
     return cls(**vars(p.parse_args(argv)))
 
 
@@ -60,7 +53,7 @@ def cli(main, cls):
 
 # --- Distributed: a process group only under torchrun / srun (RANK and WORLD_SIZE set) ---
 
-@dataclass
+@dataclasses.dataclass
 class Dist:
     rank: int
     world: int
@@ -94,9 +87,7 @@ def world_size() -> int:
 
 
 def all_gather(x: torch.Tensor, grad: bool = False) -> torch.Tensor:
-    """Concatenate equal-shaped tensors of all ranks along dim 0, rank order.
-
-    With grad=True the backward pass sends each rank the gradient of its own rows (summed over ranks)."""
+    """All ranks' equal-shaped tensors along dim 0, rank order; grad=True: each rank gets its rows' gradient, summed."""
     if world_size() == 1:
         return x
     if grad:
@@ -123,8 +114,7 @@ def parse_ints(spec: str, flag: str) -> list:
 def parse_blocks(spec: str, depth: int) -> list:
     """'last' | 'all' | '18,20,24' | '17-24' -> sorted block numbers within 1..depth.
 
-    A part 'norm' (alone, or as in 'last,norm') appends 'norm', the pseudo-block of the final norm applied to the top
-    block asked (or the last)."""
+    A part 'norm' ('norm', 'last,norm') appends 'norm': the final norm applied to the top block asked (or the last)."""
     parts = str(spec).split(",")
     norm, spec = ["norm"] * ("norm" in parts), ",".join(p for p in parts if p != "norm")
     if spec in ("last", "all") or norm and not spec:
@@ -161,9 +151,8 @@ def param_groups(net, weight_decay: float, layer_decay: float = 1.0, depth: int 
                  head_weight_decay: typing.Optional[float] = None) -> list:
     """AdamW groups by (lr scale, weight decay) of the parameters that train now, each with its `lr_scale`.
 
-    Parameters named `prefix` + ... belong to the ViT and get Eq. (13)'s scale; the rest (heads, a decoder)
-    scale 1 and `head_weight_decay` (default: `weight_decay`). No weight decay on 1-D parameters (biases,
-    norms) nor on the tokens and positions, which are embeddings rather than weights."""
+    Parameters `prefix` + ... are the ViT's, with Eq. (13)'s scale; the rest (heads, a decoder) scale 1 and weight decay
+    `head_weight_decay` (default: `weight_decay`). None on 1-D parameters (biases, norms), the tokens and positions."""
     groups = {}
     for name, p in net.named_parameters():
         if not p.requires_grad:
@@ -177,10 +166,7 @@ def param_groups(net, weight_decay: float, layer_decay: float = 1.0, depth: int 
 
 
 def warmup_cosine(step: int, steps: int, warmup: int, peak: float, floor: float) -> float:
-    """Eq. (14) of docs/METHOD.md: the per-step lr of every trainer and the probe (Eq. (21)).
-
-    Linear warm-up to `peak` over
-    `warmup` steps, then half a cosine down to `floor` at step `steps` (step 0 already trains)."""
+    """Eq. (14) of docs/METHOD.md: linear warm-up to `peak` over `warmup` steps, half a cosine to `floor` at `steps`."""
     # BEGIN PROMPT
     # linear warm-up peak * (step + 1) / warmup, then half a cosine from peak down to floor
     # END PROMPT
@@ -214,9 +200,7 @@ def seed_everything(seed: int):
 
 
 def write_tmp(obj, path: str) -> str:
-    """torch.save to a temporary file beside `path`, flushed to the disk, its name returned.
-
-    A failed write (a full disk) leaves no partial file and is one line naming the file."""
+    """torch.save to a flushed temporary file beside `path`, its name returned; a failed write leaves no partial one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:

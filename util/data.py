@@ -1,8 +1,7 @@
 """The data sets behind `--data`, their transforms and loader settings.
 
-The embedded jittered digits (digits.py) or a folder of images (ImageFolder with train/ and val/, or unlabelled images
-for the trainers); the evaluation transform; data-loader settings and the trainers' sampler of (epoch, index) keys; the
-low-shot draws."""
+The jittered digits (digits.py) or a folder of images (ImageFolder, or unlabelled for the trainers); the transforms;
+loader settings and the trainers' sampler of (epoch, index) keys; the low-shot draws and split files."""
 import os
 import signal
 import threading
@@ -22,8 +21,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def build_dataset(data: str, split: str, transform=None, labels: bool = True) -> Dataset:
     """The `split` ('train' or 'val') of `--data`; the result has `.targets` and `.classes`.
 
-    labels=False (the trainers, which read train/ only): also a folder of images without classes, with or without
-    train/."""
+    labels=False (the trainers, which read train/ only): also a folder of images without classes, in train/ or not."""
     if data.startswith("jittered-digits"):  # jittered-digits[:select|:report]: which glyphs evaluate
         part = data.partition(":")[2] or "val"
         if part not in ("val", "select", "report"):
@@ -100,10 +98,9 @@ def loader_kwargs(device: torch.device, workers: int) -> dict:
 class EpochKeys:
     """The sampler of a trainer's one DataLoader: this rank's (epoch, index) keys, one epoch at a time.
 
-    One loader serves the whole run, so that its workers persist; the data set reads the epoch from the key,
-    as persistent workers never see attributes changed in the main process. `start(epoch, skip)` sets the
-    keys of an epoch: `indices` (the images that train) in a (seed, epoch) order split over the ranks as
-    DistributedSampler does, less the first `skip` (those a resumed run has seen)."""
+    One loader serves the whole run, so that its workers persist; they read the epoch from the key, as they never see
+    attributes changed in the main process. `start(epoch, skip)`: `indices` (the images that train) in a (seed, epoch)
+    order split over the ranks as DistributedSampler does, less the first `skip` (those a resumed run has seen)."""
 
     def __init__(self, indices=(), world: int = 1, rank: int = 0, seed: int = 0):
         self.indices, self.keys = list(indices), []
@@ -127,10 +124,9 @@ def key_seed(seed: int, epoch: int, i: int) -> int:
 
 
 class Seeded(Dataset):
-    """Key (epoch, i) -> (transform(image i), i), the transform seeded by key_seed(seed, epoch, i).
+    """Key (epoch, i) -> (transform(image i), i), torch's CPU generator seeded by key_seed(seed, epoch, i).
 
-    The transform draws from torch's CPU generator so seeded: what a step sees depends on the step alone, not on the
-    loader workers, the world size or a resume. The caller's generator is left as it was."""
+    What a step sees depends on the step alone, not the workers, world size or a resume; the caller's RNG is kept."""
 
     def __init__(self, data, transform, seed: int):
         self.data, self.transform, self.seed = data, transform, seed
@@ -148,9 +144,7 @@ class Seeded(Dataset):
 def quiet_worker(_):
     """DataLoader worker_init_fn: signals are for the main process, which checkpoints first.
 
-    SIGINT and SIGUSR1 are for the main process (a terminal and SLURM send them to every process); SIGTERM ends a
-    worker only when its parent sends it: from anyone else (SLURM signals every process of a job) it would kill the
-    worker before the main process has written its checkpoint."""
+    A terminal and SLURM signal every process: SIGINT and SIGUSR1 are ignored, SIGTERM obeyed from the parent alone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     if hasattr(signal, "sigwaitinfo"):
@@ -165,18 +159,14 @@ def quiet_worker(_):
 
 
 def train_transform(img_size: int, crop_min: float = 0.08):
-    """The probe's and fine-tuning's train augmentation (MAE, MAE-CT, MIM-Refiner).
-
-    RandomResizedCrop (area crop_min..1, bicubic) + flip, ImageNet mean/std."""
+    """The probe's and fine-tuning's train augmentation: RandomResizedCrop (area crop_min..1, bicubic), flip."""
     from torchvision import transforms as T  # here: its import costs seconds that only training needs
     return T.Compose([T.RandomResizedCrop(img_size, (crop_min, 1.0), interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def draw_split(labels, seed: int, shots: int = 0, percent: float = 0.0) -> np.ndarray:
-    """Sorted indices of a labelled subset; the same draw for the same seed.
-
-    Exactly `shots` images of every class, or `percent`% of every class's images (at least one)."""
+    """Sorted indices of `shots` images of every class, or `percent`% of them (at least one); the same for a seed."""
     labels, rng, out = np.asarray(labels), np.random.default_rng(seed), []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
@@ -188,10 +178,7 @@ def draw_split(labels, seed: int, shots: int = 0, percent: float = 0.0) -> np.nd
 
 
 def lowshot_draws(labels, shots: str, percent: float, splits: int, split_file: str, data: str) -> list:
-    """probe.py's labelled subsets, (kind, value, seed, sorted indices).
-
-    Every --shots value and --percent drawn with seeds 0..splits-1, then --split-file's images (named by the paths of
-    --data, not of a feature file)."""
+    """The low-shot draws (kind, value, seed, indices): --shots, --percent with seeds 0..splits-1, then --split-file."""
     draws = [("shots", s, seed, draw_split(labels, seed, shots=s))
              for s in (parse_ints(shots, "--shots") if shots else []) for seed in range(splits)]
     draws += [("percent", percent, seed, draw_split(labels, seed, percent=percent)) for seed in range(splits)
@@ -201,9 +188,7 @@ def lowshot_draws(labels, shots: str, percent: float, splits: int, split_file: s
 
 
 def read_split_file(path: str, n: int, samples=None, root: str = "") -> np.ndarray:
-    """Indices of the train images in an MSN/SimCLRv2 split file.
-
-    One file name or path a line (n01440764_10026.JPEG); a bare number is an index (for jittered-digits)."""
+    """Indices of the train images in an MSN/SimCLRv2 split file: one file name, path or bare index a line."""
     if not os.path.isfile(path):
         raise UserError(f"split file {path!r} does not exist; give a file with one image per line")
     index = {}  # file name and path under train/ -> index
@@ -219,9 +204,7 @@ def read_split_file(path: str, n: int, samples=None, root: str = "") -> np.ndarr
 
 
 def split_file_indices(path: str, data: str, n: int, dataset=None) -> np.ndarray:
-    """read_split_file against the image paths of --data's train split.
-
-    An ImageFolder; indices for jittered-digits. `dataset` when the caller has built it already."""
+    """read_split_file against --data's train images (indices for jittered-digits); `dataset` if built already."""
     if dataset is None and not data.startswith("jittered-digits"):
         dataset = build_dataset(data, "train")
     return read_split_file(path, n, getattr(dataset, "samples", None), getattr(dataset, "root", ""))

@@ -1,10 +1,8 @@
 """What the evaluation stages share (knn.py, probe.py, cluster.py, finetune.py): flags, features, report.
 
-Their common flags, the encoder's features of every image, per block, from a checkpoint or a checked feature file,
-feature sets side by side without a copy (Columns), and the printed and JSON report."""
+Features per block from a checkpoint or a checked feature file, feature sets side by side (Columns), the report."""
 import dataclasses
 import sys
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -17,13 +15,12 @@ from util.common import all_gather, opt, parse_blocks, save_atomic, world_size, 
 from util.data import build_dataset, eval_transform, loader_kwargs
 
 
-@dataclass
+@dataclasses.dataclass
 class FeatureSettings:
     """The flags of every evaluation stage; each stage's Settings adds its own."""
     ckpt: str = opt("checkpoints/mae_tiny_digits.pth", "encoder checkpoint, any layout of docs/METHOD.md §9")
     weights: str = opt("ema", "which encoder of a refine.py checkpoint: ema or online")
-    num_heads: int = opt(0, "attention heads of --ckpt; 0 = as the file stores them, else by width (768: 12, "
-                            "1024: 16, 1280: 16, 2560: 32, otherwise width // 64): check the printed architecture")
+    num_heads: int = opt(0, "attention heads of --ckpt (printed); 0 = as stored, else width // 64 (1280: 16, 2560: 32)")
     data: str = opt("jittered-digits", "jittered-digits, or a folder with train/ and val/ (ImageFolder)")
     img_size: Optional[int] = opt(None, "input resolution (default: the checkpoint's)")
     blocks: str = opt("last", "blocks to evaluate: last, all, a list 18,20,24 or a range 17-24; with ',norm' also "
@@ -35,10 +32,8 @@ class FeatureSettings:
     workers: int = opt(-1, "data-loading processes per process; -1 = by the cores available (at most 4)")
     device: str = opt("auto", "auto, cpu or cuda")
     out: Optional[str] = opt(None, "also write the results as JSON to this file")
-    save_features: Optional[str] = opt(None, "save the extracted features to this file (a feature file, "
-                                             "docs/METHOD.md §11)")
-    load_features: Optional[str] = opt(None, "read the features from this file (the model is not run): the four "
-                                             "tensors train/val_features, train/val_labels, docs/METHOD.md §11")
+    save_features: Optional[str] = opt(None, "write the extracted features to this feature file (docs/METHOD.md §11)")
+    load_features: Optional[str] = opt(None, "read this feature file (docs/METHOD.md §11) instead of running the model")
 
 
 def load_model(cfg):
@@ -48,9 +43,7 @@ def load_model(cfg):
 
 
 def pool(vit, tokens, feature: str):
-    """One block's tokens (B, 1+N, D) -> (B, D): cls, cls-norm (after the final norm) or mean.
-
-    With '+mean' appended, (B, 2D): that feature, then the mean of the patch tokens (probe.py's grid)."""
+    """One block's tokens (B, 1+N, D) -> (B, D): cls, cls-norm (after the final norm), mean; '+mean': (B, 2D)."""
     if feature in ("cls+mean", "cls-norm+mean"):
         return torch.cat([pool(vit, tokens, feature[:-5]), tokens[:, 1:].mean(1)], dim=1)
     if feature == "mean":
@@ -61,18 +54,15 @@ def pool(vit, tokens, feature: str):
 
 
 @torch.inference_mode()
-def extract_features(vit, dataset, blocks, feature="cls", batch_size=256, device="cpu",
-                     workers=0, desc="features"):
+def extract_features(vit, dataset, blocks, feature="cls", batch_size=256, device="cpu", workers=0, desc="features"):
     """{block: (N, D) float32 CPU} and labels (N,), rows in dataset order.
 
     Block 'norm' (parse_blocks) pools the top numbered block (or the last) after the final norm, --feature without its
-    '-norm'. Under torchrun each rank embeds every world-th image (the list padded to a multiple of the world size) and
-    the shards are gathered back and interleaved."""
+    '-norm'. Under torchrun each rank embeds every world-th image; the shards are gathered back and interleaved."""
     device, world = torch.device(device), world_size()
     rank, n = (dist.get_rank() if world > 1 else 0), len(dataset)
     order = list(range(n)) + list(range(n))[: (-n) % world]  # pad so every rank has as many
-    loader = DataLoader(Subset(dataset, order[rank::world]), batch_size=batch_size,
-                        **loader_kwargs(device, workers))
+    loader = DataLoader(Subset(dataset, order[rank::world]), batch_size=batch_size, **loader_kwargs(device, workers))
     vit, run = vit.to(device).eval(), [b for b in blocks if b != "norm"] or [vit.depth]  # the blocks to run
     feats, labels = {b: [] for b in blocks}, []
     bar = {"disable": True} if rank else {}  # rank 0: tqdm's default, so TQDM_DISABLE=1 silences it
@@ -93,11 +83,10 @@ def extract_features(vit, dataset, blocks, feature="cls", batch_size=256, device
 
 
 def get_features(cfg, d, splits=("train", "val"), keep_classes=None, vit=None) -> dict:
-    """The feature-file dict of `splits`, read from --load-features or extracted from --ckpt.
+    """The feature-file dict of `splits`, read from --load-features or extracted from --ckpt (and --save-features).
 
-    Extracted features are then written to --save-features. Each `{split}_features` as {block: (N, D) float32} for the
-    --blocks asked (one concatenated entry under --concat); `blocks` lists the keys. keep_classes: class names whose
-    rows are kept (ImageNet subsets)."""
+    Each `{split}_features` as {block: (N, D) float32} for the --blocks asked (one entry under --concat), `blocks` its
+    keys; keep_classes: the class names whose rows are kept (ImageNet subsets)."""
     if cfg.load_features and cfg.save_features:
         raise UserError("give either --load-features or --save-features, not both")
     if cfg.load_features:
@@ -127,33 +116,27 @@ def get_features(cfg, d, splits=("train", "val"), keep_classes=None, vit=None) -
             feats["classes"] = list(ds.classes)
             if keep_classes:  # embed only the rows of the subset
                 ds = Subset(ds, [i for i, t in enumerate(ds.targets) if ds.classes[t] in keep_classes])
-            f, y = extract_features(vit, ds, blocks, cfg.feature, cfg.batch_size, d.device,
-                                    cfg.workers, desc=f"{split} features")
-            feats[f"{split}_features"], feats[f"{split}_labels"] = f, y
+            feats[f"{split}_features"], feats[f"{split}_labels"] = extract_features(
+                vit, ds, blocks, cfg.feature, cfg.batch_size, d.device, cfg.workers, desc=f"{split} features")
         if cfg.save_features and d.main:
             one = len(blocks) == 1  # one block: plain (N, D) tensors, a bare feature file
             save_atomic({k: (v[blocks[0]] if one and k.endswith("_features") else v)
                          for k, v in feats.items()}, cfg.save_features)
-    if keep_classes:
-        missing = [c for c in keep_classes if c not in feats.get("classes", [])]
-        if missing:
-            raise UserError(f"the data lacks the classes {missing[:5]} ({len(missing)} of {len(keep_classes)}); "
-                            f"the subset needs a folder (or a feature file) with all of them")
-        keep = torch.tensor([c in keep_classes for c in feats["classes"]])
-        for s in splits:  # rows of other classes (from a loaded file) dropped
-            rows = keep[feats[f"{s}_labels"]]
-            feats[f"{s}_features"] = {b: t[rows] for b, t in feats[f"{s}_features"].items()}
-            feats[f"{s}_labels"] = feats[f"{s}_labels"][rows]
-    for s in splits:
-        feats[f"{s}_features"] = select_blocks(feats[f"{s}_features"], blocks, cfg.concat)
+    missing = [c for c in keep_classes or [] if c not in feats.get("classes", [])]
+    if missing:
+        raise UserError(f"the data lacks the classes {missing[:5]} ({len(missing)} of {len(keep_classes)}); "
+                        f"the subset needs a folder (or a feature file) with all of them")
+    keep = torch.tensor([c in keep_classes for c in feats["classes"]]) if keep_classes else None
+    for s in splits:  # rows of other classes (from a loaded file) dropped, then the blocks asked kept
+        rows = slice(None) if keep is None else keep[feats[f"{s}_labels"]]
+        f = select_blocks({b: t[rows] for b, t in feats[f"{s}_features"].items()}, blocks, cfg.concat)
+        feats[f"{s}_features"], feats[f"{s}_labels"] = f, feats[f"{s}_labels"][rows]
     feats["blocks"] = list(feats[f"{splits[0]}_features"])
     return feats
 
 
 def select_blocks(f: dict, blocks: list, concat: bool) -> dict:
-    """{block: (N, D)} -> the chosen blocks as float32.
-
-    Under --concat one entry {'b1+b2+...': (N, D1 + D2 + ...)}."""
+    """{block: (N, D)} -> the chosen blocks as float32; under --concat one entry {'b1+b2+...': (N, D1 + D2 + ...)}."""
     f = {b: f[b].float() for b in blocks}
     if concat and len(blocks) > 1:
         f = {"+".join(map(str, blocks)): torch.cat(list(f.values()), dim=1)}
@@ -161,9 +144,7 @@ def select_blocks(f: dict, blocks: list, concat: bool) -> dict:
 
 
 class Columns:
-    """Rows of several (N, D_i) feature tensors side by side, joined a batch at a time.
-
-    probe.py's grid reads its concatenated feature sets without a copy of the whole train set."""
+    """Rows of several (N, D_i) feature tensors side by side, joined a batch at a time: probe.py's grid, no copy."""
 
     def __init__(self, parts):
         self.parts, self.dim, self.device = parts, sum(p.shape[1] for p in parts), parts[0].device
@@ -176,12 +157,10 @@ class Columns:
 
 
 def read_feature_file(path: str, splits, feature: str = "unknown", warn: bool = True) -> dict:
-    """A feature file -> its dict, checked.
+    """A feature file (docs/METHOD.md §11, --save-features writes it) -> its dict, checked.
 
-    Every `{split}_features` becomes {block: (N, D) float32} and every `{split}_labels` (N,) int64. The file
-    (--save-features writes it): `train_features`, `val_features` ((N, D) tensors of any float dtype, or {block:
-    tensor}), `train_labels`, `val_labels` ((N,) integer tensors); optional `feature`, `blocks`, `ckpt`, `weights`,
-    `data`, `arch`, `classes`. What it does not record is taken as `feature` (the --feature flag) and block 'given',
+    Every `{split}_features` ((N, D) of any float dtype, or {block: (N, D)}) becomes {block: (N, D) float32}, every
+    `{split}_labels` (N,) int64. What it does not record is taken as `feature` (the --feature flag) and block 'given',
     with one warning line on stderr."""
     obj = read_checkpoint(path, "feature file", "write one with --save-features")
     need = [f"{s}_{w}" for s in splits for w in ("features", "labels")]
@@ -198,8 +177,8 @@ def read_feature_file(path: str, splits, feature: str = "unknown", warn: bool = 
         if not isinstance(f, dict) or not f or not len(y) or (y < 0).any():
             raise UserError(f"feature file {path!r}: {s}_features must be an (N, D) tensor or {{block: (N, D) "
                             f"tensor}}, with N >= 1 labels 0, 1, ... in {s}_labels")
-        obj[f"{s}_features"], obj[f"{s}_labels"] = {b: check_rows(path, f"{s}_features", b, t, len(y))
-                                                    for b, t in f.items()}, y.long()
+        obj[f"{s}_features"] = {b: check_rows(path, f"{s}_features", b, t, len(y)) for b, t in f.items()}
+        obj[f"{s}_labels"] = y.long()
     widths = [{b: t.shape[1] for b, t in obj[f"{s}_features"].items()} for s in splits]
     if any(w != widths[0] for w in widths):  # the same blocks, as wide, in every split
         raise UserError(f"feature file {path!r}: the blocks or widths of {' and '.join(splits)} features differ ("
