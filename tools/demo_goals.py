@@ -36,9 +36,9 @@ def goals(summary: dict) -> list[tuple[str, str, bool]]:
     """(goal, measured, met) for every goal the summary can answer; rows whose encoders are absent are left out."""
     e, rows = summary["encoders"], []
     curve = {int(b): mean(v) for b, v in e["mae"]["knn_per_block"].items()}
-    best = max(curve, key=curve.get)
+    best, last = max(curve, key=curve.get), curve[max(curve)]
     rows.append(("MAE k-NN: best block at least 3 points above the last",
-                 f"block {best} {curve[best]:.1f}, last {curve[max(curve)]:.1f}", curve[best] - curve[max(curve)] >= 3))
+                 f"block {best} {curve[best]:.1f}, last {last:.1f}", curve[best] - last >= 3))
     rows.append(("MIM-Refiner k-NN above MAE-CT's by more than 2 SD", *beats(e, "mim-refiner", "mae-ct", "knn_top1")))
     top = max((mean(e[p][k]), f"{p}, {how}") for p in PIXELS if p in e
               for k, how in (("knn_top1", "standardised"), ("knn_plain_top1", "plain cosine")))

@@ -25,14 +25,14 @@ class Collect:
     def pytest_runtest_logreport(self, report):
         if report.when == "call" or report.failed:
             task = next((m.args[0] for m in self.marks.get(report.nodeid, ()) if m.name == "task"), None)
+            crash = getattr(report.longrepr, "reprcrash", None)
+            message = crash.message if crash is not None else str(report.longrepr)
             if report.passed:
                 why = "passed"
-            elif report.longrepr is not None and "NotImplementedError" in str(report.longrepr):
-                why = "not done: " + str(report.longrepr.reprcrash.message if hasattr(report.longrepr, "reprcrash")
-                                         else report.longrepr).splitlines()[0]
+            elif "NotImplementedError" in str(report.longrepr):  # the task's own raise: not done, not wrong
+                why = "not done: " + message.splitlines()[0]
             else:
-                crash = getattr(report.longrepr, "reprcrash", None)
-                why = "failed: " + (crash.message if crash is not None else str(report.longrepr))
+                why = "failed: " + message
             self.tests.append(dict(nodeid=report.nodeid, task=task, passed=report.passed, why=why))
 
     def pytest_collection_modifyitems(self, items):
