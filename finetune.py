@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from model import UserError, load_encoder
-from util import common, data
+from util import common, data, lowshot
 from util.common import opt
 from util.features import extract_features, report
 
@@ -90,10 +90,10 @@ class Classifier(nn.Module):
 def labelled_indices(cfg, train) -> list:
     """Indices of the labelled train images: those of --split-file, or --percent of every class."""
     if cfg.split_file:
-        return data.split_file_indices(cfg.split_file, cfg.data, len(train), train).tolist()
+        return lowshot.split_file_indices(cfg.split_file, cfg.data, len(train), train).tolist()
     if not 0 < cfg.percent <= 100:
         raise UserError(f"--percent {cfg.percent}: give a percentage in (0, 100], or --split-file")
-    return data.draw_split(train.targets, cfg.seed, percent=cfg.percent).tolist()
+    return lowshot.draw_split(train.targets, cfg.seed, percent=cfg.percent).tolist()
 
 
 @torch.no_grad()

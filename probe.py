@@ -35,8 +35,9 @@ import torch.nn.functional as F
 
 from model import UserError
 from util.common import cli, opt, parse_blocks, setup_distributed, warmup_cosine
-from util.data import build_dataset, lowshot_draws, train_transform
+from util.data import build_dataset, train_transform
 from util.features import Columns, FeatureSettings, extract_features, get_features, load_model, report, select_blocks
+from util.lowshot import lowshot_draws
 
 LR_GRID = "1e-4,2e-4,5e-4,1e-3,2e-3,5e-3,0.01,0.02,0.05,0.1,0.2,0.3,0.5"  # MIM-Refiner's grid
 MODES = {"augment": "RandomResizedCrop + flip views re-embedded every epoch, the papers' protocol",

@@ -14,8 +14,8 @@ import model
 import pretrain
 from model import UserError
 from util import common
-from util.data import build_dataset, eval_transform
-from util.features import extract_features, read_feature_file
+from util.data import build_dataset, eval_transform, read_feature_file
+from util.features import extract_features
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """probe.py: the stacked lr grid, the feature sets, low-shot draws and fits, and the script end to end.
 
 The stacked lr grid against torch.optim.SGD one lr at a time, a separable problem, the feature sets of MIM-Refiner's
-52-probe search, low-shot draws and split files (util/data.py), the logistic regression, and the script end to end."""
+52-probe search, low-shot draws and split files (util/lowshot.py), the logistic regression, the script end to end."""
 import json
 
 import numpy as np
@@ -14,7 +14,7 @@ from conftest import cpu_settings, make_checkpoint, make_image_folder
 import model
 import probe
 from model import UserError
-from util import common, data
+from util import common, lowshot
 from util.data import build_dataset, eval_transform
 
 
@@ -105,27 +105,27 @@ def test_lr_schedule_warmup_then_cosine():
 def test_draw_split_exact_shots_and_deterministic():
     labels = np.repeat(np.arange(5), [7, 3, 9, 4, 5])
     for shots in (1, 2, 3):
-        idx = data.draw_split(labels, seed=0, shots=shots)
+        idx = lowshot.draw_split(labels, seed=0, shots=shots)
         assert np.all(np.bincount(labels[idx], minlength=5) == shots) and len(set(idx)) == len(idx)
-        assert np.array_equal(idx, data.draw_split(labels, seed=0, shots=shots))
-    assert not np.array_equal(data.draw_split(labels, 0, shots=2), data.draw_split(labels, 1, shots=2))
-    pct = data.draw_split(labels, seed=0, percent=50)  # half of every class, at least one
+        assert np.array_equal(idx, lowshot.draw_split(labels, seed=0, shots=shots))
+    assert not np.array_equal(lowshot.draw_split(labels, 0, shots=2), lowshot.draw_split(labels, 1, shots=2))
+    pct = lowshot.draw_split(labels, seed=0, percent=50)  # half of every class, at least one
     assert np.bincount(labels[pct]).tolist() == [4, 2, 4, 2, 2]
     with pytest.raises(UserError, match="fewer"):
-        data.draw_split(labels, 0, shots=4)
+        lowshot.draw_split(labels, 0, shots=4)
 
 
 def test_read_split_file(tmp_path, image_folder):
     from torchvision import datasets
     ds = datasets.ImageFolder(f"{image_folder}/train")
     (tmp_path / "s.txt").write_text("a_0.png\nb/b_1.png\n\n/some/where/c/c_2.png\n")
-    idx = data.read_split_file(str(tmp_path / "s.txt"), len(ds), ds.samples, ds.root)
+    idx = lowshot.read_split_file(str(tmp_path / "s.txt"), len(ds), ds.samples, ds.root)
     assert [ds.samples[i][0].split("/")[-1] for i in idx] == ["a_0.png", "b_1.png", "c_2.png"]
     (tmp_path / "n.txt").write_text("0\n4\n")  # indices, for data sets without files
-    assert data.read_split_file(str(tmp_path / "n.txt"), 9).tolist() == [0, 4]
+    assert lowshot.read_split_file(str(tmp_path / "n.txt"), 9).tolist() == [0, 4]
     (tmp_path / "bad.txt").write_text("zzz.png\n")
     with pytest.raises(UserError, match="zzz.png"):
-        data.read_split_file(str(tmp_path / "bad.txt"), len(ds), ds.samples, ds.root)
+        lowshot.read_split_file(str(tmp_path / "bad.txt"), len(ds), ds.samples, ds.root)
 
 
 def test_lowshot_accuracy_preprocessing_and_reference():

@@ -11,10 +11,9 @@ import subprocess
 from conftest import ROOT
 
 # Lines per file (`wc -l`); a file that grows past its budget is split by topic or said more briefly.
-# util/features.py is held at 215 (the target is 180): knn.py may load only four util files, so the cut needs a split.
 BUDGETS = {"model.py": 410, "recipe.py": 110, "refine.py": 450, "pretrain.py": 300, "finetune.py": 160,
            "knn.py": 150, "probe.py": 290, "cluster.py": 170, "demo.py": 300, "util/resume.py": 330,
-           "util/features.py": 215, "util/common.py": 220, "util/data.py": 210, "util/views.py": 150,
+           "util/features.py": 180, "util/common.py": 220, "util/data.py": 210, "util/views.py": 150,
            "util/digits.py": 70, "tools/bench.py": 720, "README.md": 250}
 UTIL_BUDGET = 250
 MAX_SCRIPTS = 10

@@ -9,8 +9,7 @@ import statistics
 import torch
 
 import knn
-from util.data import build_dataset
-from util.features import read_feature_file
+from util.data import build_dataset, read_feature_file
 
 
 def pyplot():

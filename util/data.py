@@ -1,18 +1,17 @@
-"""The data sets behind `--data`, their transforms and loader settings.
+"""What the stages read: the data sets behind `--data`, their transforms and loaders, and feature files.
 
 The jittered digits (digits.py) or a folder of images (ImageFolder, or unlabelled for the trainers); the transforms;
-loader settings and the trainers' sampler of (epoch, index) keys; the low-shot draws and split files."""
+loader settings and the trainers' sampler of (epoch, index) keys; a feature file (--load-features), checked."""
 import os
 import signal
+import sys
 import threading
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
-from model import UserError
-from util.common import parse_ints
+from model import UserError, read_checkpoint
 from util.digits import JitteredDigits
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -165,46 +164,46 @@ def train_transform(img_size: int, crop_min: float = 0.08):
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def draw_split(labels, seed: int, shots: int = 0, percent: float = 0.0) -> np.ndarray:
-    """Sorted indices of `shots` images of every class, or `percent`% of them (at least one); the same for a seed."""
-    labels, rng, out = np.asarray(labels), np.random.default_rng(seed), []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        n = shots or max(1, round(len(idx) * percent / 100))
-        if n > len(idx):
-            raise UserError(f"class {c} has only {len(idx)} train images, fewer than --shots {n}")
-        out.append(rng.choice(idx, n, replace=False))
-    return np.sort(np.concatenate(out))
+def read_feature_file(path: str, splits, feature: str = "unknown", warn: bool = True) -> dict:
+    """A feature file (docs/METHOD.md §11, --save-features writes it) -> its dict, checked.
+
+    Every `{split}_features` ((N, D) of any float dtype, or {block: (N, D)}) becomes {block: (N, D) float32}, every
+    `{split}_labels` (N,) int64. What it does not record is taken as `feature` (the --feature flag) and block 'given',
+    with one warning line on stderr."""
+    obj = read_checkpoint(path, "feature file", "write one with --save-features")
+    need = [f"{s}_{w}" for s in splits for w in ("features", "labels")]
+    if not isinstance(obj, dict) or any(k not in obj for k in need):
+        raise UserError(f"feature file {path!r} lacks some of {need}; write it with --save-features")
+    bare = any(torch.is_tensor(obj[f"{s}_features"]) for s in splits)
+    said = [f"feature {feature!r}"] * ("feature" not in obj) + ["block 'given'"] * (bare and not obj.get("blocks"))
+    obj.setdefault("feature", feature)
+    for s in splits:
+        f, y = obj[f"{s}_features"], obj[f"{s}_labels"]
+        f = {(obj.get("blocks") or ["given"])[0]: f} if torch.is_tensor(f) else f  # one block
+        if not torch.is_tensor(y) or y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise UserError(f"feature file {path!r}: {s}_labels must be one integer label per row, (N,) int8..int64")
+        if not isinstance(f, dict) or not f or not len(y) or (y < 0).any():
+            raise UserError(f"feature file {path!r}: {s}_features must be an (N, D) tensor or {{block: (N, D) "
+                            f"tensor}}, with N >= 1 labels 0, 1, ... in {s}_labels")
+        obj[f"{s}_features"] = {b: check_rows(path, f"{s}_features", b, t, len(y)) for b, t in f.items()}
+        obj[f"{s}_labels"] = y.long()
+    widths = [{b: t.shape[1] for b, t in obj[f"{s}_features"].items()} for s in splits]
+    if any(w != widths[0] for w in widths):  # the same blocks, as wide, in every split
+        raise UserError(f"feature file {path!r}: the blocks or widths of {' and '.join(splits)} features differ ("
+                        f"{' vs '.join(map(str, widths))}, block: width); extract them with the same encoder")
+    if said and warn:
+        print(f"warning: feature file {path} does not record its {' or '.join(w.split()[0] for w in said)}: "
+              f"taken as {', '.join(said)}", file=sys.stderr)
+    return obj
 
 
-def lowshot_draws(labels, shots: str, percent: float, splits: int, split_file: str, data: str) -> list:
-    """The low-shot draws (kind, value, seed, indices): --shots, --percent with seeds 0..splits-1, then --split-file."""
-    draws = [("shots", s, seed, draw_split(labels, seed, shots=s))
-             for s in (parse_ints(shots, "--shots") if shots else []) for seed in range(splits)]
-    draws += [("percent", percent, seed, draw_split(labels, seed, percent=percent)) for seed in range(splits)
-              if percent > 0]
-    return draws + ([("split_file", split_file, 0, split_file_indices(split_file, data, len(labels)))]
-                    if split_file else [])
-
-
-def read_split_file(path: str, n: int, samples=None, root: str = "") -> np.ndarray:
-    """Indices of the train images in an MSN/SimCLRv2 split file: one file name, path or bare index a line."""
-    if not os.path.isfile(path):
-        raise UserError(f"split file {path!r} does not exist; give a file with one image per line")
-    index = {}  # file name and path under train/ -> index
-    for i, (p, _) in enumerate(samples or []):
-        index[os.path.basename(p)] = index[os.path.relpath(p, root)] = i
-    with open(path) as f:
-        lines = [ln.strip() for ln in f if ln.strip()]
-    out = [index.get(ln, index.get(os.path.basename(ln), int(ln) if ln.isdigit() else -1)) for ln in lines]
-    if bad := [ln for ln, i in zip(lines, out) if not 0 <= i < n]:  # neither a train image nor an index
-        raise UserError(f"split file {path!r}: {bad[0]!r} is not a train image of --data; "
-                        f"give file names of its train/ folder (or indices)")
-    return np.array(sorted(set(out)))
-
-
-def split_file_indices(path: str, data: str, n: int, dataset=None) -> np.ndarray:
-    """read_split_file against --data's train images (indices for jittered-digits); `dataset` if built already."""
-    if dataset is None and not data.startswith("jittered-digits"):
-        dataset = build_dataset(data, "train")
-    return read_split_file(path, n, getattr(dataset, "samples", None), getattr(dataset, "root", ""))
+def check_rows(path: str, name: str, block, t, rows: int) -> torch.Tensor:
+    """One block's (N, D) features of a feature file as float32, refused unless finite with one row per label."""
+    if not torch.is_tensor(t) or t.dim() != 2 or not t.shape[1] or not t.is_floating_point():
+        raise UserError(f"feature file {path!r}: {name} of block {block!r} must be an (N, D) float tensor")
+    if len(t) != rows:
+        raise UserError(f"feature file {path!r}: {name} of block {block!r} has {len(t)} rows for {rows} labels")
+    t = t.float()
+    if not all(torch.isfinite(v) for v in torch.aminmax(t)):  # NaN propagates to both, an infinity to one
+        raise UserError(f"feature file {path!r}: {name} of block {block!r} holds NaN or infinite values")
+    return t

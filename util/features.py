@@ -2,7 +2,6 @@
 
 Features per block from a checkpoint or a checked feature file, feature sets side by side (Columns), the report."""
 import dataclasses
-import sys
 from typing import Optional
 
 import torch
@@ -10,9 +9,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from model import UserError, load_encoder, read_checkpoint
+from model import UserError, load_encoder
 from util.common import all_gather, opt, parse_blocks, save_atomic, world_size, write_json
-from util.data import build_dataset, eval_transform, loader_kwargs
+from util.data import build_dataset, eval_transform, loader_kwargs, read_feature_file
 
 
 @dataclasses.dataclass
@@ -154,51 +153,6 @@ class Columns:
 
     def __getitem__(self, rows):
         return torch.cat([p[rows] for p in self.parts], dim=1)
-
-
-def read_feature_file(path: str, splits, feature: str = "unknown", warn: bool = True) -> dict:
-    """A feature file (docs/METHOD.md §11, --save-features writes it) -> its dict, checked.
-
-    Every `{split}_features` ((N, D) of any float dtype, or {block: (N, D)}) becomes {block: (N, D) float32}, every
-    `{split}_labels` (N,) int64. What it does not record is taken as `feature` (the --feature flag) and block 'given',
-    with one warning line on stderr."""
-    obj = read_checkpoint(path, "feature file", "write one with --save-features")
-    need = [f"{s}_{w}" for s in splits for w in ("features", "labels")]
-    if not isinstance(obj, dict) or any(k not in obj for k in need):
-        raise UserError(f"feature file {path!r} lacks some of {need}; write it with --save-features")
-    bare = any(torch.is_tensor(obj[f"{s}_features"]) for s in splits)
-    said = [f"feature {feature!r}"] * ("feature" not in obj) + ["block 'given'"] * (bare and not obj.get("blocks"))
-    obj.setdefault("feature", feature)
-    for s in splits:
-        f, y = obj[f"{s}_features"], obj[f"{s}_labels"]
-        f = {(obj.get("blocks") or ["given"])[0]: f} if torch.is_tensor(f) else f  # one block
-        if not torch.is_tensor(y) or y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-            raise UserError(f"feature file {path!r}: {s}_labels must be one integer label per row, (N,) int8..int64")
-        if not isinstance(f, dict) or not f or not len(y) or (y < 0).any():
-            raise UserError(f"feature file {path!r}: {s}_features must be an (N, D) tensor or {{block: (N, D) "
-                            f"tensor}}, with N >= 1 labels 0, 1, ... in {s}_labels")
-        obj[f"{s}_features"] = {b: check_rows(path, f"{s}_features", b, t, len(y)) for b, t in f.items()}
-        obj[f"{s}_labels"] = y.long()
-    widths = [{b: t.shape[1] for b, t in obj[f"{s}_features"].items()} for s in splits]
-    if any(w != widths[0] for w in widths):  # the same blocks, as wide, in every split
-        raise UserError(f"feature file {path!r}: the blocks or widths of {' and '.join(splits)} features differ ("
-                        f"{' vs '.join(map(str, widths))}, block: width); extract them with the same encoder")
-    if said and warn:
-        print(f"warning: feature file {path} does not record its {' or '.join(w.split()[0] for w in said)}: "
-              f"taken as {', '.join(said)}", file=sys.stderr)
-    return obj
-
-
-def check_rows(path: str, name: str, block, t, rows: int) -> torch.Tensor:
-    """One block's (N, D) features of a feature file as float32, refused unless finite with one row per label."""
-    if not torch.is_tensor(t) or t.dim() != 2 or not t.shape[1] or not t.is_floating_point():
-        raise UserError(f"feature file {path!r}: {name} of block {block!r} must be an (N, D) float tensor")
-    if len(t) != rows:
-        raise UserError(f"feature file {path!r}: {name} of block {block!r} has {len(t)} rows for {rows} labels")
-    t = t.float()
-    if not all(torch.isfinite(v) for v in torch.aminmax(t)):  # NaN propagates to both, an infinity to one
-        raise UserError(f"feature file {path!r}: {name} of block {block!r} holds NaN or infinite values")
-    return t
 
 
 def report(cfg, d, records: list, title: str) -> dict:
