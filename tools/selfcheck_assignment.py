@@ -73,7 +73,7 @@ def check(out):
             problems.append(f"student copy: {name} (task {task}) should stop at task {task}'s NotImplementedError, "
                             f"got {type(err).__name__ if err else 'a pass'}: {err}")
     problems += [f"task {n} has no test in tests/test_tasks.py" for n in tasks if n not in seen]
-    print("student copy: every test stops at its own task's NotImplementedError" if not problems else "")
+    print(f"student copy: {len(seen)} tasks checked")
     for n in tasks:
         ma.write_copy(ROOT, list(marked), marked, student, solved={n})
         for name, (task, err) in run_tests(student).items():
