@@ -1,25 +1,24 @@
 """The whole story on the embedded data set, on a CPU, in minutes: `make demo`.
 
-The committed MAE (checkpoints/mae_tiny_digits.pth, made by pretrain.py) is refined with MIM-Refiner
-(Alkin et al. 2024) and with MAE-CT (Lehner et al. 2023); every encoder is then evaluated with the same
-protocols (docs/METHOD.md §11) on the mean of the patch tokens: weighted k-NN on every block
-(standardised, and plain cosine), linear probe, 1/2/5-shot logistic regression, k-means clustering.
-Beside them stand the baselines that need no training: raw pixels through the evaluation transform (as
-they are, and each image z-scored over its own pixels) and a randomly initialised encoder of the MAE's
-shape. Each encoder's features are extracted once (knn.py --save-features), the other stages read them; the
-stages run as separate processes (`--jobs` at a time, `--threads` torch threads each), aggregated into
+The committed MAE (checkpoints/mae_tiny_digits.pth, made by pretrain.py) is refined with MIM-Refiner (Alkin et al.
+2024) and with MAE-CT (Lehner et al. 2023); every encoder is then evaluated with the same protocols (docs/METHOD.md
+§11) on the mean of the patch tokens: weighted k-NN on every block (standardised, and plain cosine), linear probe,
+1/2/5-shot logistic regression, k-means clustering. Beside them stand the baselines that need no training: raw pixels
+through the evaluation transform (as they are, and each image z-scored over its own pixels) and a randomly initialised
+encoder of the MAE's shape. Each encoder's features are extracted once (knn.py --save-features), the other stages read
+them; the stages run as separate processes (`--jobs` at a time, `--threads` torch threads each), aggregated into
     OUT/summary.json   {"split", "seeds", "encoders": {name: {metric: [one value per seed]}}}, fractions
     OUT/knn_per_block.png, neighbours.png, tsne.png (tools/pictures.py)
     OUT/<encoder>/[seed<s>/]  every stage's JSON, log and feature file
---seeds N refines each method N times (seeds 0..N-1); --own-view METHODS adds those methods with the anchor's own
-other view as its positive (`--neighbours none`: the swap's ablation); --control refines the random
-encoder both ways, every block trainable, with the same steps (what the MIM pre-training brings).
+--seeds N refines each method N times (seeds 0..N-1); --own-view METHODS adds those methods with the anchor's own other
+view as its positive (`--neighbours none`: the swap's ablation); --control refines the random encoder both ways, every
+block trainable, with the same steps, and --scratch-epochs N with its own view for longer (what MIM pre-training buys).
 The numbers are reported on `jittered-digits:report`, glyphs no recipe was chosen on (util/digits.py).
 
 CPU, the embedded default (over 12 minutes on 2 cores; docs/DEMO.md: what the committed 3-seed run shows):
     python demo.py
     python demo.py --seeds 3 --own-view mim-refiner,mae-ct --control --one-seed random+mim-refiner,random+mae-ct \
-        --out runs/demo-seeds    # docs/demo_summary.json, the README's table; tools/demo_goals.py checks it
+        --scratch-epochs 20 --out runs/demo-seeds  # docs/demo_summary.json, the README's table; tools/demo_goals.py
 Reduced size (under a minute; what tests/test_demo.py runs on a tiny encoder and image folder):
     python demo.py --quick --ckpt tiny.pth --data folder --out runs/demo-quick
 """
@@ -45,6 +44,7 @@ from util.data import build_dataset, eval_transform
 ENCODERS = ("mae", "mim-refiner", "mae-ct")  # the story: the MIM encoder and its two refinements
 BASELINES = ("pixels", "pixels, per-image", "random")  # no training
 CONTROLS = ("random+mim-refiner", "random+mae-ct")  # --control
+SCRATCH = "random+mim-refiner, own view, long"  # --scratch-epochs: refined from scratch, one seed
 UNSEEDED = BASELINES + ("mae",)  # evaluated once; every other encoder once per refinement seed
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUMMARY = os.path.join(HERE, "docs", "demo_summary.json")  # the committed 3-seed run
@@ -55,25 +55,23 @@ FAILED, LOCK = threading.Event(), threading.Lock()  # a stage failed: start no o
 @dataclass
 class Settings:
     ckpt: str = opt("checkpoints/mae_tiny_digits.pth", "the MAE encoder to refine and evaluate")
-    data: str = opt("jittered-digits:report", "jittered-digits[:select|:report] (the val glyphs scored on) "
-                                              "or an ImageFolder root with train/ and val/")
+    data: str = opt("jittered-digits:report", "jittered-digits[:select|:report] or a folder with train/ and val/")
     out: str = opt("runs/demo", "output folder: summary.json, the pictures, one folder per encoder")
     feature: str = opt("mean", "what the heads and the evaluations read: mean (of the patch tokens) or cls")
     seeds: int = opt(1, "refinement seeds per method (0..N-1); the summary holds one value per seed")
     one_seed: str = opt("", "methods (mae-ct) or encoders (random+mae-ct) refined with seed 0 only, to save time")
     mim_refiner_args: str = opt("", "extra refine.py flags for MIM-Refiner, e.g. '--epochs 3'")
     mae_ct_args: str = opt("", "extra refine.py flags for MAE-CT")
-    own_view: str = opt("", "methods also refined with the anchor's own other view as the positive "
-                            "(--neighbours none): what the nearest-neighbour swap adds; e.g. mim-refiner,mae-ct")
-    control: bool = opt(False, "also refine the random encoder both ways, every block trainable, same steps "
-                               "(what the MIM pre-training contributes)")
+    own_view: str = opt("", "methods also refined with the own other view as the positive (--neighbours none)")
+    control: bool = opt(False, "also refine the random encoder both ways, every block trainable, the same steps")
+    scratch_epochs: int = opt(0, "also refine the random encoder from scratch, own view, every block trainable, for "
+                                 "1 + N epochs, seed 0 (20: about the cost of pre-training plus refinement)")
     k: int = opt(20, "the k of the k-NN numbers in the summary and the plot (knn.py runs 10 and 20)")
     shots: str = opt("1,2,5", "low-shot: labelled images per class")
     jobs: int = opt(2, "stage processes at once (one per core suits small models)")
     threads: int = opt(1, "torch / OpenMP threads per stage process")
     plot: bool = opt(True, "draw the pictures (needs matplotlib); --no-plot skips them")
-    quick: bool = opt(False, "reduced size for smoke tests: a few refine steps on a few images, "
-                             "short probes, one k-means seed, one low-shot draw")
+    quick: bool = opt(False, "reduced size for smoke tests: a few refine steps on a few images, short evaluations")
 
 
 def stage_flags(cfg: Settings) -> dict:
@@ -106,7 +104,7 @@ def run(cmd: list, log: str, cfg: Settings):
 def seeds_of(cfg: Settings, name: str) -> list:
     """The refinement seeds of encoder `name`: none but 0 for the untrained and the --one-seed methods or encoders."""
     named = cfg.one_seed.split(",")
-    single = name in UNSEEDED or name in named or name.split("+")[-1].split(",")[0] in named
+    single = name in (*UNSEEDED, SCRATCH) or name in named or name.split("+")[-1].split(",")[0] in named
     return [0] if single else list(range(cfg.seeds))
 
 
@@ -121,6 +119,7 @@ def refine_flags(cfg: Settings, name: str) -> list:
     extra = shlex.split(cfg.mim_refiner_args if method == "mim-refiner" else cfg.mae_ct_args)
     extra += ["--neighbours", "none"] if "own view" in name else []
     extra += ["--freeze-blocks", "0"] if name.startswith("random+") else []  # a fair control: all of it trains
+    extra += ["--epochs", str(cfg.scratch_epochs)] if name == SCRATCH else []
     return ["--method", method, *extra]
 
 
@@ -265,6 +264,7 @@ def main(cfg: Settings) -> dict:
     flags, t0 = stage_flags(cfg), time.perf_counter()
     own = [f"{m}, own view" for m in ENCODERS[1:] if m in cfg.own_view.split(",")]
     names = [*BASELINES, *ENCODERS, *own, *(CONTROLS if cfg.control else ())]
+    names += [SCRATCH] if cfg.scratch_epochs else []
     print(f"demo.py: {cfg.ckpt} on {cfg.data}, {cfg.seeds} seed(s); {cfg.jobs} processes x {cfg.threads} "
           f"threads; stage outputs in {cfg.out}/<encoder>/", flush=True)
     SLOTS[0] = threading.BoundedSemaphore(cfg.jobs)

@@ -18,24 +18,24 @@ from util.data import build_dataset, eval_transform
 
 
 def test_demo_quick_chain(tmp_path, capsys):
-    """Every encoder's row (baselines, two seeds of each refinement, own view, control) is what its stages wrote."""
+    """Every encoder's row (baselines, two seeds of a refinement, own view, from scratch) is what its stages wrote."""
     folder = make_image_folder(tmp_path / "data", per_class=(8, 2))  # 3 classes: 24 train, 6 val
     ckpt = str(tmp_path / "tiny.pth")
     make_checkpoint(ckpt, depth=3)
     out = str(tmp_path / "demo")
     has_plot = importlib.util.find_spec("matplotlib") is not None
     summary = demo.main(demo.Settings(ckpt=ckpt, data=folder, out=out, quick=True, jobs=3, seeds=2,
-                                      plot=has_plot, own_view="mim-refiner,mae-ct"))
+                                      plot=has_plot, own_view="mim-refiner,mae-ct", scratch_epochs=2))
 
     with open(os.path.join(out, "summary.json")) as f:
         assert json.load(f) == json.loads(json.dumps(summary))
     enc = summary["encoders"]
     assert summary["split"] == folder and summary["seeds"] == [0, 1]
     assert list(enc) == ["pixels", "pixels, per-image", "random", "mae", "mim-refiner", "mae-ct",
-                         "mim-refiner, own view", "mae-ct, own view"]
+                         "mim-refiner, own view", "mae-ct, own view", demo.SCRATCH]
     keys = ("knn_top1", "knn_plain_top1", "probe_top1", "shot1_top1", "shot5_top1", "cluster_acc", "cluster_nmi")
     for name, s in enc.items():
-        n = 1 if name in ("pixels", "pixels, per-image", "random", "mae") else 2  # one value per refinement seed
+        n = 1 if name in ("pixels", "pixels, per-image", "random", "mae", demo.SCRATCH) else 2  # one per seed
         assert all(len(s[k]) == n and all(0.0 <= v <= 1.0 for v in s[k]) for k in keys), (name, s)
         if not name.startswith("pixels"):  # an encoder: a k-NN per block, the last one is knn_top1
             assert list(s["knn_per_block"]) == ["1", "2", "3"] and s["knn_top1"] == s["knn_per_block"]["3"]
@@ -45,6 +45,9 @@ def test_demo_quick_chain(tmp_path, capsys):
         assert not torch.equal(a.blocks[-1].mlp.fc1.weight, b.blocks[-1].mlp.fc1.weight), name
     ck = torch.load(os.path.join(out, "mae-ct, own view", "seed1", "last.pt"), weights_only=True)
     assert ck["settings"]["neighbours"] == "none" and ck["settings"]["seed"] == 1
+    ck = torch.load(os.path.join(out, demo.SCRATCH, "seed0", "last.pt"), weights_only=True)["settings"]
+    assert (ck["neighbours"], ck["freeze_blocks"], ck["epochs"], ck["ckpt"]) == (
+        "none", 0, 2, os.path.join(out, "random", "encoder.pth"))
     # the random baseline: fresh weights of the MAE's shape, not the MAE
     fresh, mae = model.load_encoder(os.path.join(out, "random", "encoder.pth")), model.load_encoder(ckpt)
     assert fresh.arch() == mae.arch()
@@ -70,6 +73,10 @@ def test_refine_flags_of_the_ablations():
     assert demo.refine_flags(cfg, "mae-ct") == ["--method", "mae-ct", "--epochs", "2"]
     assert demo.refine_flags(cfg, "mae-ct, own view") == ["--method", "mae-ct", "--epochs", "2", "--neighbours", "none"]
     assert demo.refine_flags(cfg, "random+mim-refiner") == ["--method", "mim-refiner", "--freeze-blocks", "0"]
+    cfg = demo.Settings(scratch_epochs=20)  # from scratch: own view, all of it trains, longer, one seed
+    assert demo.refine_flags(cfg, demo.SCRATCH) == ["--method", "mim-refiner", "--neighbours", "none",
+                                                    "--freeze-blocks", "0", "--epochs", "20"]
+    assert demo.seeds_of(demo.Settings(seeds=3), demo.SCRATCH) == [0]
 
 
 def test_one_seed_names_methods_or_single_encoders():
