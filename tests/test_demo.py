@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_checkpoint, make_image_folder
+from conftest import ROOT, make_checkpoint, make_image_folder
 
 import demo
 import knn
@@ -109,7 +109,7 @@ def test_readme_demo_table_is_the_committed_run():
         summary = json.load(f)
     assert summary["split"] == "jittered-digits:report" and summary["seeds"] == [0, 1, 2]
     for name, e in summary["encoders"].items():  # one value per seed; the baselines, the MAE, the controls one
-        n = 1 if name in demo.UNSEEDED or name in demo.CONTROLS else 3
+        n = 1 if name in (*demo.UNSEEDED, *demo.CONTROLS, demo.SCRATCH) else 3
         assert all(len(v) == n for k, v in e.items() if k != "knn_per_block"), name
         assert all(len(v) == n for v in e.get("knn_per_block", {}).values()), name
     with open(os.path.join(demo.HERE, "README.md")) as f:
@@ -157,3 +157,11 @@ def test_demo_page_quotes_the_goals_of_the_committed_run():
     with open(os.path.join(demo.HERE, "docs", "DEMO.md")) as f:
         page = f.read()
     assert f"<!-- demo_goals -->\n{report}\n<!-- /demo_goals -->" in page
+
+
+def test_committed_encoders_load_with_their_stored_architecture():
+    """The demo's MAE and the 12-block MAE of BENCHMARKS.md load strictly, with the shapes their commands made."""
+    tiny, deep = (model.load_encoder(os.path.join(ROOT, "checkpoints", f)) for f in ("mae_tiny_digits.pth",
+                                                                                      "mae_d12_digits.pth"))
+    assert (tiny.dim, tiny.depth, tiny.heads, tiny.patch, tiny.img_size) == (128, 6, 2, 4, 32)
+    assert (deep.dim, deep.depth, deep.heads, deep.patch, deep.img_size) == (128, 12, 4, 4, 32)
