@@ -18,7 +18,7 @@ The numbers are reported on `jittered-digits:report`, glyphs no recipe was chose
 CPU, the embedded default (over 12 minutes on 2 cores; docs/DEMO.md: what the committed 3-seed run shows):
     python demo.py
     python demo.py --seeds 3 --own-view mim-refiner,mae-ct --control --one-seed random+mim-refiner,random+mae-ct \
-        --scratch-epochs 20 --out runs/demo-seeds  # docs/demo_summary.json, the README's table; tools/demo_goals.py
+        --scratch-epochs 20 --out runs/demo-seeds  # docs/demo_summary.json (README); tools/demo_goals.py checks it
 Reduced size (under a minute; what tests/test_demo.py runs on a tiny encoder and image folder):
     python demo.py --quick --ckpt tiny.pth --data folder --out runs/demo-quick
 """
@@ -62,7 +62,7 @@ class Settings:
     one_seed: str = opt("", "methods (mae-ct) or encoders (random+mae-ct) refined with seed 0 only, to save time")
     mim_refiner_args: str = opt("", "extra refine.py flags for MIM-Refiner, e.g. '--epochs 3'")
     mae_ct_args: str = opt("", "extra refine.py flags for MAE-CT")
-    own_view: str = opt("", "methods also refined with the own other view as the positive (--neighbours none)")
+    own_view: str = opt("", "methods also refined with the anchor's other view as the positive (--neighbours none)")
     control: bool = opt(False, "also refine the random encoder both ways, every block trainable, the same steps")
     scratch_epochs: int = opt(0, "also refine the random encoder from scratch, own view, every block trainable, for "
                                  "1 + N epochs, seed 0 (20: about the cost of pre-training plus refinement)")
@@ -102,7 +102,7 @@ def run(cmd: list, log: str, cfg: Settings):
 
 
 def seeds_of(cfg: Settings, name: str) -> list:
-    """The refinement seeds of encoder `name`: none but 0 for the untrained and the --one-seed methods or encoders."""
+    """The refinement seeds of encoder `name`: none but 0 for the untrained, SCRATCH and the --one-seed ones."""
     named = cfg.one_seed.split(",")
     single = name in (*UNSEEDED, SCRATCH) or name in named or name.split("+")[-1].split(",")[0] in named
     return [0] if single else list(range(cfg.seeds))
