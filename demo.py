@@ -7,7 +7,7 @@ The committed MAE (checkpoints/mae_tiny_digits.pth, made by pretrain.py) is refi
 through the evaluation transform (as they are, and each image z-scored over its own pixels) and a randomly initialised
 encoder of the MAE's shape. Each encoder's features are extracted once (knn.py --save-features), the other stages read
 them; the stages run as separate processes (`--jobs` at a time, `--threads` torch threads each), aggregated into
-    OUT/summary.json   {"split", "seeds", "encoders": {name: {metric: [one value per seed]}}}, fractions
+    OUT/summary.json   {"split", "ckpt", "seeds", "encoders": {name: {metric: [one value per seed]}}}, fractions
     OUT/knn_per_block.png, neighbours.png, tsne.png (tools/pictures.py)
     OUT/<encoder>/[seed<s>/]  every stage's JSON, log and feature file
 --seeds N refines each method N times (seeds 0..N-1); --own-view METHODS adds those methods with the anchor's own other
@@ -47,7 +47,7 @@ CONTROLS = ("random+mim-refiner", "random+mae-ct")  # --control
 SCRATCH = "random+mim-refiner, own view, long"  # --scratch-epochs: refined from scratch, one seed
 UNSEEDED = BASELINES + ("mae",)  # evaluated once; every other encoder once per refinement seed
 HERE = os.path.dirname(os.path.abspath(__file__))
-SUMMARY = os.path.join(HERE, "docs", "demo_summary.json")  # the committed 3-seed run
+SUMMARIES = tuple(os.path.join(HERE, "docs", f) for f in ("demo_summary.json", "demo_summary_d12.json"))  # 3 seeds
 SLOTS = [threading.BoundedSemaphore(2)]  # stage processes that may run at once (--jobs); FIFO
 FAILED, LOCK = threading.Event(), threading.Lock()  # a stage failed: start no other; one random encoder
 
@@ -146,8 +146,7 @@ def chain(name: str, seed: int, cfg: Settings, flags: dict) -> str:
          "--k", ",".join(map(str, sorted({10, 20, cfg.k}))), *common_flags, "--out", os.path.join(d, "knn.json")],
         os.path.join(d, "knn.log"), cfg)
     stages = (("knn_plain", ["knn.py", "--no-standardize", "--k", str(cfg.k)]),
-              ("probe", ["probe.py", *flags["probe"]]),
-              ("shots", ["probe.py", "--shots", cfg.shots, *flags["shots"]]),
+              ("probe", ["probe.py", *flags["probe"]]), ("shots", ["probe.py", "--shots", cfg.shots, *flags["shots"]]),
               ("cluster", ["cluster.py", *flags["cluster"]]))
     with ThreadPoolExecutor(len(stages)) as pool:  # independent: they wait for free slots together
         list(pool.map(lambda st: run([*st[1], "--load-features", feats, "--feature", cfg.feature,
@@ -189,8 +188,7 @@ def read(path: str) -> list:
 
 def summarize(d: str, k: int, quick: bool) -> dict:
     """The numbers of one encoder from the stage JSONs in folder `d` (fractions in [0, 1])."""
-    knn_ = [r for r in read(os.path.join(d, "knn.json")) if r["k"] == k]
-    curve = {r["block"]: r["top1"] for r in knn_}  # {block: top-1}
+    curve = {r["block"]: r["top1"] for r in read(os.path.join(d, "knn.json")) if r["k"] == k}  # {block: top-1}
     probe = [r for r in read(os.path.join(d, "probe.json")) if r.get("best")]
     shots = {r["shots"]: r["top1"] for r in read(os.path.join(d, "shots.json"))
              if r["split"] == "mean" or (r["split"] == 0 and quick)}  # --quick: one draw
@@ -205,13 +203,14 @@ def summarize(d: str, k: int, quick: bool) -> dict:
 
 
 def collect(cfg: Settings, names: list) -> dict:
-    """{"split", "seeds", "encoders": {name: {metric: [per seed]}}}: a baseline's list holds its one value."""
+    """{"split", "ckpt", "seeds", "encoders": {name: {metric: [per seed]}}}: a baseline's list holds its one value."""
     encoders = {}
     for name in names:
         runs = [summarize(folder(cfg, name, s), cfg.k, cfg.quick) for s in seeds_of(cfg, name)]
         encoders[name] = {m: {b: [r[m][b] for r in runs] for b in v} if m == "knn_per_block" else [r[m] for r in runs]
                           for m, v in runs[0].items()}
-    return {"split": cfg.data, "seeds": list(range(cfg.seeds)), "encoders": encoders}
+    ckpt = os.path.relpath(os.path.abspath(cfg.ckpt), HERE)  # the spread of a committed run is its checkpoint's
+    return {"split": cfg.data, "ckpt": ckpt, "seeds": list(range(cfg.seeds)), "encoders": encoders}
 
 
 def cell(values: list, scale: float = 100) -> str:
@@ -241,15 +240,16 @@ def table(summary: dict, markdown: bool = False) -> str:
                      for r in rows)
 
 
-def spread(summary: dict, path: str = SUMMARY) -> str:
-    """Where a one-seed run's refined k-NN and k-means ACC sit in the committed multi-seed run's spread."""
-    ref = json.load(open(path)) if os.path.isfile(path) else {"split": None}
-    if ref["split"] != summary["split"]:
-        return f"(no committed multi-seed run on {summary['split']} to compare with)"
-    return "\n".join([f"against the committed {len(ref['seeds'])}-seed run ({os.path.relpath(path, HERE)}):"] + [
-        f"  {n}: k-NN {cell(e['knn_top1'])} (committed {cell(ref['encoders'][n]['knn_top1'])}), k-means ACC "
-        f"{cell(e['cluster_acc'])} (committed {cell(ref['encoders'][n]['cluster_acc'])})"
-        for n, e in summary["encoders"].items() if n not in UNSEEDED and n in ref["encoders"]])
+def spread(summary: dict, paths: tuple = SUMMARIES) -> str:
+    """Where a one-seed run's refined k-NN and k-means ACC sit in the committed run of its checkpoint and split."""
+    for path, ref in [(p, json.load(open(p))) for p in paths if os.path.isfile(p)]:
+        if (ref["split"], ref.get("ckpt")) == (summary["split"], summary["ckpt"]):
+            head = f"against the committed {len(ref['seeds'])}-seed run ({os.path.relpath(path, HERE)}):"
+            return "\n".join([head] + [
+                f"  {n}: k-NN {cell(e['knn_top1'])} (committed {cell(ref['encoders'][n]['knn_top1'])}), k-means ACC "
+                f"{cell(e['cluster_acc'])} (committed {cell(ref['encoders'][n]['cluster_acc'])})"
+                for n, e in summary["encoders"].items() if n not in UNSEEDED and n in ref["encoders"]])
+    return f"(no committed multi-seed run of {summary['ckpt']} on {summary['split']} to compare with)"
 
 
 def main(cfg: Settings) -> dict:
@@ -262,9 +262,9 @@ def main(cfg: Settings) -> dict:
         raise UserError("the pictures need matplotlib: pip install -r requirements-demo.txt (or --no-plot)")
     os.makedirs(cfg.out, exist_ok=True)
     flags, t0 = stage_flags(cfg), time.perf_counter()
-    own = [f"{m}, own view" for m in ENCODERS[1:] if m in cfg.own_view.split(",")]
-    names = [*BASELINES, *ENCODERS, *own, *(CONTROLS if cfg.control else ())]
-    names += [SCRATCH] if cfg.scratch_epochs else []
+    extra = [f"{m}, own view" for m in ENCODERS[1:] if m in cfg.own_view.split(",")]
+    extra += [*(CONTROLS if cfg.control else ()), *([SCRATCH] if cfg.scratch_epochs else ())]
+    names = [*BASELINES, *ENCODERS, *extra]
     print(f"demo.py: {cfg.ckpt} on {cfg.data}, {cfg.seeds} seed(s); {cfg.jobs} processes x {cfg.threads} "
           f"threads; stage outputs in {cfg.out}/<encoder>/", flush=True)
     SLOTS[0] = threading.BoundedSemaphore(cfg.jobs)

@@ -14,6 +14,7 @@ import demo
 import knn
 import model
 from model import UserError
+from util import common
 from util.data import build_dataset, eval_transform
 
 
@@ -105,15 +106,34 @@ def test_demo_errors(tmp_path):
 
 def test_readme_demo_table_is_the_committed_run():
     """The README's demo table is demo.table() of docs/demo_summary.json: 3 seeds on the report split."""
-    with open(demo.SUMMARY) as f:
+    with open(demo.SUMMARIES[0]) as f:
         summary = json.load(f)
     assert summary["split"] == "jittered-digits:report" and summary["seeds"] == [0, 1, 2]
+    assert summary["ckpt"] == "checkpoints/mae_tiny_digits.pth"  # what `make demo` refines: its spread
     for name, e in summary["encoders"].items():  # one value per seed; the baselines, the MAE, the controls one
         n = 1 if name in (*demo.UNSEEDED, *demo.CONTROLS, demo.SCRATCH) else 3
         assert all(len(v) == n for k, v in e.items() if k != "knn_per_block"), name
         assert all(len(v) == n for v in e.get("knn_per_block", {}).values()), name
     with open(os.path.join(demo.HERE, "README.md")) as f:
         assert demo.table(summary, markdown=True) in f.read()
+
+
+def test_spread_is_against_the_committed_run_of_the_same_checkpoint_and_split(tmp_path):
+    """A one-seed run is compared with the multi-seed run of its own checkpoint only; the MAE row is not refined."""
+    ref = {"split": "s", "ckpt": "a.pth", "seeds": [0, 1, 2], "encoders": {
+        "mae": {"knn_top1": [0.4], "cluster_acc": [0.1]},
+        "mim-refiner": {"knn_top1": [0.6, 0.7, 0.8], "cluster_acc": [0.3, 0.3, 0.3]}}}
+    paths = (str(tmp_path / "other.json"), str(tmp_path / "ref.json"), str(tmp_path / "missing.json"))
+    common.write_json(paths[0], dict(ref, ckpt="b.pth", encoders={"mim-refiner": {"knn_top1": [0.1] * 3}}))
+    common.write_json(paths[1], ref)
+    run = {"split": "s", "ckpt": "a.pth", "seeds": [0], "encoders": {
+        "mae": {"knn_top1": [0.4], "cluster_acc": [0.1]}, "mim-refiner": {"knn_top1": [0.65], "cluster_acc": [0.32]}}}
+    assert demo.spread(run, paths).splitlines()[1:] == [
+        "  mim-refiner: k-NN 65.0 (committed 70.0 ± 10.0), k-means ACC 32.0 (committed 30.0 ± 0.0)"]
+    for other in (dict(run, ckpt="c.pth"), dict(run, split="t")):
+        assert demo.spread(other, paths).startswith("(no committed multi-seed run of ")
+    cfg = demo.Settings(ckpt=str(tmp_path / "e.pth"), out=str(tmp_path / "o"))
+    assert demo.collect(cfg, [])["ckpt"] == os.path.relpath(str(tmp_path / "e.pth"), demo.HERE)
 
 
 def synthetic_summary() -> dict:
@@ -152,7 +172,7 @@ def test_demo_goals_known_answers():
 def test_demo_page_quotes_the_goals_of_the_committed_run():
     """docs/DEMO.md holds tools/demo_goals.py's report of docs/demo_summary.json, between its markers."""
     from tools import demo_goals
-    with open(demo.SUMMARY) as f:
+    with open(demo.SUMMARIES[0]) as f:
         report = demo_goals.report(json.load(f))
     with open(os.path.join(demo.HERE, "docs", "DEMO.md")) as f:
         page = f.read()
