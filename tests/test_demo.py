@@ -169,14 +169,30 @@ def test_demo_goals_known_answers():
     assert table[0] == "| block | mae | mim-refiner |" and table[-1] == "| 3 | 46.0 | 72.0 ± 2.0 |"
 
 
-def test_demo_page_quotes_the_goals_of_the_committed_run():
-    """docs/DEMO.md holds tools/demo_goals.py's report of docs/demo_summary.json, between its markers."""
+@pytest.mark.parametrize("path, marker", [(demo.SUMMARIES[0], "demo_goals"), (demo.SUMMARIES[1], "demo_goals d12")])
+def test_demo_page_quotes_the_goals_of_the_committed_runs(path, marker):
+    """docs/DEMO.md holds tools/demo_goals.py's report of each committed run, between its markers."""
     from tools import demo_goals
-    with open(demo.SUMMARIES[0]) as f:
+    with open(path) as f:
         report = demo_goals.report(json.load(f))
     with open(os.path.join(demo.HERE, "docs", "DEMO.md")) as f:
         page = f.read()
-    assert f"<!-- demo_goals -->\n{report}\n<!-- /demo_goals -->" in page
+    assert f"<!-- {marker} -->\n{report}\n<!-- /{marker} -->" in page
+
+
+def test_readme_quotes_the_committed_12_block_run():
+    """The 12-block MAE's 3-seed run (make demo-deep's second half): its checkpoint, seeds, and the README's k-NN."""
+    with open(demo.SUMMARIES[1]) as f:
+        summary = json.load(f)
+    assert (summary["split"], summary["ckpt"], summary["seeds"]) == (
+        "jittered-digits:report", "checkpoints/mae_d12_digits.pth", [0, 1, 2])
+    e = summary["encoders"]
+    assert all(len(v) == (1 if name in demo.UNSEEDED else 3) for name in e for k, v in e[name].items()
+               if k != "knn_per_block")
+    knn_ = {n: demo.cell(e[n]["knn_top1"]) for n in ("mae", "mim-refiner", "mae-ct")}
+    with open(os.path.join(demo.HERE, "README.md")) as f:
+        text = " ".join(f.read().split())  # one line, whatever the wrapping
+    assert f"MAE {knn_['mae']} -> MIM-Refiner {knn_['mim-refiner']}, MAE-CT {knn_['mae-ct']}" in text
 
 
 def test_committed_encoders_load_with_their_stored_architecture():

@@ -1,7 +1,8 @@
 """The demo's goals checked on a summary.json of demo.py, and its per-block k-NN as a table.
 
-docs/DEMO.md quotes what this prints for the committed 3-seed run (a test holds them equal):
-    python tools/demo_goals.py docs/demo_summary.json
+docs/DEMO.md quotes what this prints for the committed 3-seed runs (a test holds them equal):
+    python tools/demo_goals.py docs/demo_summary.json      # the demo's 6-block MAE
+    python tools/demo_goals.py docs/demo_summary_d12.json  # the 12-block MAE (make demo-deep)
 A goal on a difference between refined encoders asks for more than 2 seed-SDs: the difference of the means
 must exceed twice the larger of the two SDs (sample SD over the refinement seeds).
 """
