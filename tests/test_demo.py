@@ -104,16 +104,21 @@ def test_demo_errors(tmp_path):
         demo.main(demo.Settings(ckpt=bad, out=str(tmp_path / "o"), quick=True, plot=False, jobs=1))
 
 
-def test_readme_demo_table_is_the_committed_run():
-    """The README's demo table is demo.table() of docs/demo_summary.json: 3 seeds on the report split."""
-    with open(demo.SUMMARIES[0]) as f:
+def committed_run(path: str, ckpt: str) -> dict:
+    """A committed summary, checked: its checkpoint, 3 seeds on the report split, one value per seed of each row."""
+    with open(path) as f:
         summary = json.load(f)
-    assert summary["split"] == "jittered-digits:report" and summary["seeds"] == [0, 1, 2]
-    assert summary["ckpt"] == "checkpoints/mae_tiny_digits.pth"  # what `make demo` refines: its spread
-    for name, e in summary["encoders"].items():  # one value per seed; the baselines, the MAE, the controls one
+    assert (summary["split"], summary["ckpt"], summary["seeds"]) == ("jittered-digits:report", ckpt, [0, 1, 2])
+    for name, e in summary["encoders"].items():  # the baselines, the MAE, the controls: one value
         n = 1 if name in (*demo.UNSEEDED, *demo.CONTROLS, demo.SCRATCH) else 3
         assert all(len(v) == n for k, v in e.items() if k != "knn_per_block"), name
         assert all(len(v) == n for v in e.get("knn_per_block", {}).values()), name
+    return summary
+
+
+def test_readme_demo_table_is_the_committed_run():
+    """The README's demo table is demo.table() of docs/demo_summary.json, the run of what `make demo` refines."""
+    summary = committed_run(demo.SUMMARIES[0], "checkpoints/mae_tiny_digits.pth")
     with open(os.path.join(demo.HERE, "README.md")) as f:
         assert demo.table(summary, markdown=True) in f.read()
 
@@ -182,13 +187,7 @@ def test_demo_page_quotes_the_goals_of_the_committed_runs(path, marker):
 
 def test_readme_quotes_the_committed_12_block_run():
     """The 12-block MAE's 3-seed run (make demo-deep's second half): its checkpoint, seeds, and the README's k-NN."""
-    with open(demo.SUMMARIES[1]) as f:
-        summary = json.load(f)
-    assert (summary["split"], summary["ckpt"], summary["seeds"]) == (
-        "jittered-digits:report", "checkpoints/mae_d12_digits.pth", [0, 1, 2])
-    e = summary["encoders"]
-    assert all(len(v) == (1 if name in demo.UNSEEDED else 3) for name in e for k, v in e[name].items()
-               if k != "knn_per_block")
+    e = committed_run(demo.SUMMARIES[1], "checkpoints/mae_d12_digits.pth")["encoders"]
     knn_ = {n: demo.cell(e[n]["knn_top1"]) for n in ("mae", "mim-refiner", "mae-ct")}
     with open(os.path.join(demo.HERE, "README.md")) as f:
         text = " ".join(f.read().split())  # one line, whatever the wrapping
