@@ -48,7 +48,7 @@ SCRATCH = "random+mim-refiner, own view, long"  # --scratch-epochs: refined from
 UNSEEDED = BASELINES + ("mae",)  # evaluated once; every other encoder once per refinement seed
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUMMARIES = tuple(os.path.join(HERE, "docs", f) for f in ("demo_summary.json", "demo_summary_d12.json"))  # 3 seeds
-SLOTS = [threading.BoundedSemaphore(2)]  # stage processes that may run at once (--jobs); FIFO
+SLOTS = [threading.BoundedSemaphore(2)]  # stage processes at once (--jobs); a freed slot goes to any waiter
 FAILED, LOCK = threading.Event(), threading.Lock()  # a stage failed: start no other; one random encoder
 
 
@@ -269,7 +269,7 @@ def main(cfg: Settings) -> dict:
           f"threads; stage outputs in {cfg.out}/<encoder>/", flush=True)
     SLOTS[0] = threading.BoundedSemaphore(cfg.jobs)
     FAILED.clear()
-    # All chains start at once, the refinements (the longest stages) first; a stage waits for a --jobs slot.
+    # All chains start at once, refinements submitted first; stage order varies (see SLOTS), results do not.
     work = sorted(((n, s) for n in names for s in seeds_of(cfg, n)), key=lambda ns: (ns[0] in UNSEEDED, ns[1]))
     with ThreadPoolExecutor(len(work)) as pool:
         jobs = [pool.submit(chain, n, s, cfg, flags) for n, s in work]
