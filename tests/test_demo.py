@@ -186,12 +186,14 @@ def test_demo_page_quotes_the_goals_of_the_committed_runs(path, marker):
 
 
 def test_readme_quotes_the_committed_12_block_run():
-    """The 12-block MAE's 3-seed run (make demo-deep's second half): its checkpoint, seeds, and the README's k-NN."""
+    """The 12-block MAE's 3-seed run (make demo-deep's second half): its checkpoint, seeds, the README's k-NN."""
     e = committed_run(demo.SUMMARIES[1], "checkpoints/mae_d12_digits.pth")["encoders"]
-    knn_ = {n: demo.cell(e[n]["knn_top1"]) for n in ("mae", "mim-refiner", "mae-ct")}
+    knn_ = {n: demo.cell(v["knn_top1"]) for n, v in e.items()}
     with open(os.path.join(demo.HERE, "README.md")) as f:
         text = " ".join(f.read().split())  # one line, whatever the wrapping
     assert f"MAE {knn_['mae']} -> MIM-Refiner {knn_['mim-refiner']}, MAE-CT {knn_['mae-ct']}" in text
+    assert (f"k-NN: {knn_['mim-refiner, own view']}, {knn_['mae-ct, own view']} against the swap's "
+            f"{knn_['mim-refiner']}, {knn_['mae-ct']}") in text
 
 
 def test_committed_encoders_load_with_their_stored_architecture():
