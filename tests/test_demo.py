@@ -49,10 +49,14 @@ def test_demo_quick_chain(tmp_path, capsys):
     ck = torch.load(os.path.join(out, demo.SCRATCH, "seed0", "last.pt"), weights_only=True)["settings"]
     assert (ck["neighbours"], ck["freeze_blocks"], ck["epochs"], ck["ckpt"]) == (
         "none", 0, 2, os.path.join(out, "random", "encoder.pth"))
-    # the random baseline: fresh weights of the MAE's shape, not the MAE
+    # the random baseline: fresh weights of the MAE's shape, not the MAE, the same in every run (seed 1, drawn
+    # before the chains' threads start, whose load_encoder calls draw from the same global RNG)
     fresh, mae = model.load_encoder(os.path.join(out, "random", "encoder.pth")), model.load_encoder(ckpt)
     assert fresh.arch() == mae.arch()
     assert not torch.equal(fresh.blocks[0].attn.qkv.weight, mae.blocks[0].attn.qkv.weight)
+    torch.manual_seed(1)
+    alone = model.ViT(**model.load_encoder(ckpt).arch())
+    assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), fresh.state_dict().values()))
     # the MAE's numbers are what knn.py reports for the checkpoint itself (k = 20, every block)
     ref = knn.main(knn.Settings(ckpt=ckpt, data=folder, blocks="all", k="20", device="cpu", workers=0))
     assert {str(r["block"]): [r["top1"]] for r in ref["results"]} == enc["mae"]["knn_per_block"]
@@ -96,12 +100,18 @@ def test_table_cells_are_mean_and_sample_sd():
 
 
 def test_demo_errors(tmp_path):
+    """A missing or unreadable checkpoint fails at once; a stage's error stops the demo, naming the stage and log."""
     with pytest.raises(UserError, match="does not exist"):
         demo.main(demo.Settings(ckpt=str(tmp_path / "missing.pth"), plot=False))
     bad = str(tmp_path / "bad.pth")
     torch.save({"model": {}}, bad)
-    with pytest.raises(UserError, match="failed"):  # a stage's error stops the demo, naming the log
+    with pytest.raises(UserError, match="not a ViT encoder checkpoint"):  # the random encoder, before any stage
         demo.main(demo.Settings(ckpt=bad, out=str(tmp_path / "o"), quick=True, plot=False, jobs=1))
+    ckpt, folder = str(tmp_path / "tiny.pth"), make_image_folder(tmp_path / "data", per_class=(4, 2))
+    make_checkpoint(ckpt, depth=2)
+    with pytest.raises(UserError, match=r"refine\.py .*--no-such-flag failed \(exit [1-9]\d*\): .*refine\.log"):
+        demo.main(demo.Settings(ckpt=ckpt, data=folder, out=str(tmp_path / "o2"), quick=True, plot=False, jobs=1,
+                                mim_refiner_args="--no-such-flag"))
 
 
 def committed_run(path: str, ckpt: str) -> dict:
