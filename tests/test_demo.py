@@ -107,7 +107,7 @@ def test_demo_errors(tmp_path):
     torch.save({"model": {}}, bad)
     with pytest.raises(UserError, match="not a ViT encoder checkpoint"):  # the random encoder, before any stage
         demo.main(demo.Settings(ckpt=bad, out=str(tmp_path / "o"), quick=True, plot=False, jobs=1))
-    ckpt, folder = str(tmp_path / "tiny.pth"), make_image_folder(tmp_path / "data", per_class=(4, 2))
+    ckpt, folder = str(tmp_path / "tiny.pth"), make_image_folder(tmp_path / "data", per_class=(8, 2))
     make_checkpoint(ckpt, depth=2)
     with pytest.raises(UserError, match=r"refine\.py .*--no-such-flag failed \(exit [1-9]\d*\): .*refine\.log"):
         demo.main(demo.Settings(ckpt=ckpt, data=folder, out=str(tmp_path / "o2"), quick=True, plot=False, jobs=1,
