@@ -273,12 +273,9 @@ def main(cfg: Settings) -> dict:
     work = sorted(((n, s) for n in names for s in seeds_of(cfg, n)), key=lambda ns: (ns[0] in UNSEEDED, ns[1]))
     with ThreadPoolExecutor(len(work)) as pool:
         jobs = [pool.submit(chain, n, s, cfg, flags) for n, s in work]
-        try:
-            for job in jobs:
-                job.result()
-        except BaseException:  # a stage failed: start nothing new, let the running stages end
-            pool.shutdown(cancel_futures=True)
-            raise
+        errors = [e for e in (job.exception() for job in jobs) if e is not None]  # after a failure none starts
+    if errors:  # the stage that failed, not the chains that stopped because of it
+        raise next((e for e in errors if str(e) != "another stage failed"), errors[0])
     summary = collect(cfg, names)
     common.write_json(os.path.join(cfg.out, "summary.json"), summary)
     print(f"\n{cfg.k}-NN / probe / low-shot top-1 and k-means ACC, NMI, ARI (x100) on {cfg.data}"

@@ -109,6 +109,9 @@ def test_demo_errors(tmp_path):
         demo.main(demo.Settings(ckpt=bad, out=str(tmp_path / "o"), quick=True, plot=False, jobs=1))
     ckpt, folder = str(tmp_path / "tiny.pth"), make_image_folder(tmp_path / "data", per_class=(8, 2))
     make_checkpoint(ckpt, depth=2)
+    few = make_image_folder(tmp_path / "few", per_class=(4, 2))  # 12 train images: every k-NN of k = 20 fails
+    with pytest.raises(UserError, match=r"knn\.py .* failed \(exit [1-9]\d*\): .*the 12 train images.*knn\.log"):
+        demo.main(demo.Settings(ckpt=ckpt, data=few, out=str(tmp_path / "o1"), quick=True, plot=False, jobs=1))
     with pytest.raises(UserError, match=r"refine\.py .*--no-such-flag failed \(exit [1-9]\d*\): .*refine\.log"):
         demo.main(demo.Settings(ckpt=ckpt, data=folder, out=str(tmp_path / "o2"), quick=True, plot=False, jobs=1,
                                 mim_refiner_args="--no-such-flag"))
