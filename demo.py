@@ -273,7 +273,7 @@ def main(cfg: Settings) -> dict:
     work = sorted(((n, s) for n in names for s in seeds_of(cfg, n)), key=lambda ns: (ns[0] in UNSEEDED, ns[1]))
     with ThreadPoolExecutor(len(work)) as pool:
         jobs = [pool.submit(chain, n, s, cfg, flags) for n, s in work]
-        errors = [e for e in (job.exception() for job in jobs) if e is not None]  # after a failure none starts
+        errors = [e for e in (job.exception() for job in jobs) if e is not None]  # no stage starts after a failure
     if errors:  # the stage that failed, not the chains that stopped because of it
         raise next((e for e in errors if str(e) != "another stage failed"), errors[0])
     summary = collect(cfg, names)
