@@ -49,7 +49,7 @@ UNSEEDED = BASELINES + ("mae",)  # evaluated once; every other encoder once per 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUMMARIES = tuple(os.path.join(HERE, "docs", f) for f in ("demo_summary.json", "demo_summary_d12.json"))  # 3 seeds
 SLOTS = [threading.BoundedSemaphore(2)]  # stage processes at once (--jobs); a freed slot goes to any waiter
-FAILED = threading.Event()  # a stage failed: start no other
+FAILED = []  # the failed stages' errors: once one is here no stage starts, and main raises the first
 
 
 @dataclass
@@ -88,16 +88,16 @@ def run(cmd: list, log: str, cfg: Settings):
     """Run one stage script as a child process, its output into `log`; a failure stops the demo with its last lines."""
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
     with SLOTS[0], open(log, "w") as f:
-        if FAILED.is_set():
+        if FAILED:
             raise UserError("another stage failed")
         t0 = time.perf_counter()
         code = subprocess.call([sys.executable, *cmd], cwd=HERE, stdout=f, stderr=subprocess.STDOUT, env=env)
     if code:
-        FAILED.set()
         with open(log) as f:
             tail = f.read().replace("\r", "\n").strip().splitlines()[-3:]
-        raise UserError(f"{' '.join(cmd[:1] + cmd[-2:])} failed (exit {code}): {' | '.join(tail)}; "
-                        f"the whole output is in {log}")
+        FAILED.append(UserError(f"{' '.join(cmd[:1] + cmd[-2:])} failed (exit {code}): {' | '.join(tail)}; "
+                                f"the whole output is in {log}"))
+        raise FAILED[-1]
     print(f"  {time.perf_counter() - t0:6.0f} s  {' '.join(cmd[:3])}  -> {log}", flush=True)
 
 
@@ -275,7 +275,7 @@ def main(cfg: Settings) -> dict:
         jobs = [pool.submit(chain, n, s, cfg, flags) for n, s in work]
         errors = [e for e in (job.exception() for job in jobs) if e is not None]  # no stage starts after a failure
     if errors:  # the stage that failed, not the chains that stopped because of it
-        raise next((e for e in errors if str(e) != "another stage failed"), errors[0])
+        raise (FAILED or errors)[0]
     summary = collect(cfg, names)
     common.write_json(os.path.join(cfg.out, "summary.json"), summary)
     print(f"\n{cfg.k}-NN / probe / low-shot top-1 and k-means ACC, NMI, ARI (x100) on {cfg.data}"
