@@ -47,7 +47,7 @@ CONTROLS = ("random+mim-refiner", "random+mae-ct")  # --control
 SCRATCH = "random+mim-refiner, own view, long"  # --scratch-epochs: refined from scratch, one seed
 UNSEEDED = BASELINES + ("mae",)  # evaluated once; every other encoder once per refinement seed
 HERE = os.path.dirname(os.path.abspath(__file__))
-SUMMARIES = tuple(os.path.join(HERE, "docs", f) for f in ("demo_summary.json", "demo_summary_d12.json"))  # 3 seeds
+SUMMARIES = tuple(os.path.join(HERE, "docs", f"demo_summary{f}.json") for f in ("", "_d12", "_d12_long"))  # 3 seeds
 SLOTS = [threading.BoundedSemaphore(2)]  # stage processes at once (--jobs); a freed slot goes to any waiter
 FAILED = []  # the failed stages' errors: once one is here no stage starts, and main raises the first
 

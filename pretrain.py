@@ -152,8 +152,12 @@ class MAE(ViT):
 
 
 def make_checkpoint(mae: MAE, step: int, loss: float, cfg: Settings, optimizer=None, rngs=None) -> dict:
-    """Our MAE layout; without optimizer and RNG states it is the slim export."""
-    ck = {"model": mae.state_dict(), "arch": mae.arch(), "decoder": dict(mae.dec_arch),
+    """Our MAE layout; without optimizer and RNG states it is the slim export. Host tensors: a plain torch.load of a
+    file written on a GPU then works on a machine without one."""
+    sd = mae.state_dict()
+    for k, v in sd.items():
+        sd[k] = v.cpu()
+    ck = {"model": sd, "arch": mae.arch(), "decoder": dict(mae.dec_arch),
           "step": step, "loss": loss, "settings": asdict(cfg)}
     if optimizer is not None:
         ck.update(optimizer=optimizer.state_dict(), rng=rngs)

@@ -5,6 +5,7 @@ stages."""
 import importlib.util
 import json
 import os
+import statistics
 
 import pytest
 import torch
@@ -187,7 +188,8 @@ def test_demo_goals_known_answers():
     assert table[0] == "| block | mae | mim-refiner |" and table[-1] == "| 3 | 46.0 | 72.0 ± 2.0 |"
 
 
-@pytest.mark.parametrize("path, marker", [(demo.SUMMARIES[0], "demo_goals"), (demo.SUMMARIES[1], "demo_goals d12")])
+@pytest.mark.parametrize("path, marker", list(zip(demo.SUMMARIES, ["demo_goals", "demo_goals d12",
+                                                                   "demo_goals d12 long"])))
 def test_demo_page_quotes_the_goals_of_the_committed_runs(path, marker):
     """docs/DEMO.md holds tools/demo_goals.py's report of each committed run, between its markers."""
     from tools import demo_goals
@@ -209,9 +211,26 @@ def test_readme_quotes_the_committed_12_block_run():
             f"{knn_['mim-refiner']}, {knn_['mae-ct']}") in text
 
 
+def test_readme_quotes_the_committed_long_12_block_run():
+    """The long 12-block MAE's 3-seed run (make demo-long): the README's MAE k-NN, the swap's gains on the own view."""
+    e = committed_run(demo.SUMMARIES[2], "checkpoints/mae_d12_long_digits.pth")["encoders"]
+
+    def gain(method, metric):
+        return f"{100 * (statistics.mean(e[method][metric]) - statistics.mean(e[method + ', own view'][metric])):+.1f}"
+    with open(os.path.join(demo.HERE, "README.md")) as f:
+        text = " ".join(f.read().split())
+    assert f"(`make demo-long`, k-NN {demo.cell(e['mae']['knn_top1'])})" in text
+    assert (f"1-shot gains {gain('mim-refiner', 'shot1_top1')}, {gain('mae-ct', 'shot1_top1')} points and k-means ACC "
+            f"{gain('mim-refiner', 'cluster_acc')}, {gain('mae-ct', 'cluster_acc')} from the swap") in text
+
+
 def test_committed_encoders_load_with_their_stored_architecture():
-    """The demo's MAE and the 12-block MAE of BENCHMARKS.md load strictly, with the shapes their commands made."""
-    tiny, deep = (model.load_encoder(os.path.join(ROOT, "checkpoints", f)) for f in ("mae_tiny_digits.pth",
-                                                                                      "mae_d12_digits.pth"))
+    """The demo's MAE and the 12-block MAEs of BENCHMARKS.md load strictly, with the shapes their commands made."""
+    tiny, deep, long = (model.load_encoder(os.path.join(ROOT, "checkpoints", f"mae_{f}_digits.pth"))
+                        for f in ("tiny", "d12", "d12_long"))
     assert (tiny.dim, tiny.depth, tiny.heads, tiny.patch, tiny.img_size) == (128, 6, 2, 4, 32)
-    assert (deep.dim, deep.depth, deep.heads, deep.patch, deep.img_size) == (128, 12, 4, 4, 32)
+    for vit in (deep, long):
+        assert (vit.dim, vit.depth, vit.heads, vit.patch, vit.img_size) == (128, 12, 4, 4, 32)
+    # a file written on a GPU holds host tensors: a plain torch.load works on a machine without one
+    ck = torch.load(os.path.join(ROOT, "checkpoints", "mae_d12_long_digits.pth"), weights_only=True)
+    assert ck["settings"]["device"] == "cuda" and all(v.device.type == "cpu" for v in ck["model"].values())
