@@ -37,7 +37,8 @@ demo-deep: .venv/.demo-installed
 	OMP_NUM_THREADS=1 $(PY) pretrain.py --out runs/demo-deep/pretrain --depth 12 --num-heads 4 --dec-dim 32 \
 		--dec-depth 1 --dec-heads 1 --mask-ratio 0.85 --base-lr 1.5e-3 --crop-min 0.5 --epochs 100 \
 		--save-every 200 --export runs/demo-deep/mae_d12_digits.pth
-	$(PY) demo.py --ckpt runs/demo-deep/mae_d12_digits.pth --seeds 3 --own-view mim-refiner,mae-ct --out runs/demo-deep
+	$(PY) demo.py --ckpt runs/demo-deep/mae_d12_digits.pth --seeds 3 --own-view mim-refiner,mae-ct \
+		--control --one-seed random+mim-refiner,random+mae-ct --out runs/demo-deep
 
 # The long 12-block MAE of docs/DEMO.md, pre-trained and refined on one CUDA GPU (bf16 autocast; on an
 # H200 about 6 min of pre-training, 2 of refinement), evaluated on the host's CPU cores.
