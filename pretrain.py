@@ -152,8 +152,9 @@ class MAE(ViT):
 
 
 def make_checkpoint(mae: MAE, step: int, loss: float, cfg: Settings, optimizer=None, rngs=None) -> dict:
-    """Our MAE layout; without optimizer and RNG states it is the slim export. Host tensors: a plain torch.load of a
-    file written on a GPU then works on a machine without one."""
+    """Our MAE layout; without optimizer and RNG states it is the slim export.
+
+    Host tensors: a plain torch.load of a file written on a GPU then works on a machine without one."""
     sd = mae.state_dict()
     for k, v in sd.items():
         sd[k] = v.cpu()

@@ -2,6 +2,7 @@
 import os
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -66,6 +67,17 @@ def test_parse_blocks():
     assert common.parse_blocks("all,norm", 2) == [1, 2, "norm"]
     with pytest.raises(model.UserError, match="cannot read --blocks"):
         common.parse_blocks("", 24)
+
+
+def test_threads_writing_one_file_use_their_own_temporary_files(tmp_path):
+    """Two threads saving the same path at once must not rename each other's temporary file away."""
+    path = str(tmp_path / "x.pt")
+    names = [common.write_tmp({"who": "main"}, path)]
+    worker = threading.Thread(target=lambda: names.append(common.write_tmp({"who": "thread"}, path)))
+    worker.start()
+    worker.join()
+    assert names[0] != names[1]
+    assert [torch.load(n, weights_only=True)["who"] for n in names] == ["main", "thread"]
 
 
 def test_save_atomic_never_leaves_a_torn_file(tmp_path, monkeypatch):

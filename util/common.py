@@ -202,7 +202,7 @@ def seed_everything(seed: int):
 def write_tmp(obj, path: str) -> str:
     """torch.save to a flushed temporary file beside `path`, its name returned; a failed write leaves no partial one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp{os.getpid()}-{os.urandom(4).hex()}"  # two threads of one process never share it
     try:
         torch.save(obj, tmp)
         with open(tmp, "rb+") as f:
