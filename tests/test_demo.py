@@ -224,6 +224,17 @@ def test_readme_quotes_the_committed_long_12_block_run():
             f"{gain('mim-refiner', 'cluster_acc')}, {gain('mae-ct', 'cluster_acc')} from the swap") in text
 
 
+def test_neighbour_share_counts_same_label_neighbours_in_the_queue():
+    """Hand-computed on the unit circle: label 0 at 0, 12, 20 degrees, label 1 at 30, 90, 102, 110 degrees."""
+    from tools.pilot_eval import neighbour_share
+    deg = torch.tensor([0.0, 12, 20, 30, 90, 102, 110]) * torch.pi / 180
+    x, y = torch.stack([deg.cos(), deg.sin()], 1), torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    # the whole set as the queue; k = 1: every nearest shares the label but 30's (20, label 0)
+    assert neighbour_share(x, y, queue=7, k=1) == pytest.approx(6 / 7)
+    # k = 2: 20 reaches 12 and 30 (one of two), 30 reaches 20 and 12 (none), every other row its own label twice
+    assert neighbour_share(x, y, queue=7, k=2) == pytest.approx(5.5 / 7)
+
+
 def test_committed_encoders_load_with_their_stored_architecture():
     """The demo's MAE and the 12-block MAEs of BENCHMARKS.md load strictly, with the shapes their commands made."""
     tiny, deep, long = (model.load_encoder(os.path.join(ROOT, "checkpoints", f"mae_{f}_digits.pth"))

@@ -2,10 +2,14 @@
 
 On the embedded data set, in about a minute on one core (the demo's protocols take several).
 
+`--share`: also the share of each training image's 5 nearest neighbours (cosine, raw features) in
+a random queue of 4,096 other training images that show its digit, per block: how often the swap's
+positive would be the same digit if the queue held these features (the refinement's holds its head's).
+
 k-NN: knn.py's vote (20 neighbours, standardised features, cosine, exp(sim / 0.07)). Probe: a
 full-batch logistic regression on the standardised features (200 Adam steps, lr 1e-2, L2 1e-4),
 cheaper than probe.py's grid and a few points below it. 5,000 train and 2,000 val images.
-    python tools/pilot_eval.py checkpoints/mae_tiny_digits.pth [--train 5000] [--feature mean]
+    python tools/pilot_eval.py checkpoints/mae_tiny_digits.pth [--train 5000] [--feature mean] [--share]
 """
 import argparse
 import os
@@ -33,12 +37,23 @@ def quick_probe(x, y, val_x, val_y, steps=200):
     return float(((val_x @ w + b).argmax(1) == val_y).float().mean())
 
 
+def neighbour_share(x, y, queue: int = 4096, k: int = 5, seed: int = 0) -> float:
+    """Mean share of each row's k most cosine-similar queue rows (a random draw of the others) with its label."""
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:queue]  # (Q,)
+    x = torch.nn.functional.normalize(x, dim=1)
+    sim = x @ x[idx].T  # (N, Q)
+    sim[idx, torch.arange(len(idx))] = -2.0  # a row is never its own neighbour
+    top = sim.topk(k, dim=1).indices  # (N, k), positions in the queue
+    return float((y[idx][top] == y[:, None]).float().mean())
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt")
     p.add_argument("--train", type=int, default=5000)
     p.add_argument("--feature", default="mean")
     p.add_argument("--split", default="select", help="val glyphs to score on: select (pilots) or report")
+    p.add_argument("--share", action="store_true", help="also the same-digit share of queue neighbours")
     a = p.parse_args()
     vit = load_encoder(a.ckpt)
     tf = eval_transform(vit.img_size)
@@ -53,6 +68,9 @@ def main():
         acc = float((knn.knn_predict(x, ytr, v, 20) == yva).float().mean())
         cells.append(f"b{blk}: {100 * acc:.1f} / {100 * quick_probe(x, ytr, v, yva):.1f}")
     print(f"{a.ckpt} ({a.feature}; k-NN / probe): " + "  ".join(cells))
+    if a.share:
+        print("same-digit share of the 5 nearest in a 4,096-image queue: " + "  ".join(
+            f"b{blk}: {100 * neighbour_share(ftr[blk].clone(), ytr):.1f}" for blk in blocks))
 
 
 if __name__ == "__main__":
