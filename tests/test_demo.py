@@ -224,6 +224,24 @@ def test_readme_quotes_the_committed_long_12_block_run():
             f"{gain('mim-refiner', 'cluster_acc')}, {gain('mae-ct', 'cluster_acc')} from the swap") in text
 
 
+def test_make_demo_long_refines_on_cuda_and_evaluates_on_the_cpu(tmp_path, monkeypatch):
+    """`--mim-refiner-args "--device cuda"` (make demo-long) reaches refine.py last; the stages stay on the CPU."""
+    import refine
+    from util.common import parse_settings
+    cmds = []
+    monkeypatch.setattr(demo, "run", lambda cmd, log, cfg: cmds.append(cmd))
+    cfg = demo.Settings(ckpt=os.path.join(ROOT, "checkpoints", "mae_tiny_digits.pth"), out=str(tmp_path),
+                        mim_refiner_args="--device cuda", mae_ct_args="--device cuda", plot=False)
+    for name in ("mim-refiner", "mae-ct, own view"):
+        demo.chain(name, 1, cfg, demo.stage_flags(cfg))
+    refines = [c for c in cmds if c[0] == "refine.py"]
+    assert len(refines) == 2 and len(cmds) == 12  # per chain: refine, k-NN, plain k-NN, probe, shots, k-means
+    got = [parse_settings(refine.Settings, c[1:]) for c in refines]
+    assert [(r.device, r.method, r.neighbours, r.seed) for r in got] == [
+        ("cuda", "mim-refiner", refine.Settings.neighbours, 1), ("cuda", "mae-ct", "none", 1)]
+    assert all(c[c.index("--device") + 1] == "cpu" for c in cmds if c[0] != "refine.py")
+
+
 def test_neighbour_share_counts_same_label_neighbours_in_the_queue():
     """Hand-computed on the unit circle: label 0 at 0, 12, 20 degrees, label 1 at 30, 90, 102, 110 degrees."""
     from tools.pilot_eval import neighbour_share
