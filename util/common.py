@@ -199,12 +199,12 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def write_tmp(obj, path: str) -> str:
-    """torch.save to a flushed temporary file beside `path`, its name returned; a failed write leaves no partial one."""
+def write_tmp(obj, path: str, save=None) -> str:
+    """save(obj, tmp), torch.save by default, to a flushed temporary file beside `path`; a failure leaves none."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}-{os.urandom(4).hex()}"  # two threads of one process never share it
+    tmp = f"{path}.tmp{os.getpid()}-{os.urandom(4).hex()}"  # random bytes: threads of one process do not share it
     try:
-        torch.save(obj, tmp)
+        (save or torch.save)(obj, tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError or OSError for a full disk
@@ -215,6 +215,6 @@ def write_tmp(obj, path: str) -> str:
     return tmp
 
 
-def save_atomic(obj, path: str):
-    """torch.save to a temporary file, then rename: a kill or a full disk never leaves a torn file."""
-    os.replace(write_tmp(obj, path), path)
+def save_atomic(obj, path: str, save=None):
+    """save(obj, tmp) to a temporary file, then rename: a kill or a full disk never leaves a torn file."""
+    os.replace(write_tmp(obj, path, save), path)

@@ -144,9 +144,8 @@ def write_encoder(sd: dict, out: str) -> str:
     from safetensors.torch import save_file
     path, arch = os.path.join(out, "encoder.pth"), getattr(sd, "_metadata", {}).get("", {}).get("arch")
     save_atomic(sd, path)
-    tmp = os.path.join(out, f"encoder.safetensors.tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata={"format": "pt", "arch": json.dumps(arch)})
-    os.replace(tmp, os.path.join(out, "encoder.safetensors"))
+    save_atomic({k: v.contiguous() for k, v in sd.items()}, os.path.join(out, "encoder.safetensors"),
+                lambda obj, tmp: save_file(obj, tmp, metadata={"format": "pt", "arch": json.dumps(arch)}))
     return path
 
 
