@@ -1,19 +1,17 @@
 """The whole story on the embedded data set, on a CPU, in minutes: `make demo`.
 
-The committed MAE (checkpoints/mae_tiny_digits.pth, made by pretrain.py) is refined with MIM-Refiner (Alkin et al.
-2024) and with MAE-CT (Lehner et al. 2023); every encoder is then evaluated with the same protocols (docs/METHOD.md
-§11) on the mean of the patch tokens: weighted k-NN on every block (standardised, and plain cosine), linear probe,
-1/2/5-shot logistic regression, k-means clustering. Beside them stand the baselines that need no training: raw pixels
-through the evaluation transform (as they are, and each image z-scored over its own pixels) and a randomly initialised
-encoder of the MAE's shape. Each encoder's features are extracted once (knn.py --save-features), the other stages read
-them; the stages run as separate processes (`--jobs` at a time, `--threads` torch threads each), aggregated into
-    OUT/summary.json   {"split", "ckpt", "seeds", "encoders": {name: {metric: [one value per seed]}}}, fractions
+The committed MAE (checkpoints/mae_tiny_digits.pth, from pretrain.py) is refined with MIM-Refiner (Alkin et al. 2024)
+and MAE-CT (Lehner et al. 2023); every encoder is evaluated with the same protocols (docs/METHOD.md §11) on the mean of
+the patch tokens: weighted k-NN on every block (standardised and plain cosine), linear probe, 1/2/5-shot, k-means.
+Beside them, baselines that need no training: raw pixels of the evaluation transform (as they are, and z-scored per
+image) and a random encoder of the MAE's shape. Features are extracted once (knn.py --save-features); each stage is a
+process (`--jobs` at a time, `--threads` each), the results aggregated into
+    OUT/summary.json   {"split", "ckpt", "seeds", "precision", "encoders": {name: {metric: [per seed]}}}, fractions
     OUT/knn_per_block.png, neighbours.png, tsne.png (tools/pictures.py)
     OUT/<encoder>/[seed<s>/]  every stage's JSON, log and feature file
---seeds N refines each method N times (seeds 0..N-1); --own-view METHODS adds those methods with the anchor's own other
-view as its positive (`--neighbours none`: the swap's ablation); --control refines the random encoder both ways, every
-block trainable, with the same steps, and --scratch-epochs N with its own view for longer (what MIM pre-training buys).
-The numbers are reported on `jittered-digits:report`, glyphs no recipe was chosen on (util/digits.py).
+--seeds N: each method N times; --own-view METHODS: also with the anchor's other view as the positive (the swap's
+ablation); --control: the random encoder refined both ways, all blocks trainable, same steps; --scratch-epochs N: from
+scratch, own view, longer (what MIM pre-training buys). Reported on `jittered-digits:report`: glyphs no recipe saw.
 
 CPU, the embedded default (13 minutes on 2 cores; docs/DEMO.md: what the committed 3-seed run shows):
     python demo.py
@@ -68,6 +66,8 @@ class Settings:
                                  "1 + N epochs, seed 0 (20: about the cost of pre-training plus refinement)")
     k: int = opt(20, "the k of the k-NN numbers in the summary and the plot (knn.py runs 10 and 20)")
     shots: str = opt("1,2,5", "low-shot: labelled images per class")
+    precision: str = opt("auto", "refine.py's --precision: bf16, fp32, or auto: bf16 where the CPU has bf16 units "
+                                 "(AVX512-BF16, AMX; ~1.7x faster), else fp32 (the committed 6- and 12-block runs)")
     jobs: int = opt(2, "stage processes at once (one per core suits small models)")
     threads: int = opt(1, "torch / OpenMP threads per stage process")
     plot: bool = opt(True, "draw the pictures (needs matplotlib); --no-plot skips them")
@@ -99,6 +99,12 @@ def run(cmd: list, log: str, cfg: Settings):
                                 f"the whole output is in {log}"))
         raise FAILED[-1]
     print(f"  {time.perf_counter() - t0:6.0f} s  {' '.join(cmd[:3])}  -> {log}", flush=True)
+
+
+def precision(cfg: Settings) -> str:
+    """What --precision auto means on this machine: bf16 where /proc/cpuinfo lists bf16 units, else fp32."""
+    flags = open("/proc/cpuinfo").read().split() if os.path.isfile("/proc/cpuinfo") else []
+    return cfg.precision if cfg.precision != "auto" else "bf16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "fp32"
 
 
 def seeds_of(cfg: Settings, name: str) -> list:
@@ -136,7 +142,8 @@ def chain(name: str, seed: int, cfg: Settings, flags: dict) -> str:
         if name not in UNSEEDED:
             quick = flags["refine"] + (["--local-crops", "1"] if cfg.quick and "mim-refiner" in name else [])
             run(["refine.py", "--ckpt", ckpt, "--data", cfg.data, "--out", d, "--seed", str(seed),
-                 "--feature", cfg.feature, "--device", "cpu", *quick, *refine_flags(cfg, name)],
+                 "--feature", cfg.feature, "--device", "cpu", "--precision", precision(cfg), *quick,
+                 *refine_flags(cfg, name)],
                 os.path.join(d, "refine.log"), cfg)
             ckpt = os.path.join(d, "encoder.pth")
         if os.path.exists(feats):  # a rerun into the same --out must not read stale features
@@ -179,20 +186,14 @@ def random_encoder(cfg: Settings) -> str:
     return path
 
 
-def read(path: str) -> list:
-    """The records of a stage's --out JSON."""
-    with open(path) as f:
-        return json.load(f)["results"]
-
-
 def summarize(d: str, k: int, quick: bool) -> dict:
     """The numbers of one encoder from the stage JSONs in folder `d` (fractions in [0, 1])."""
-    curve = {r["block"]: r["top1"] for r in read(os.path.join(d, "knn.json")) if r["k"] == k}  # {block: top-1}
-    probe = [r for r in read(os.path.join(d, "probe.json")) if r.get("best")]
-    shots = {r["shots"]: r["top1"] for r in read(os.path.join(d, "shots.json"))
-             if r["split"] == "mean" or (r["split"] == 0 and quick)}  # --quick: one draw
-    cl = read(os.path.join(d, "cluster.json"))[0]
-    out = dict(knn_top1=list(curve.values())[-1], knn_plain_top1=read(os.path.join(d, "knn_plain.json"))[0]["top1"],
+    read = lambda name: json.load(open(os.path.join(d, name)))["results"]  # noqa: E731  a stage's records
+    curve = {r["block"]: r["top1"] for r in read("knn.json") if r["k"] == k}  # {block: top-1}
+    probe = [r for r in read("probe.json") if r.get("best")]
+    shots = {r["shots"]: r["top1"] for r in read("shots.json") if r["split"] == "mean" or (r["split"] == 0 and quick)}
+    cl = read("cluster.json")[0]  # (shots: --quick has one draw, no mean)
+    out = dict(knn_top1=list(curve.values())[-1], knn_plain_top1=read("knn_plain.json")[0]["top1"],
                probe_top1=probe[0]["top1"], **{f"shot{s}_top1": shots[s] for s in sorted(shots)},
                cluster_acc=cl["acc"], cluster_nmi=cl["nmi"], cluster_ari=cl["ari"])
     if all(isinstance(b, int) for b in curve):  # an encoder's blocks (not a pixel file)
@@ -209,7 +210,8 @@ def collect(cfg: Settings, names: list) -> dict:
         encoders[name] = {m: {b: [r[m][b] for r in runs] for b in v} if m == "knn_per_block" else [r[m] for r in runs]
                           for m, v in runs[0].items()}
     ckpt = os.path.relpath(os.path.abspath(cfg.ckpt), HERE)  # the spread of a committed run is its checkpoint's
-    return {"split": cfg.data, "ckpt": ckpt, "seeds": list(range(cfg.seeds)), "encoders": encoders}
+    return {"split": cfg.data, "ckpt": ckpt, "seeds": list(range(cfg.seeds)), "precision": precision(cfg),
+            "encoders": encoders}
 
 
 def cell(values: list, scale: float = 100) -> str:
@@ -243,7 +245,8 @@ def spread(summary: dict, paths: tuple = SUMMARIES) -> str:
     """Where a one-seed run's refined k-NN and k-means ACC sit in the committed run of its checkpoint and split."""
     for path, ref in [(p, json.load(open(p))) for p in paths if os.path.isfile(p)]:
         if (ref["split"], ref.get("ckpt")) == (summary["split"], summary["ckpt"]):
-            head = f"against the committed {len(ref['seeds'])}-seed run ({os.path.relpath(path, HERE)}):"
+            head = (f"against the committed {len(ref['seeds'])}-seed run ({os.path.relpath(path, HERE)}, refined in "
+                    f"{ref.get('precision', 'fp32')}; this run: {summary.get('precision', 'fp32')}):")
             return "\n".join([head] + [
                 f"  {n}: k-NN {cell(e['knn_top1'])} (committed {cell(ref['encoders'][n]['knn_top1'])}), k-means ACC "
                 f"{cell(e['cluster_acc'])} (committed {cell(ref['encoders'][n]['cluster_acc'])})"

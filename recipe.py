@@ -1,7 +1,6 @@
 """The refinement's hyperparameters by encoder size (docs/METHOD.md §8).
 
-The papers' recipes and ours for small encoders on CPUs, as table rows. Every refine.py setting left at None takes
-its value from `by_scale`; `resolve` fills them in and checks the result."""
+Table rows, the papers' and ours for small encoders on CPUs; a refine.py setting left at None takes `by_scale`'s."""
 import dataclasses
 import math
 from collections import namedtuple
@@ -39,7 +38,8 @@ SIZES = {  #      layer_decay topk head_epochs queue  widths             jitter 
     "small": Size(1.0,        5,   1,          4096,  (512, 128, 1024),  2.0,   0,     0.25,     "refine",  0.99),
 }
 CHOICES = {"method": ("mim-refiner", "mae-ct"), "views": ("multicrop", "crop-flip"), "feature": ("cls", "mean"),
-           "pairing": ("intended", "official"), "neighbours": ("all", "refine", "none")}
+           "pairing": ("intended", "official"), "neighbours": ("all", "refine", "none"),
+           "precision": ("auto", "bf16", "fp32")}
 
 
 def scale_of(vit, n_train: int = 0) -> tuple:
