@@ -101,9 +101,9 @@ def run(cmd: list, log: str, cfg: Settings):
     print(f"  {time.perf_counter() - t0:6.0f} s  {' '.join(cmd[:3])}  -> {log}", flush=True)
 
 
-def precision(cfg: Settings) -> str:
+def precision(cfg: Settings, cpuinfo: str = "/proc/cpuinfo") -> str:
     """What --precision auto means on this machine: bf16 where /proc/cpuinfo lists bf16 units, else fp32."""
-    flags = open("/proc/cpuinfo").read().split() if os.path.isfile("/proc/cpuinfo") else []
+    flags = open(cpuinfo).read().split() if os.path.isfile(cpuinfo) else []
     return cfg.precision if cfg.precision != "auto" else "bf16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "fp32"
 
 

@@ -242,6 +242,21 @@ def test_make_demo_long_refines_on_cuda_and_evaluates_on_the_cpu(tmp_path, monke
     assert all(c[c.index("--device") + 1] == "cpu" for c in cmds if c[0] != "refine.py")
 
 
+def test_precision_auto_is_bf16_only_where_the_cpu_lists_bf16_units(tmp_path, monkeypatch):
+    """auto reads the CPU's flags (none readable: fp32); bf16 and fp32 pass through; the chain hands it to refine.py."""
+    info = tmp_path / "cpuinfo"
+    for flags, want in (("fpu avx2 avx512f", "fp32"), ("fpu avx512f avx512_bf16", "bf16"), ("amx_bf16 sse", "bf16")):
+        info.write_text(f"processor : 0\nflags : {flags}\n")
+        assert demo.precision(demo.Settings(), str(info)) == want
+    assert demo.precision(demo.Settings(), str(tmp_path / "none")) == "fp32"
+    assert demo.precision(demo.Settings(precision="fp32"), str(info)) == "fp32"
+    monkeypatch.setattr(demo, "precision", lambda cfg: "bf16")
+    cmds = []
+    monkeypatch.setattr(demo, "run", lambda cmd, log, cfg: cmds.append(cmd))
+    demo.chain("mae-ct", 0, demo.Settings(out=str(tmp_path)), demo.stage_flags(demo.Settings()))
+    assert cmds[0][0] == "refine.py" and cmds[0][cmds[0].index("--precision") + 1] == "bf16"
+
+
 def test_neighbour_share_counts_same_label_neighbours_in_the_queue():
     """Hand-computed on the unit circle: label 0 at 0, 12, 20 degrees, label 1 at 30, 90, 102, 110 degrees."""
     from tools.pilot_eval import neighbour_share
