@@ -37,7 +37,7 @@ demo-deep: .venv/.demo-installed
 	OMP_NUM_THREADS=1 $(PY) pretrain.py --out runs/demo-deep/pretrain --depth 12 --num-heads 4 --dec-dim 32 \
 		--dec-depth 1 --dec-heads 1 --mask-ratio 0.85 --base-lr 1.5e-3 --crop-min 0.5 --epochs 100 \
 		--save-every 200 --export runs/demo-deep/mae_d12_digits.pth
-	$(PY) demo.py --ckpt runs/demo-deep/mae_d12_digits.pth --seeds 3 --own-view mim-refiner,mae-ct \
+	$(PY) demo.py --ckpt runs/demo-deep/mae_d12_digits.pth --seeds 3 --own-view mim-refiner,mae-ct --precision fp32 \
 		--control --one-seed random+mim-refiner,random+mae-ct --out runs/demo-deep
 
 # The long 12-block MAE of docs/DEMO.md, pre-trained and refined on one CUDA GPU (bf16 autocast; on an
@@ -47,7 +47,7 @@ demo-long: .venv/.demo-installed
 		--dec-heads 1 --mask-ratio 0.85 --base-lr 1.5e-3 --crop-min 0.5 --epochs 225 --workers 3 \
 		--save-every 500 --device cuda --export runs/demo-long/mae_d12_long_digits.pth
 	$(PY) demo.py --ckpt runs/demo-long/mae_d12_long_digits.pth --seeds 3 --own-view mim-refiner,mae-ct \
-		--mim-refiner-args "--device cuda" --mae-ct-args "--device cuda" --jobs 12 --out runs/demo-long
+		--mim-refiner-args "--device cuda" --mae-ct-args "--device cuda" --precision bf16 --jobs 12 --out runs/demo-long
 
 # The course assignment (docs/TEACHING.md): student, solution and grader copies; the grade of this tree.
 assignment:

@@ -13,10 +13,10 @@ process (`--jobs` at a time, `--threads` each), the results aggregated into
 ablation); --control: the random encoder refined both ways, all blocks trainable, same steps; --scratch-epochs N: from
 scratch, own view, longer (what MIM pre-training buys). Reported on `jittered-digits:report`: glyphs no recipe saw.
 
-CPU, the embedded default (13 minutes on 2 cores; docs/DEMO.md: what the committed 3-seed run shows):
+CPU, the embedded default (9 min on 2 cores with bf16 units, 13 in fp32; docs/DEMO.md: the committed 3-seed runs):
     python demo.py
     python demo.py --seeds 3 --own-view mim-refiner,mae-ct --control --one-seed random+mim-refiner,random+mae-ct \
-        --scratch-epochs 20 --out runs/demo-seeds  # docs/demo_summary.json (README); tools/demo_goals.py checks it
+        --scratch-epochs 20 --precision fp32 --out runs/demo-seeds  # docs/demo_summary.json; tools/demo_goals.py
 Reduced size (under a minute; what tests/test_demo.py runs on a tiny encoder and image folder):
     python demo.py --quick --ckpt tiny.pth --data folder --out runs/demo-quick
 """
@@ -45,7 +45,7 @@ CONTROLS = ("random+mim-refiner", "random+mae-ct")  # --control
 SCRATCH = "random+mim-refiner, own view, long"  # --scratch-epochs: refined from scratch, one seed
 UNSEEDED = BASELINES + ("mae",)  # evaluated once; every other encoder once per refinement seed
 HERE = os.path.dirname(os.path.abspath(__file__))
-SUMMARIES = tuple(os.path.join(HERE, "docs", f"demo_summary{f}.json") for f in ("", "_d12", "_d12_long"))  # 3 seeds
+SUMMARIES = tuple(os.path.join(HERE, "docs", f"demo_summary{f}.json") for f in ("", "_d12", "_d12_long", "_bf16"))
 SLOTS = [threading.BoundedSemaphore(2)]  # stage processes at once (--jobs); a freed slot goes to any waiter
 FAILED = []  # the failed stages' errors: once one is here no stage starts, and main raises the first
 
@@ -216,9 +216,8 @@ def collect(cfg: Settings, names: list) -> dict:
 
 def cell(values: list, scale: float = 100) -> str:
     """'m' for one value, 'm ± sd' (sample SD) for several, in percent."""
-    if len(values) == 1:
-        return f"{scale * values[0]:.1f}"
-    return f"{scale * statistics.mean(values):.1f} ± {scale * statistics.stdev(values):.1f}"
+    mean = f"{scale * statistics.mean(values):.1f}"
+    return mean if len(values) == 1 else f"{mean} ± {scale * statistics.stdev(values):.1f}"
 
 
 COLUMNS = (("k-NN", "knn_top1"), ("k-NN plain", "knn_plain_top1"), ("best block", "knn_best_block_top1"),
@@ -242,8 +241,9 @@ def table(summary: dict, markdown: bool = False) -> str:
 
 
 def spread(summary: dict, paths: tuple = SUMMARIES) -> str:
-    """Where a one-seed run's refined k-NN and k-means ACC sit in the committed run of its checkpoint and split."""
-    for path, ref in [(p, json.load(open(p))) for p in paths if os.path.isfile(p)]:
+    """Where a one-seed run's refined k-NN and k-means sit in the committed run of its checkpoint, split, precision."""
+    refs = [(p, json.load(open(p))) for p in paths if os.path.isfile(p)]
+    for path, ref in sorted(refs, key=lambda r: r[1].get("precision", "fp32") != summary.get("precision", "fp32")):
         if (ref["split"], ref.get("ckpt")) == (summary["split"], summary["ckpt"]):
             head = (f"against the committed {len(ref['seeds'])}-seed run ({os.path.relpath(path, HERE)}, refined in "
                     f"{ref.get('precision', 'fp32')}; this run: {summary.get('precision', 'fp32')}):")

@@ -153,6 +153,13 @@ def test_spread_is_against_the_committed_run_of_the_same_checkpoint_and_split(tm
         assert demo.spread(other, paths).startswith("(no committed multi-seed run of ")
     cfg = demo.Settings(ckpt=str(tmp_path / "e.pth"), out=str(tmp_path / "o"))
     assert demo.collect(cfg, [])["ckpt"] == os.path.relpath(str(tmp_path / "e.pth"), demo.HERE)
+    # of two runs of the checkpoint, the one refined in this run's precision (unrecorded: fp32)
+    common.write_json(paths[0], dict(ref, precision="bf16", encoders={"mim-refiner": {
+        "knn_top1": [0.5] * 3, "cluster_acc": [0.2] * 3}}))
+    assert "committed 70.0 ± 10.0" in demo.spread(run, paths) and "refined in fp32; this run: fp32" in demo.spread(
+        run, paths)
+    bf16 = demo.spread(dict(run, precision="bf16"), paths)
+    assert "committed 50.0 ± 0.0" in bf16 and "other.json, refined in bf16; this run: bf16" in bf16
 
 
 def synthetic_summary() -> dict:
@@ -225,20 +232,28 @@ def test_readme_quotes_the_committed_long_12_block_run():
 
 
 def test_make_demo_long_refines_on_cuda_and_evaluates_on_the_cpu(tmp_path, monkeypatch):
-    """`--mim-refiner-args "--device cuda"` (make demo-long) reaches refine.py last; the stages stay on the CPU."""
+    """make demo-long's demo.py flags: `--device cuda` reaches refine.py last, with bf16 whatever the host's CPU;
+    the stages stay on the CPU."""
+    import shlex
+
     import refine
     from util.common import parse_settings
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        recipe = f.read().split("\ndemo-long:")[1].split("\n\n")[0].replace("\\\n", " ")
+    line = next(ln for ln in recipe.splitlines() if "demo.py" in ln)
+    args = shlex.split(line.split("demo.py", 1)[1].replace("$(PY)", ""))
     cmds = []
     monkeypatch.setattr(demo, "run", lambda cmd, log, cfg: cmds.append(cmd))
-    cfg = demo.Settings(ckpt=os.path.join(ROOT, "checkpoints", "mae_tiny_digits.pth"), out=str(tmp_path),
-                        mim_refiner_args="--device cuda", mae_ct_args="--device cuda", plot=False)
+    monkeypatch.setattr(demo, "precision", lambda cfg, cpuinfo="": cfg.precision.replace("auto", "fp32"))  # no units
+    cfg = parse_settings(demo.Settings, args + ["--ckpt", os.path.join(ROOT, "checkpoints", "mae_tiny_digits.pth"),
+                                                "--out", str(tmp_path), "--no-plot"])
     for name in ("mim-refiner", "mae-ct, own view"):
         demo.chain(name, 1, cfg, demo.stage_flags(cfg))
     refines = [c for c in cmds if c[0] == "refine.py"]
     assert len(refines) == 2 and len(cmds) == 12  # per chain: refine, k-NN, plain k-NN, probe, shots, k-means
     got = [parse_settings(refine.Settings, c[1:]) for c in refines]
-    assert [(r.device, r.method, r.neighbours, r.seed) for r in got] == [
-        ("cuda", "mim-refiner", refine.Settings.neighbours, 1), ("cuda", "mae-ct", "none", 1)]
+    assert [(r.device, r.method, r.neighbours, r.seed, r.precision) for r in got] == [
+        ("cuda", "mim-refiner", refine.Settings.neighbours, 1, "bf16"), ("cuda", "mae-ct", "none", 1, "bf16")]
     assert all(c[c.index("--device") + 1] == "cpu" for c in cmds if c[0] != "refine.py")
 
 
