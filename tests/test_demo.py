@@ -137,6 +137,24 @@ def test_readme_demo_table_is_the_committed_run():
         assert demo.table(summary, markdown=True) in f.read()
 
 
+def test_demo_page_quotes_the_committed_bf16_run():
+    """docs/DEMO.md's bf16 section: demo.table() of docs/demo_summary_bf16.json and its k-NN and k-means beside the
+    float32 run's; the rows without refinement equal the float32 run's."""
+    bf16 = committed_run(demo.SUMMARIES[3], "checkpoints/mae_tiny_digits.pth")
+    fp32 = committed_run(demo.SUMMARIES[0], "checkpoints/mae_tiny_digits.pth")
+    assert (bf16["precision"], fp32["precision"]) == ("bf16", "fp32")
+    assert all(bf16["encoders"][n] == fp32["encoders"][n] for n in demo.UNSEEDED)
+    with open(os.path.join(demo.HERE, "docs", "DEMO.md")) as f:
+        page = f.read()
+    assert demo.table(bf16, markdown=True) in page
+    text = " ".join(page.split())
+    c = lambda s, n, m: demo.cell(s["encoders"][n][m])  # noqa: E731
+    assert (f"k-NN {c(bf16, 'mim-refiner', 'knn_top1')} against {c(fp32, 'mim-refiner', 'knn_top1')} (MIM-Refiner) "
+            f"and {c(bf16, 'mae-ct', 'knn_top1')} against {c(fp32, 'mae-ct', 'knn_top1')} (MAE-CT), k-means ACC "
+            f"{c(bf16, 'mim-refiner', 'cluster_acc')} against {c(fp32, 'mim-refiner', 'cluster_acc')} and "
+            f"{c(bf16, 'mae-ct', 'cluster_acc')} against {c(fp32, 'mae-ct', 'cluster_acc')}") in text
+
+
 def test_spread_is_against_the_committed_run_of_the_same_checkpoint_and_split(tmp_path):
     """A one-seed run is compared with the multi-seed run of its own checkpoint only; the MAE row is not refined."""
     ref = {"split": "s", "ckpt": "a.pth", "seeds": [0, 1, 2], "encoders": {
