@@ -173,9 +173,9 @@ def main(cfg: Settings) -> dict:
         end = min(cfg.steps, cfg.max_steps or cfg.steps)
         bf16 = demo.precision(cfg) == "bf16"
         loader = DataLoader(data, batch_size=cfg.batch_size, sampler=keys, drop_last=True, generator=torch.Generator())
-        print(f"pilot_mim {cfg.objective}: {student.arch()}, decoder {cfg.dec_depth} x {cfg.dec_dim}, top "
-              f"{cfg.top_k} blocks, {cfg.clones} masks of {cfg.mask_ratio}, {'bf16' if bf16 else 'fp32'}; steps {step} "
-              f"-> {end} of {cfg.steps}")
+        what = "no decoder" if cfg.objective == "simmim" else f"decoder {cfg.dec_depth}x{cfg.dec_dim}, top {cfg.top_k}"
+        print(f"pilot_mim {cfg.objective}: {student.arch()}, {what}; {cfg.clones} masks of {cfg.mask_ratio}, "
+              f"{'bf16' if bf16 else 'fp32'}; steps {step} -> {end} of {cfg.steps}")
         start = time.time()
         while step < end:
             epoch, done = divmod(step, spe)
