@@ -138,8 +138,9 @@ def test_readme_demo_table_is_the_committed_run():
 
 
 def test_demo_page_quotes_the_committed_bf16_run():
-    """docs/DEMO.md's bf16 section: demo.table() of docs/demo_summary_bf16.json and its k-NN and k-means beside the
-    float32 run's; the rows without refinement equal the float32 run's."""
+    """docs/DEMO.md's bf16 section quotes demo.table() of docs/demo_summary_bf16.json and the float32 run beside it.
+
+    The rows without refinement equal the float32 run's."""
     bf16 = committed_run(demo.SUMMARIES[3], "checkpoints/mae_tiny_digits.pth")
     fp32 = committed_run(demo.SUMMARIES[0], "checkpoints/mae_tiny_digits.pth")
     assert (bf16["precision"], fp32["precision"]) == ("bf16", "fp32")
@@ -250,8 +251,7 @@ def test_readme_quotes_the_committed_long_12_block_run():
 
 
 def test_make_demo_long_refines_on_cuda_and_evaluates_on_the_cpu(tmp_path, monkeypatch):
-    """make demo-long's demo.py flags: `--device cuda` reaches refine.py last, with bf16 whatever the host's CPU;
-    the stages stay on the CPU."""
+    """make demo-long's demo.py flags give refine.py --device cuda last and bf16 on any host; stages stay on the CPU."""
     import shlex
 
     import refine

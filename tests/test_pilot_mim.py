@@ -62,8 +62,9 @@ def test_ema_moves_the_teacher_towards_the_encoder_only():
 
 
 def test_simmim_hides_exactly_the_masked_patches_from_the_encoder(monkeypatch):
-    """N - floor(N (1 - r)) hidden per image; changing a hidden patch's pixels changes no prediction, a visible one's
-    does; the loss is pretrain.py's normalised-pixel MSE over the hidden patches."""
+    """SimMIM hides N - floor(N (1 - r)) patches per image: a hidden patch's pixels change no prediction.
+
+    A visible patch's pixels do; the loss is pretrain.py's normalised-pixel MSE over the hidden patches."""
     torch.manual_seed(0)
     net = pilot_mim.SimMIM(dim=16, depth=2, heads=2, patch=4, img_size=16)
     imgs = torch.randn(3, 3, 16, 16)

@@ -1,4 +1,4 @@
-"""Pilots of two other MIM objectives for the tiny encoder: does its per-block k-NN peak before the last block?
+"""Pilots of two other MIM objectives for the tiny encoder, to see whether its per-block k-NN peaks before the end.
 
 MIM-Refiner's premise is an MIM encoder whose best features sit before its last blocks; no MAE of pretrain.py showed
 that at this scale (BENCHMARKS.md). Two objectives where the last blocks do more of the reconstruction:
