@@ -181,9 +181,11 @@ def mae_ct_loss(nns, p_all, tau: float, offset: int):
 def ema_update(ema: nn.Module, online: nn.Module, momentum: float):
     """Eq. (12) of docs/METHOD.md: ema <- momentum * ema + (1 - momentum) * online, parameters only.
 
-    Used for the EMA encoder and MAE-CT's target projector."""
-    for e, o in zip(ema.parameters(), online.parameters()):
-        e.lerp_(o.detach(), 1 - momentum)  # SOLUTION task=7
+    Used for the EMA encoder and MAE-CT's target projector; each parameter of `ema` follows the one of the same name
+    in `online`, which may hold more (tools/pilot_mim.py: an MAE's encoder and decoder behind an encoder-only EMA)."""
+    by_name = dict(online.named_parameters())
+    for name, e in ema.named_parameters():
+        e.lerp_(by_name[name].detach(), 1 - momentum)  # SOLUTION task=7
 
 
 PHASES = ("heads", "refine")  # docs/METHOD.md §7: the heads warm up, then everything refines

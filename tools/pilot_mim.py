@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import demo  # noqa: E402
 import pretrain  # noqa: E402
+import refine  # noqa: E402
 from model import UserError, ViT, export_encoder, init_weights  # noqa: E402
 from util import common  # noqa: E402
 from util.common import opt  # noqa: E402
@@ -124,14 +125,6 @@ def pilot_step(student, teacher, imgs, cfg: Settings, bf16: bool):
     return d2v2_loss(pred, target.repeat_interleave(cfg.clones, 0), mask)  # image i's clones: rows i*M .. i*M+M-1
 
 
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float):
-    """teacher <- momentum * teacher + (1 - momentum) * student, for every parameter of the teacher (the encoder's)."""
-    online = dict(student.named_parameters())
-    for name, t in teacher.named_parameters():
-        t.lerp_(online[name], 1 - momentum)
-
-
 def same_settings(ck: dict, path: str, cfg: Settings):
     """Refuse to resume a run written with other settings."""
     if {**ck.get("settings", {}), "max_steps": 0} != {**asdict(cfg), "max_steps": 0}:
@@ -192,7 +185,7 @@ def main(cfg: Settings) -> dict:
                     raise UserError(f"the loss is not finite at step {step + 1}; lower --lr")
                 optim.step()
                 m = cfg.ema_start + (cfg.ema_end - cfg.ema_start) * step / max(1, cfg.steps - 1)
-                ema_update(teacher, student, m)
+                refine.ema_update(teacher, student, m)  # Eq. (12), the encoder's parameters
                 step += 1
                 if step % cfg.log_every == 0:
                     with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
