@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import statistics
+import sys
 
 import pytest
 import torch
@@ -311,3 +312,21 @@ def test_committed_encoders_load_with_their_stored_architecture():
     # a file written on a GPU holds host tensors: a plain torch.load works on a machine without one
     ck = torch.load(os.path.join(ROOT, "checkpoints", "mae_d12_long_digits.pth"), weights_only=True)
     assert ck["settings"]["device"] == "cuda" and all(v.device.type == "cpu" for v in ck["model"].values())
+
+
+def test_pilot_eval_summary_is_the_mean_and_sample_sd_per_block():
+    """Two seeds' scores by hand: k-NN 50 and 70 -> 60.0 ± 14.1 (sample SD, 20 / sqrt 2); one seed prints bare."""
+    from tools.pilot_eval import summary
+    one, two = {1: (0.5, 0.8), 2: (0.25, 0.5)}, {1: (0.7, 0.8), 2: (0.25, 0.75)}
+    assert summary([one]) == "b1: 50.0 / 80.0  b2: 25.0 / 50.0"
+    assert summary([one, two]) == "b1: 60.0 ± 14.1 / 80.0 ± 0.0  b2: 25.0 ± 0.0 / 62.5 ± 17.7"
+
+
+def test_pilot_eval_refuses_encoders_of_different_depth_before_scoring(monkeypatch):
+    """A mean over blocks of different encoders would be meaningless: one line, before any feature is extracted."""
+    from tools import pilot_eval
+    monkeypatch.setattr(sys, "argv", ["pilot_eval.py", *(os.path.join(ROOT, "checkpoints", f"mae_{f}_digits.pth")
+                                                           for f in ("tiny", "d12"))])
+    monkeypatch.setattr(pilot_eval, "extract_features", lambda *a, **k: pytest.fail("scored before the check"))
+    with pytest.raises(SystemExit, match="differ in depth"):
+        pilot_eval.main()
