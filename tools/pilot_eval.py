@@ -15,12 +15,12 @@ Several checkpoints (e.g. one refinement per seed): a line each, then their mean
 """
 import argparse
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import demo  # noqa: E402
 import knn  # noqa: E402
 from model import load_encoder  # noqa: E402
 from util.data import eval_transform  # noqa: E402
@@ -50,15 +50,9 @@ def neighbour_share(x, y, queue: int = 4096, k: int = 5, seed: int = 0) -> float
     return float((y[idx][top] == y[:, None]).float().mean())
 
 
-def cell(values: list[float]) -> str:
-    """Percent of one fraction, or the mean ± sample SD of several (one per seed)."""
-    mean = f"{100 * statistics.fmean(values):.1f}"
-    return mean if len(values) == 1 else f"{mean} ± {100 * statistics.stdev(values):.1f}"
-
-
 def summary(scores: list[dict[int, tuple[float, float]]]) -> str:
     """Per block, k-NN / probe over several encoders' scores ({block: (k-NN, probe)} each)."""
-    return "  ".join(f"b{blk}: {cell([s[blk][0] for s in scores])} / {cell([s[blk][1] for s in scores])}"
+    return "  ".join(f"b{blk}: {demo.cell([s[blk][0] for s in scores])} / {demo.cell([s[blk][1] for s in scores])}"
                      for blk in scores[0])
 
 
